@@ -1,0 +1,61 @@
+"""jaxalign: the LLM alignment stack as pure, jit-compiled JAX functions."""
+
+from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
+from jaxalign.logprobs import entropy, sequence_logps, token_logps
+from jaxalign.losses import dpo_loss, sft_loss
+from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics
+from jaxalign.models import (
+    Transformer,
+    TransformerConfig,
+    forward,
+    get_config,
+    init_params,
+    load_hf_checkpoint,
+    num_params,
+    param_logical_axes,
+)
+from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.trainers import (
+    TrainState,
+    create_train_state,
+    make_dpo_step,
+    make_sft_eval_step,
+    make_sft_step,
+    make_train_step,
+    reference_logps,
+    train_loop,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MetricsWriter",
+    "OptimConfig",
+    "TrainState",
+    "Transformer",
+    "TransformerConfig",
+    "create_train_state",
+    "dpo_loss",
+    "entropy",
+    "forward",
+    "get_config",
+    "init_params",
+    "load_hf_checkpoint",
+    "make_checkpoint_manager",
+    "make_dpo_step",
+    "make_optimizer",
+    "make_sft_eval_step",
+    "make_sft_step",
+    "make_train_step",
+    "num_params",
+    "param_logical_axes",
+    "plot_metrics",
+    "read_metrics",
+    "reference_logps",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "sft_loss",
+    "sequence_logps",
+    "token_logps",
+    "train_loop",
+]

@@ -1,0 +1,118 @@
+"""Log-probabilities of labels under logits, without a full log-softmax copy.
+
+`log softmax(z)[y] = z[y] - logsumexp(z)`: one gather and one reduction over the vocabulary, both
+in float32 whatever the logits' dtype. XLA fuses the upcast into the reduction, so no second
+[B, T, V] array is materialised; with `chunk_size` the sequence is processed in slices under
+`jax.lax.map`, so even unfused backends hold at most [B, chunk, V] extra float32 values.
+
+Shapes: B batch, T sequence, V vocab. Log-probs are float32 nats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def _over_sequence_chunks(
+    fn: Callable[..., jax.Array], chunk_size: int | None, *arrays: jax.Array
+) -> jax.Array:
+    """Applies `fn(*arrays) -> [B, t]` over sequence chunks of size `chunk_size` (axis 1)."""
+    t = arrays[0].shape[1]
+    if chunk_size is None or chunk_size >= t:
+        return fn(*arrays)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    n_full = t // chunk_size
+    head_len = n_full * chunk_size
+
+    def to_chunks(x: jax.Array) -> jax.Array:  # [B, n*c, ...] -> [n, B, c, ...]
+        x = x[:, :head_len]
+        x = x.reshape(x.shape[0], n_full, chunk_size, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    head = jax.lax.map(lambda xs: fn(*xs), tuple(to_chunks(a) for a in arrays))  # [n, B, c]
+    head = jnp.moveaxis(head, 0, 1).reshape(arrays[0].shape[0], head_len)  # [B, n*c]
+    if head_len == t:
+        return head
+    tail = fn(*(a[:, head_len:] for a in arrays))  # [B, t - n*c]
+    return jnp.concatenate([head, tail], axis=1)
+
+
+def _token_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)  # [B,t,V], fused into the two reductions below
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]  # [B,t]
+    return picked - jax.nn.logsumexp(logits, axis=-1)  # [B,t]
+
+
+def token_logps(
+    logits: jax.Array, labels: jax.Array, *, chunk_size: int | None = None
+) -> jax.Array:
+    """Per-token log-probabilities `log softmax(logits)[labels]`.
+
+    Args:
+      logits: [B, T, V] any float dtype (bf16 logits are upcast per element, inside the reduction).
+      labels: int [B, T] token ids in [0, V). Ids outside that range give undefined values: mask
+        them (padding) rather than relying on the value.
+      chunk_size: if set, process the sequence in chunks of this many positions (extra peak memory
+        O(B·chunk·V) instead of O(B·T·V) on backends that do not fuse the upcast).
+
+    Returns:
+      float32 [B, T] log-probabilities (nats, <= 0).
+
+    Raises:
+      ValueError: mismatched shapes or a non-positive chunk_size.
+    """
+    chex.assert_rank(logits, 3)
+    chex.assert_rank(labels, 2)
+    chex.assert_equal_shape_prefix((logits, labels), 2)
+    return _over_sequence_chunks(_token_logps, chunk_size, logits, labels)
+
+
+def _entropy(logits: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)  # [B,t,V]
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B,t,1]
+    probs = jnp.exp(logits - lse)  # [B,t,V]
+    return lse[..., 0] - jnp.sum(probs * logits, axis=-1)  # [B,t]
+
+
+def entropy(logits: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
+    """Entropy of the categorical distribution softmax(logits), per position.
+
+    `H = logsumexp(z) - Σ_v softmax(z)_v · z_v`, in float32.
+
+    Args:
+      logits: [B, T, V] any float dtype.
+      chunk_size: optional sequence chunking, as in `token_logps`.
+
+    Returns:
+      float32 [B, T] entropies in nats, in [0, log V].
+    """
+    chex.assert_rank(logits, 3)
+    return _over_sequence_chunks(_entropy, chunk_size, logits)
+
+
+def sequence_logps(
+    token_logps: jax.Array, mask: jax.Array, *, average: bool = False
+) -> jax.Array:
+    """Sum (or mean) of per-token log-probs over the masked positions of each sequence.
+
+    Args:
+      token_logps: float [B, T] per-token log-probs (e.g. from `token_logps`).
+      mask: [B, T], 1.0 on tokens that count (the completion), 0.0 on prompt and padding.
+      average: divide by the number of counted tokens (IPO's length normalisation); rows with no
+        counted token give 0.
+
+    Returns:
+      float32 [B] log-probability of each completion (nats).
+    """
+    chex.assert_rank(token_logps, 2)
+    chex.assert_equal_shape((token_logps, mask))
+    mask = mask.astype(jnp.float32)
+    total = jnp.sum(token_logps.astype(jnp.float32) * mask, axis=-1)  # [B]
+    if not average:
+        return total
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)

@@ -1,0 +1,74 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion tokens only."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxalign.logprobs import _over_sequence_chunks
+
+
+def _token_nll(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    logits = logits.astype(jnp.float32)  # [B,t,V], fused into the reductions
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B,t]
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]  # [B,t]
+    nll = lse - picked  # [B,t]
+    if label_smoothing:
+        # Cross-entropy against the uniform distribution: -mean_v log p_v = lse - mean_v z_v.
+        uniform = lse - jnp.mean(logits, axis=-1)  # [B,t]
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return nll
+
+
+def sft_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-mean cross-entropy over the masked (completion) tokens.
+
+    `L = Σ_{b,t} m_{bt} · ℓ_{bt} / Σ_{b,t} m_{bt}` with `ℓ = -log softmax(z)[y]`, or with label
+    smoothing ε (Szegedy et al. 2016, arXiv 1512.00567, §7) `ℓ = (1-ε)·(-log p_y) + ε·(-mean_v log
+    p_v)`, the definition of `torch.nn.CrossEntropyLoss(label_smoothing=ε)` and TRL's SFTTrainer
+    (which uses it). Prompt masking follows InstructGPT-style SFT: prompt and padding positions
+    have mask 0.
+
+    Args:
+      logits: [B, T, V] any float dtype; logits[:, t] predicts labels[:, t].
+      labels: int [B, T] next-token ids (already shifted: labels = tokens[:, 1:]).
+      mask: [B, T] float/bool, 1 on completion tokens that count, 0 elsewhere.
+      label_smoothing: ε in [0, 1).
+      chunk_size: optional sequence chunking (see `jaxalign.logprobs.token_logps`).
+
+    Returns:
+      (loss, metrics): loss float32 scalar (nats per token; 0 when the mask is empty); metrics
+      `loss`, `loss_sum` (Σ m·ℓ) and `num_tokens` (Σ m) so that callers accumulating over
+      micro-batches can form a true token mean, and `token_accuracy` (argmax == label).
+
+    Raises:
+      ValueError: mismatched shapes, or label_smoothing outside [0, 1).
+    """
+    chex.assert_rank(logits, 3)
+    chex.assert_equal_shape((labels, mask))
+    chex.assert_equal_shape_prefix((logits, labels), 2)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    mask = mask.astype(jnp.float32)
+    nll = _over_sequence_chunks(
+        lambda z, y: _token_nll(z, y, label_smoothing), chunk_size, logits, labels
+    )  # [B,T]
+    loss_sum = jnp.sum(nll * mask)
+    num_tokens = jnp.sum(mask)
+    loss = loss_sum / jnp.maximum(num_tokens, 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)  # [B,T]
+    accuracy = jnp.sum(correct * mask) / jnp.maximum(num_tokens, 1.0)
+    return loss, {
+        "loss": loss,
+        "loss_sum": loss_sum,
+        "num_tokens": num_tokens,
+        "token_accuracy": accuracy,
+    }

@@ -1,0 +1,119 @@
+"""Run logging: one JSON object per logged step in `metrics.jsonl`, TensorBoard when installed,
+and PNG plots drawn with matplotlib from the JSONL file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
+        value = np.asarray(value)
+        return value.item() if value.size == 1 else value.tolist()
+    return value
+
+
+class MetricsWriter:
+    """Appends `{"step": s, "stage": ..., **metrics}` records to `<dir>/metrics.jsonl`.
+
+    When `tensorboardX` is importable, scalars also go to `<dir>/tensorboard/` (tag
+    "stage/name"). The JSONL file is flushed after every record, so a killed run keeps what it
+    logged.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, stage: str = "train") -> dict:
+        """Writes one record; array values become Python numbers. Returns the record."""
+        record = {"step": int(step), "stage": stage, **{k: _to_python(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "stage") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{stage}/{k}", v, int(step))
+        return record
+
+    def truncate_after(self, step: int, *, stage: str) -> None:
+        """Drops records of `stage` with step > `step` (a resumed run re-logs those steps)."""
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if r["stage"] != stage or r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+
+    def close(self) -> None:
+        """Closes the JSONL file (and TensorBoard writer)."""
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All records of a `metrics.jsonl` file (missing file: empty list)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(
+    path: str | os.PathLike,
+    out_png: str | os.PathLike,
+    panels: Sequence[tuple[str, str]],
+    *,
+    title: str | None = None,
+) -> Path | None:
+    """Draws one panel per `(stage, metric)` against step from a `metrics.jsonl` into a PNG.
+
+    Panels with no data are skipped; returns the PNG path, or None when nothing was plotted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(path)
+    series = []
+    for stage, key in panels:
+        pts = [
+            (r["step"], r[key])
+            for r in records
+            if r["stage"] == stage and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
+        if pts:
+            series.append((stage, key, pts))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
+    for ax, (stage, key, pts) in zip(axes[0], series):
+        steps, values = zip(*pts)
+        ax.plot(steps, values, marker="." if len(pts) < 30 else None)
+        ax.set_title(f"{stage}: {key}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,115 @@
+"""Optimiser: a thin composition of optax transforms (clip -> AdamW on a warmup-cosine schedule).
+
+Gradient accumulation is `optax.MultiSteps`, which averages the micro-batch gradients (each a
+micro-batch mean); with unequal token counts per micro-batch that is a mean of means, the same
+convention as TRL before its gradient-accumulation fix. Trainers that need an exact token mean
+feed `loss_sum`/`num_tokens` instead (see `jaxalign.losses.sft_loss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Hyperparameters of the AdamW + warmup-cosine optimiser.
+
+    Attributes:
+      learning_rate: peak learning rate, reached at the end of warm-up.
+      init_learning_rate: learning rate at step 0 (linear warm-up starts here).
+      end_learning_rate: learning rate after `total_steps` (cosine decay ends here).
+      warmup_steps: optimizer updates of linear warm-up.
+      total_steps: optimizer updates of the whole schedule (warm-up included).
+      weight_decay: decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101), applied
+        to matmul kernels only: not to biases, norm scales or embeddings.
+      b1, b2, eps: Adam moments and epsilon (Kingma & Ba 2015).
+      max_grad_norm: clip the global gradient norm to this value (None: no clipping).
+      grad_accum_steps: micro-batches per optimizer update (optax.MultiSteps).
+    """
+
+    learning_rate: float = 1e-4
+    init_learning_rate: float = 0.0
+    end_learning_rate: float = 0.0
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.total_steps <= 0:
+            raise ValueError(f"OptimConfig.total_steps must be positive, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"OptimConfig.warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]"
+            )
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"OptimConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"OptimConfig.max_grad_norm must be positive, got {self.max_grad_norm}")
+
+
+def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
+    """Linear warm-up from init to peak, then cosine decay to end (optax.warmup_cosine_decay_schedule).
+
+    The schedule's argument is the optimizer-update count (micro-steps // grad_accum_steps).
+    """
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.init_learning_rate,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.total_steps,
+        end_value=config.end_learning_rate,
+    )
+
+
+def weight_decay_mask(params) -> dict:
+    """Pytree of bools: True on matmul kernels (rank >= 2, not embeddings), False elsewhere.
+
+    Biases, LayerNorm/RMSNorm scales and the token / position embeddings are not decayed, as in
+    GPT-2 / nanoGPT and most fine-tuning recipes.
+    """
+
+    def decays(path, leaf) -> bool:
+        names = [str(getattr(k, "key", k)) for k in path]
+        return leaf.ndim >= 2 and not any("embed" in n for n in names)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, Callable]:
+    """Builds `clip_by_global_norm -> adamw(schedule, mask)` wrapped in `optax.MultiSteps`.
+
+    Args:
+      config: the optimiser hyperparameters.
+
+    Returns:
+      (tx, schedule): the optax transformation and the learning-rate schedule (a function of the
+      optimizer-update count) for logging.
+    """
+    schedule = learning_rate_schedule(config)
+    parts = []
+    if config.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=weight_decay_mask,
+        )
+    )
+    tx = optax.chain(*parts)
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx, schedule

@@ -72,15 +72,16 @@ def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
 
 
 def weight_decay_mask(params) -> dict:
-    """Pytree of bools: True on matmul kernels (rank >= 2, not embeddings), False elsewhere.
+    """Pytree of bools: True on matmul kernels (leaves named "kernel"), False elsewhere.
 
-    Biases, LayerNorm/RMSNorm scales and the token / position embeddings are not decayed, as in
-    GPT-2 / nanoGPT and most fine-tuning recipes.
+    Biases (rank 2 for attention heads, so rank alone does not tell), LayerNorm/RMSNorm scales and
+    the token / position embeddings are not decayed, as in GPT-2 / nanoGPT and most fine-tuning
+    recipes.
     """
 
     def decays(path, leaf) -> bool:
-        names = [str(getattr(k, "key", k)) for k in path]
-        return leaf.ndim >= 2 and not any("embed" in n for n in names)
+        del leaf
+        return str(getattr(path[-1], "key", path[-1])) == "kernel"
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -1,0 +1,434 @@
+"""Tokenise prompt/completion pairs and collate them into static-shape, right-padded batches.
+
+Conventions (training; generation will left-pad prompts separately):
+  * ``tokens``: int32 ``[B, L]``: ``[bos?] prompt completion eos``, then ``pad_id`` to length ``L``.
+  * ``mask``: float32 ``[B, L]``: 1.0 exactly where ``tokens`` holds a completion token (including
+    the appended EOS), 0.0 on BOS, prompt and padding. A trainer takes logits from
+    ``tokens[:, :-1]`` and scores labels ``tokens[:, 1:]`` weighted by ``mask[:, 1:]``.
+  * ``L`` is chosen from a few buckets so that jit compiles once per bucket, and a short final
+    batch is filled with all-padding rows (mask 0) so the batch dimension never changes.
+  * Rows from ``tokenize_sft`` / ``tokenize_preference`` always keep at least one mask-1 token
+    (the EOS is appended and truncation keeps one completion token), so the filler rows of a
+    batch are exactly those with ``mask.sum(-1) == 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, NamedTuple, TypeVar
+
+import datasets
+import numpy as np
+
+from jaxalign.data.tokenizers import Tokenizer
+
+__all__ = [
+    "Example",
+    "PreferenceExample",
+    "tokenize_prompt_completion",
+    "tokenize_sft",
+    "tokenize_preference",
+    "default_buckets",
+    "bucket_length",
+    "collate_sft",
+    "collate_preference",
+    "BatchStream",
+    "eval_batches",
+]
+
+Batch = dict[str, np.ndarray]
+E = TypeVar("E")
+
+
+class Example(NamedTuple):
+    """One tokenised prompt + completion (unpacks as ``tokens, mask = example``).
+
+    Attributes:
+        tokens: int32 ``[n]``: ``[bos?] prompt completion [eos]``.
+        mask: float32 ``[n]``: 1.0 on completion tokens (and EOS), 0.0 on BOS and prompt.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+
+
+class PreferenceExample(NamedTuple):
+    """One tokenised preference pair sharing a prompt (unpacks as ``chosen, rejected``).
+
+    Attributes:
+        chosen: the preferred completion as an ``Example``.
+        rejected: the dispreferred completion as an ``Example``.
+    """
+
+    chosen: Example
+    rejected: Example
+
+
+def _assemble(
+    prompt: Sequence[int],
+    completion: Sequence[int],
+    *,
+    bos_id: int | None,
+    eos_id: int | None,
+    max_length: int,
+) -> Example:
+    """Join ids into an ``Example`` of at most ``max_length`` tokens (see the truncation policy).
+
+    ``eos_id=None`` appends nothing. Raises ``ValueError`` if ``max_length`` cannot hold the BOS,
+    one prompt token and one completion token.
+    """
+    head = [] if bos_id is None else [bos_id]
+    tail = list(completion) + ([] if eos_id is None else [eos_id])
+    if max_length < len(head) + 2:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for a prompt and a completion token"
+        )
+    # Left-truncate the prompt to make room for the completion, but keep at least one prompt
+    # token so the first completion token has a position to be predicted from.
+    prompt_room = max(1, max_length - len(head) - len(tail))
+    prompt = list(prompt)[-prompt_room:]
+    # Then right-truncate the completion (this drops the EOS of an over-long completion).
+    tail = tail[: max_length - len(head) - len(prompt)]
+    tokens = np.asarray(head + prompt + tail, dtype=np.int32)
+    mask = np.zeros(len(tokens), dtype=np.float32)
+    mask[len(head) + len(prompt) :] = 1.0
+    return Example(tokens, mask)
+
+
+def tokenize_prompt_completion(
+    tokenizer: Tokenizer,
+    prompt: str,
+    completion: str,
+    *,
+    max_length: int,
+    append_eos: bool = True,
+) -> Example:
+    """Tokenise one prompt + completion into ids and a completion mask.
+
+    Layout: ``[bos] + encode(prompt) + encode(completion) + [eos]`` (BOS only if
+    ``tokenizer.bos_id`` is not None, EOS only if ``append_eos``). If longer than ``max_length``,
+    the prompt is first truncated from the left (keeping its last tokens, at least one), then the
+    completion (with its EOS) from the right.
+
+    Args:
+        tokenizer: any ``Tokenizer``.
+        prompt: the prompt text (mask 0).
+        completion: the completion text (mask 1).
+        max_length: the most tokens to keep; at least 2 (+1 with a BOS).
+        append_eos: whether to end the completion with ``tokenizer.eos_id``.
+
+    Raises:
+        ValueError: if ``max_length`` is too small to keep one prompt and one completion token.
+
+    Returns:
+        ``Example(tokens int32 [n], mask float32 [n])`` with ``n <= max_length``.
+    """
+    return _assemble(
+        tokenizer.encode(prompt),
+        tokenizer.encode(completion),
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id if append_eos else None,
+        max_length=max_length,
+    )
+
+
+def _tokenize_columns(
+    dataset: datasets.Dataset,
+    tokenizer: Tokenizer,
+    completion_columns: Sequence[str],
+    max_length: int,
+) -> list[list[Example]]:
+    """Per row, one ``Example`` per completion column, all sharing the row's ``prompt``.
+
+    Encodes each column with one ``encode_batch`` call (the prompt column once).
+    """
+    encoded = {
+        column: tokenizer.encode_batch(dataset[column])
+        for column in ("prompt", *completion_columns)
+    }
+    return [
+        [
+            _assemble(
+                prompt,
+                encoded[column][row],
+                bos_id=tokenizer.bos_id,
+                eos_id=tokenizer.eos_id,
+                max_length=max_length,
+            )
+            for column in completion_columns
+        ]
+        for row, prompt in enumerate(encoded["prompt"])
+    ]
+
+
+def tokenize_sft(
+    dataset: datasets.Dataset, tokenizer: Tokenizer, *, max_length: int
+) -> list[Example]:
+    """Tokenise an SFT dataset (as ``tokenize_prompt_completion`` with EOS, row by row).
+
+    Args:
+        dataset: string columns ``prompt`` and ``completion`` (see ``load_sft_dataset``).
+        tokenizer: any ``Tokenizer``; its ``encode_batch`` is used once per column.
+        max_length: the most tokens per example.
+
+    Raises:
+        ValueError: if ``max_length`` is too small (see ``tokenize_prompt_completion``).
+
+    Returns:
+        One ``Example`` per row, in row order.
+    """
+    rows = _tokenize_columns(dataset, tokenizer, ("completion",), max_length)
+    return [completion for (completion,) in rows]
+
+
+def tokenize_preference(
+    dataset: datasets.Dataset, tokenizer: Tokenizer, *, max_length: int
+) -> list[PreferenceExample]:
+    """Tokenise a preference dataset; each side is truncated on its own to ``max_length``.
+
+    Args:
+        dataset: string columns ``prompt``, ``chosen``, ``rejected``
+            (see ``load_preference_dataset``).
+        tokenizer: any ``Tokenizer``; its ``encode_batch`` is used once per column.
+        max_length: the most tokens per side.
+
+    Raises:
+        ValueError: if ``max_length`` is too small (see ``tokenize_prompt_completion``).
+
+    Returns:
+        One ``PreferenceExample(chosen, rejected)`` per row, in row order.
+    """
+    rows = _tokenize_columns(dataset, tokenizer, ("chosen", "rejected"), max_length)
+    return [PreferenceExample(chosen, rejected) for chosen, rejected in rows]
+
+
+def default_buckets(max_length: int, min_bucket: int = 32) -> tuple[int, ...]:
+    """Sequence-length buckets ``min_bucket * 2**k`` up to ``max_length``, ending at ``max_length``.
+
+    Args:
+        max_length: the longest sequence (the last bucket), >= 1.
+        min_bucket: the smallest bucket (a power of two gives powers of two), >= 1.
+
+    Raises:
+        ValueError: if either argument is < 1.
+
+    Returns:
+        Ascending tuple, e.g. ``default_buckets(200) == (32, 64, 128, 200)``,
+        ``default_buckets(256) == (32, 64, 128, 256)``, ``default_buckets(16) == (16,)``.
+    """
+    if max_length < 1 or min_bucket < 1:
+        raise ValueError(
+            f"need max_length >= 1 and min_bucket >= 1, got {max_length} and {min_bucket}"
+        )
+    doublings = (min_bucket * 2**k for k in itertools.count())
+    return (*itertools.takewhile(lambda b: b < max_length, doublings), max_length)
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n`` tokens, or the largest bucket if none does.
+
+    Args:
+        n: a sequence length.
+        buckets: allowed lengths, any order, non-empty.
+
+    Raises:
+        ValueError: if ``buckets`` is empty.
+
+    Returns:
+        ``min(b for b in buckets if b >= n)``, else ``max(buckets)`` (callers truncate).
+    """
+    if not buckets:
+        raise ValueError("buckets must be non-empty")
+    return min((b for b in buckets if b >= n), default=max(buckets))
+
+
+def _pad(examples: Sequence[Example], *, batch_size: int, length: int, pad_id: int) -> Batch:
+    """Right-pad (or right-truncate) each example to ``length`` and add filler rows.
+
+    Returns ``{"tokens": int32 [batch_size, length], "mask": float32 [batch_size, length]}``.
+    """
+    tokens = np.full((batch_size, length), pad_id, dtype=np.int32)
+    mask = np.zeros((batch_size, length), dtype=np.float32)
+    for row, example in enumerate(examples):
+        n = min(len(example.tokens), length)
+        tokens[row, :n] = example.tokens[:n]
+        mask[row, :n] = example.mask[:n]
+    return {"tokens": tokens, "mask": mask}
+
+
+def _check_count(examples: Sequence[object], batch_size: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= len(examples) <= batch_size``."""
+    if not 1 <= len(examples) <= batch_size:
+        raise ValueError(f"need 1 to batch_size={batch_size} examples, got {len(examples)}")
+
+
+def collate_sft(
+    examples: Sequence[Example], *, batch_size: int, buckets: Sequence[int], pad_id: int
+) -> Batch:
+    """Stack SFT examples into a right-padded batch of static shape.
+
+    Args:
+        examples: 1 to ``batch_size`` ``Example``s; fewer are completed with filler rows
+            (all ``pad_id``, mask 0).
+        batch_size: the batch dimension ``B``.
+        buckets: allowed lengths; ``L = bucket_length(longest example, buckets)``. Examples longer
+            than the largest bucket are truncated on the right.
+        pad_id: the id written to padded positions.
+
+    Raises:
+        ValueError: if ``examples`` is empty or longer than ``batch_size``, or ``buckets`` is empty.
+
+    Returns:
+        ``{"tokens": int32 [B, L], "mask": float32 [B, L]}`` (NumPy; the trainer shards them).
+    """
+    _check_count(examples, batch_size)
+    length = bucket_length(max(len(e.tokens) for e in examples), buckets)
+    return _pad(examples, batch_size=batch_size, length=length, pad_id=pad_id)
+
+
+def collate_preference(
+    examples: Sequence[PreferenceExample],
+    *,
+    batch_size: int,
+    buckets: Sequence[int],
+    pad_id: int,
+) -> Batch:
+    """Stack preference pairs into right-padded chosen and rejected batches of one length ``L``.
+
+    Args:
+        examples: 1 to ``batch_size`` ``PreferenceExample``s; fewer are completed with filler
+            rows (all ``pad_id``, mask 0) on both sides.
+        batch_size: the batch dimension ``B``.
+        buckets: allowed lengths; ``L`` is the bucket of the longest chosen *or* rejected
+            sequence, so both sides can be concatenated into one ``[2B, L]`` forward pass.
+            Longer sequences are truncated on the right.
+        pad_id: the id written to padded positions.
+
+    Raises:
+        ValueError: if ``examples`` is empty or longer than ``batch_size``, or ``buckets`` is empty.
+
+    Returns:
+        ``{"chosen_tokens": int32 [B, L], "chosen_mask": float32 [B, L],
+        "rejected_tokens": int32 [B, L], "rejected_mask": float32 [B, L]}`` (NumPy).
+    """
+    _check_count(examples, batch_size)
+    length = bucket_length(max(len(side.tokens) for pair in examples for side in pair), buckets)
+    pad = functools.partial(_pad, batch_size=batch_size, length=length, pad_id=pad_id)
+    chosen = pad([pair.chosen for pair in examples])
+    rejected = pad([pair.rejected for pair in examples])
+    return {
+        "chosen_tokens": chosen["tokens"],
+        "chosen_mask": chosen["mask"],
+        "rejected_tokens": rejected["tokens"],
+        "rejected_mask": rejected["mask"],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStream(Generic[E]):
+    """Deterministic, resumable shuffled batches: batch ``step`` is a pure function of ``step``.
+
+    Epoch ``e = step // steps_per_epoch`` visits the examples in the order
+    ``np.random.default_rng((seed, e)).permutation(n)``, so a run resumed at step ``k`` sees
+    exactly the batches it would have seen, with no iterator state to checkpoint.
+
+    Attributes:
+        examples: the tokenised examples (``Example`` or ``PreferenceExample``).
+        batch_size: examples per batch.
+        seed: shuffling seed.
+        collate: turns 1 to ``batch_size`` examples into a batch dict, e.g.
+            ``functools.partial(collate_sft, batch_size=8, buckets=(64, 128), pad_id=tok.pad_id)``.
+        drop_last: ``True`` drops each epoch's incomplete final batch (``n // batch_size`` steps
+            per epoch); ``False`` keeps it (``ceil(n / batch_size)`` steps; ``collate`` pads it).
+
+    Raises:
+        ValueError: on construction, if ``batch_size < 1``, there are no examples, or
+            ``drop_last`` and fewer examples than ``batch_size``.
+    """
+
+    examples: Sequence[E]
+    batch_size: int
+    seed: int
+    collate: Callable[[Sequence[E]], Batch]
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.examples:
+            raise ValueError("BatchStream needs at least one example")
+        if self.drop_last and len(self.examples) < self.batch_size:
+            raise ValueError(
+                f"{len(self.examples)} examples are fewer than batch_size={self.batch_size} "
+                "with drop_last=True: no complete batch"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Number of batches per pass over the data."""
+        full, rest = divmod(len(self.examples), self.batch_size)
+        return full + int(rest > 0 and not self.drop_last)
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """Example indices of batch ``step``.
+
+        Args:
+            step: global step, >= 0.
+
+        Raises:
+            ValueError: if ``step < 0``.
+
+        Returns:
+            int64 ``[batch_size]`` (fewer for a kept incomplete final batch).
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
+        return order[within * self.batch_size : (within + 1) * self.batch_size]
+
+    def batch_at(self, step: int) -> Batch:
+        """The collated batch for global step ``step`` (>= 0; raises ``ValueError`` if < 0)."""
+        return self.collate([self.examples[i] for i in self.indices_at(step)])
+
+    def iter_from(self, start_step: int = 0) -> Iterator[Batch]:
+        """Endless batches ``batch_at(start_step), batch_at(start_step + 1), ...``.
+
+        Args:
+            start_step: the first global step (e.g. the step of a restored checkpoint).
+
+        Returns:
+            An infinite iterator; bound it with ``itertools.islice``.
+        """
+        return map(self.batch_at, itertools.count(start_step))
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Endless batches from step 0 (``iter_from(0)``)."""
+        return self.iter_from(0)
+
+
+def eval_batches(
+    examples: Sequence[E], *, batch_size: int, collate: Callable[[Sequence[E]], Batch]
+) -> Iterator[Batch]:
+    """Every example exactly once, in order; ``collate`` pads the last, short batch.
+
+    Args:
+        examples: the tokenised examples.
+        batch_size: examples per batch.
+        collate: as for ``BatchStream`` (use the same ``batch_size`` in both).
+
+    Raises:
+        ValueError: if ``batch_size < 1``.
+
+    Returns:
+        An iterator of ``ceil(len(examples) / batch_size)`` batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return (
+        collate(examples[start : start + batch_size])
+        for start in range(0, len(examples), batch_size)
+    )

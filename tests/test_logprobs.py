@@ -1,0 +1,115 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.logprobs import entropy, sequence_logps, token_logps
+from tests.conftest import compile_count
+
+
+def np_log_softmax(z):
+    z = np.asarray(z, np.float64)
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_token_logps(logits, labels):
+    return np.take_along_axis(np_log_softmax(logits), labels[..., None], -1)[..., 0]
+
+
+@pytest.fixture
+def data():
+    rng = np.random.RandomState(0)
+    logits = rng.randn(3, 7, 11).astype(np.float32) * 3
+    labels = rng.randint(0, 11, (3, 7))
+    return logits, labels
+
+
+def test_hand_computed_two_token_vocab():
+    # softmax([0, ln 3]) = [1/4, 3/4]
+    logits = jnp.array([[[0.0, np.log(3.0)]]])
+    np.testing.assert_allclose(token_logps(logits, jnp.array([[1]])), [[np.log(0.75)]], rtol=1e-6)
+    np.testing.assert_allclose(token_logps(logits, jnp.array([[0]])), [[np.log(0.25)]], rtol=1e-6)
+
+
+def test_matches_numpy_reference(data):
+    logits, labels = data
+    out = token_logps(jnp.asarray(logits), jnp.asarray(labels))
+    assert out.dtype == jnp.float32 and out.shape == (3, 7)
+    np.testing.assert_allclose(out, np_token_logps(logits, labels), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 100])
+def test_chunked_equals_unchunked(data, chunk):
+    logits, labels = map(jnp.asarray, data)
+    np.testing.assert_allclose(
+        token_logps(logits, labels, chunk_size=chunk), token_logps(logits, labels), atol=1e-6
+    )
+    np.testing.assert_allclose(entropy(logits, chunk_size=chunk), entropy(logits), atol=1e-5)
+
+
+def test_extreme_logits_are_finite_and_exact():
+    logits = np.array([[[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]]], np.float32)
+    labels = np.array([[0, 2]])
+    out = np.asarray(token_logps(jnp.asarray(logits), jnp.asarray(labels)))
+    assert np.all(np.isfinite(out))
+    # float32 values near 1e4 are spaced ~1e-3 apart: that is the attainable accuracy.
+    np.testing.assert_allclose(out, [[0.0, -np.log(3.0)]], atol=1e-3)
+    np.testing.assert_allclose(token_logps(jnp.asarray(logits), jnp.array([[1, 0]]))[0, 0], -2e4, rtol=1e-6)
+
+
+def test_bf16_logits_give_float32_logps(data):
+    logits, labels = data
+    bf16 = jnp.asarray(logits, jnp.bfloat16)
+    out = token_logps(bf16, jnp.asarray(labels))
+    assert out.dtype == jnp.float32
+    # The reference sees the same bf16-rounded logits: only the upcast arithmetic differs.
+    ref = np_token_logps(np.asarray(bf16.astype(jnp.float32)), labels)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_entropy_matches_numpy(data):
+    logits, _ = data
+    lp = np_log_softmax(logits)
+    ref = -(np.exp(lp) * lp).sum(-1)
+    np.testing.assert_allclose(entropy(jnp.asarray(logits)), ref, atol=1e-5)
+    # uniform logits: entropy log V
+    np.testing.assert_allclose(entropy(jnp.zeros((1, 2, 11))), np.full((1, 2), np.log(11)), rtol=1e-6)
+
+
+def test_sequence_logps_hand_computed():
+    lp = jnp.array([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    mask = jnp.array([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(sequence_logps(lp, mask), [-5.0, -1.0])
+    np.testing.assert_allclose(sequence_logps(lp, mask, average=True), [-2.5, -0.5])
+    np.testing.assert_allclose(sequence_logps(lp, jnp.zeros_like(mask), average=True), [0.0, 0.0])
+
+
+def test_masked_equals_sliced(data):
+    logits, labels = map(jnp.asarray, data)
+    mask = jnp.zeros((3, 7)).at[:, 2:5].set(1.0)
+    full = sequence_logps(token_logps(logits, labels), mask)
+    sliced = token_logps(logits[:, 2:5], labels[:, 2:5]).sum(-1)
+    np.testing.assert_allclose(full, sliced, atol=1e-5)
+
+
+def test_gradient_is_softmax_minus_onehot(data):
+    logits, labels = map(jnp.asarray, data)
+    grad = jax.grad(lambda z: token_logps(z, labels, chunk_size=3).sum())(logits)
+    expected = jax.nn.one_hot(labels, 11) - jax.nn.softmax(logits)
+    np.testing.assert_allclose(grad, expected, atol=1e-5)
+
+
+def test_no_recompile_on_second_call(data):
+    logits, labels = map(jnp.asarray, data)
+    fn = jax.jit(lambda z, y: token_logps(z, y, chunk_size=2))
+    fn(logits, labels)
+    fn(logits + 1.0, labels)
+    assert compile_count(fn) == 1
+
+
+def test_shape_errors():
+    with pytest.raises(AssertionError):
+        token_logps(jnp.zeros((2, 3, 4)), jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logps(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), chunk_size=0)

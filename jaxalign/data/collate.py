@@ -327,6 +327,52 @@ def collate_preference(
     }
 
 
+class ReferencedPair(NamedTuple):
+    """A preference pair with its reference model's completion log-probs, precomputed once."""
+
+    pair: PreferenceExample
+    ref_chosen_logps: float
+    ref_rejected_logps: float
+
+
+def with_reference_logps(
+    pairs: Sequence[PreferenceExample], ref_chosen_logps: np.ndarray, ref_rejected_logps: np.ndarray
+) -> list[ReferencedPair]:
+    """Attaches precomputed reference log-probs ([n] float, nats) to the pairs they belong to.
+
+    Raises:
+        ValueError: the arrays' lengths differ from the number of pairs.
+    """
+    if not len(pairs) == len(ref_chosen_logps) == len(ref_rejected_logps):
+        raise ValueError(
+            f"{len(pairs)} pairs but {len(ref_chosen_logps)} / {len(ref_rejected_logps)} "
+            "reference log-probs"
+        )
+    return [
+        ReferencedPair(p, float(c), float(r))
+        for p, c, r in zip(pairs, ref_chosen_logps, ref_rejected_logps)
+    ]
+
+
+def collate_referenced(
+    items: Sequence[ReferencedPair], *, batch_size: int, buckets: Sequence[int], pad_id: int
+) -> Batch:
+    """`collate_preference` plus ``ref_chosen_logps`` and ``ref_rejected_logps`` float32 ``[B]``
+    (0.0 on filler rows), the batch keys DPO reads instead of running a reference model.
+
+    Raises:
+        ValueError: as `collate_preference`.
+    """
+    batch = collate_preference(
+        [item.pair for item in items], batch_size=batch_size, buckets=buckets, pad_id=pad_id
+    )
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        values = np.zeros((batch_size,), np.float32)
+        values[: len(items)] = [getattr(item, key) for item in items]
+        batch[key] = values
+    return batch
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchStream(Generic[E]):
     """Deterministic, resumable shuffled batches: batch ``step`` is a pure function of ``step``.

@@ -1,0 +1,418 @@
+"""Training throughput and MFU of the SFT and DPO train steps, against a matmul peak measured here.
+
+For each benchmark case (a model preset at a vocabulary size, batch size B and sequence length T)
+the script times `jaxalign.trainers.make_sft_step` on a random `tokens [B, T]` batch and
+`make_dpo_step` on a random preference batch of B pairs with precomputed reference log-probs,
+both with the optimiser of `jaxalign.optim.make_optimizer`. Compilation and warm-up calls are
+excluded; the figure is the median of `--steps` timed calls, each blocked on with
+`jax.block_until_ready`, all with the same shapes (one compilation per step, asserted).
+
+    MFU = model FLOPs per step / step time / peak FLOP/s
+
+with model FLOPs from `jaxalign.models.train_flops_per_token` (PaLM, arXiv 2204.02311, App. B:
+6·N + 12·L·T·D per token) and the peak from a jit-compiled square matmul timed in the same run.
+See benchmarks/README.md for the counting conventions and measured figures.
+
+    python benchmarks/train_step.py                       # default: < 8 minutes on 2 CPU cores
+    python benchmarks/train_step.py --models gpt2-tiny --vocab-sizes 512 --steps 3   # smoke test
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tyro
+
+from jaxalign.models import (
+    TransformerConfig,
+    get_config,
+    init_params,
+    num_params,
+    train_flops_per_token,
+)
+from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.trainers import count_tokens, create_train_state, make_dpo_step, make_sft_step
+
+Batch = dict[str, jax.Array]
+Trainer = Literal["sft", "dpo"]
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Config:
+    """Train-step throughput benchmark. Per-case flags take one value (used for every case) or
+    one value per entry of --models."""
+
+    models: tuple[str, ...] = ("gpt2-mini", "gpt2-mini", "gpt2")
+    """Model presets, one benchmark case each (see jaxalign.models.PRESETS)."""
+    vocab_sizes: tuple[int, ...] = (50257, 512, 50257)
+    """Vocabulary size per case. The default's second case (gpt2-mini at V=512) isolates the cost
+    of the 50257-wide output head and softmax."""
+    batch_sizes: tuple[int, ...] = (8, 8, 4)
+    """B per case: SFT rows, and DPO pairs (a DPO step runs 2·B rows)."""
+    seq_lens: tuple[int, ...] = (128,)
+    """T per case: tokens per row of the batch."""
+    trainers: tuple[Trainer, ...] = ("sft", "dpo")
+    """Train steps to time for every case."""
+    steps: int = 5
+    """Timed calls per step; the median is reported."""
+    warmup: int = 1
+    """Untimed calls after compilation (first-execution effects)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the models (parameters stay float32)."""
+    peak_sizes: tuple[int, ...] = (1024, 2048)
+    """Square matmul sizes n for the peak; the best median over sizes is the peak."""
+    peak_reps: int = 10
+    """Timed matmuls per size."""
+    bf16_peak: bool = False
+    """Also measure the bfloat16 matmul peak (always measured when --dtype bfloat16)."""
+    seed: int = 0
+    json: Path | None = None
+    """Write the environment, peaks and per-case results here as JSON."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One model shape to benchmark."""
+
+    preset: str
+    vocab_size: int
+    batch_size: int
+    seq_len: int
+
+    @property
+    def label(self) -> str:
+        """Preset name with the vocabulary size, e.g. `gpt2-mini/V=512`."""
+        return f"{self.preset}/V={self.vocab_size}"
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Timing of one train step of one case (times in seconds)."""
+
+    model: str
+    trainer: str
+    params_m: float
+    batch_size: int
+    seq_len: int
+    rows: int
+    tokens_per_step: int
+    compile_s: float
+    step_s: float
+    step_times_s: list[float]
+    tokens_per_s: float
+    model_flops_per_step: float
+    xla_flops_per_step: float | None
+    mfu: float
+    loss: float
+
+
+def case_list(cfg: Config) -> list[Case]:
+    """Zips the per-case flags into `Case`s, broadcasting single values.
+
+    Raises:
+      ValueError: a per-case flag has neither one value nor one per model.
+    """
+    n = len(cfg.models)
+
+    def per_case(name: str, values: Sequence[int]) -> Sequence[int]:
+        if len(values) == 1:
+            return list(values) * n
+        if len(values) != n:
+            raise ValueError(f"--{name} needs 1 or {n} values (one per --models), got {len(values)}")
+        return values
+
+    columns = zip(
+        cfg.models,
+        per_case("vocab-sizes", cfg.vocab_sizes),
+        per_case("batch-sizes", cfg.batch_sizes),
+        per_case("seq-lens", cfg.seq_lens),
+    )
+    return [Case(*column) for column in columns]
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of `fn()`, blocking until every array it returns is computed."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def measure_matmul_peak(sizes: Sequence[int], dtype: Any, reps: int) -> dict[str, Any]:
+    """Peak FLOP/s of a jit-compiled `[n, n] @ [n, n]` matmul (2·n³ FLOPs), best over `sizes`.
+
+    Each size is compiled and run once untimed, then timed `reps` times; a size's rate is its
+    median time's, and the peak is the best size's rate.
+
+    Returns:
+      {"dtype", "flops_per_s" (the peak), "size" (its n), "by_size": {n: FLOP/s}}.
+    """
+    matmul = jax.jit(jnp.matmul)
+    by_size = {}
+    for n in sizes:
+        a, b = jax.random.normal(jax.random.key(n), (2, n, n), dtype)
+        time_call(lambda: matmul(a, b))  # compile + first run
+        median = statistics.median(time_call(lambda: matmul(a, b)) for _ in range(reps))
+        by_size[n] = 2.0 * n**3 / median
+    best = max(by_size, key=by_size.get)
+    return {"dtype": jnp.dtype(dtype).name, "flops_per_s": by_size[best], "size": best, "by_size": by_size}
+
+
+def model_config(case: Case, dtype: str) -> TransformerConfig:
+    """The preset at the case's vocabulary, long enough for its T, in the compute `dtype`."""
+    preset = get_config(case.preset)
+    return preset.replace(
+        vocab_size=case.vocab_size,
+        max_seq_len=max(preset.max_seq_len, case.seq_len),
+        dtype=DTYPES[dtype],
+    )
+
+
+def random_batch(trainer: Trainer, case: Case, rng: np.random.Generator) -> Batch:
+    """A random batch of the trainer's layout, every token counted (masks all ones).
+
+    SFT: `tokens` int32 [B, T], `mask` float32 [B, T]. DPO: `chosen_tokens`, `rejected_tokens`,
+    `chosen_mask`, `rejected_mask` [B, T] and precomputed `ref_chosen_logps`,
+    `ref_rejected_logps` float32 [B] (the reference model does not run in the step).
+    """
+    b, t = case.batch_size, case.seq_len
+
+    def tokens() -> jax.Array:
+        return jnp.asarray(rng.integers(0, case.vocab_size, (b, t)), jnp.int32)
+
+    mask = jnp.ones((b, t), jnp.float32)
+    if trainer == "sft":
+        return {"tokens": tokens(), "mask": mask}
+    # Summed log-probs of T-1 tokens drawn uniformly from V: about -(T-1)·log V each.
+    ref = -(t - 1) * np.log(case.vocab_size) + rng.normal(size=(2, b))
+    return {
+        "chosen_tokens": tokens(),
+        "rejected_tokens": tokens(),
+        "chosen_mask": mask,
+        "rejected_mask": mask,
+        "ref_chosen_logps": jnp.asarray(ref[0], jnp.float32),
+        "ref_rejected_logps": jnp.asarray(ref[1], jnp.float32),
+    }
+
+
+def model_flops_per_step(config: TransformerConfig, batch: Batch) -> float:
+    """Training FLOPs of one step on `batch`: positions × `train_flops_per_token` at their context.
+
+    Both trainers run the model on `tokens[:, :-1]` (position t predicts token t+1), so a step
+    trains rows·(T-1) positions with context T-1.
+    """
+    rows, t = 0, None
+    for key, value in batch.items():
+        if key.endswith("tokens"):
+            rows += value.shape[0]
+            t = value.shape[1]
+    return rows * (t - 1) * train_flops_per_token(config, t - 1)
+
+
+def benchmark_step(
+    trainer: Trainer,
+    case: Case,
+    config: TransformerConfig,
+    params,
+    peak_flops_per_s: float,
+    cfg: Config,
+) -> StepResult:
+    """Compiles and times one train step of one case (see the module docstring).
+
+    The step donates its state, so the state is threaded from call to call; `params` itself is
+    copied first and stays valid.
+
+    Raises:
+      AssertionError: the step compiled more than once, or the loss is not finite.
+    """
+    tx, schedule = make_optimizer(OptimConfig())
+    make_step = make_sft_step if trainer == "sft" else make_dpo_step
+    step = make_step(config, tx, schedule)
+    state = create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed)
+    batch = random_batch(trainer, case, np.random.default_rng(cfg.seed))
+    jax.block_until_ready((state, batch))
+
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()  # trace + lower + XLA compile, no execution
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis() or {}
+    xla_flops = cost.get("flops")
+    metrics = {}
+
+    def call():
+        nonlocal state, metrics
+        state, metrics = step(state, batch)
+        return state, metrics
+
+    for _ in range(cfg.warmup):
+        time_call(call)
+    times = [time_call(call) for _ in range(cfg.steps)]
+    assert step._cache_size() == 1, f"{trainer} step compiled {step._cache_size()} times"
+    loss = float(metrics["loss"])
+    assert np.isfinite(loss), f"{trainer} loss is {loss}"
+
+    step_s = statistics.median(times)
+    tokens = count_tokens(batch)
+    flops = model_flops_per_step(config, batch)
+    return StepResult(
+        model=case.label,
+        trainer=trainer,
+        params_m=num_params(config) / 1e6,
+        batch_size=case.batch_size,
+        seq_len=case.seq_len,
+        rows=tokens // case.seq_len,
+        tokens_per_step=tokens,
+        compile_s=compile_s,
+        step_s=step_s,
+        step_times_s=times,
+        tokens_per_s=tokens / step_s,
+        model_flops_per_step=flops,
+        xla_flops_per_step=None if xla_flops is None else float(xla_flops),
+        mfu=flops / step_s / peak_flops_per_s,
+        loss=loss,
+    )
+
+
+def environment() -> dict[str, Any]:
+    """The machine and software the figures come from."""
+    return {
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def format_report(env: dict, peaks: dict, results: list[StepResult], seconds: float) -> str:
+    """The printed report: environment, peaks, the results table, DPO/SFT ratios, head share."""
+    lines = [
+        f"jax {env['jax']}  devices {env['devices']}  os.cpu_count() {env['cpu_count']}  "
+        f"({env['processor']}, python {env['python']})",
+        f"1-min load average: {env['load_average_1m']:.2f} at start, "
+        f"{env['load_average_1m_end']:.2f} at end",
+    ]
+    for name, peak in peaks.items():
+        sizes = ", ".join(f"n={n}: {f / 1e9:.1f}" for n, f in peak["by_size"].items())
+        lines.append(
+            f"matmul peak {peak['dtype']} ({name}): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"at n={peak['size']}  [GFLOP/s by size: {sizes}]"
+        )
+    header = ("model", "trainer", "params (M)", "B", "T", "step ms", "tokens/s", "MFU %", "compile s")
+    widths = (18, 7, 10, 4, 5, 9, 9, 6, 9)
+    row = lambda cells: "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    lines += ["", row(header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+    for r in results:
+        lines.append(
+            row((r.model, r.trainer, f"{r.params_m:.1f}", r.batch_size, r.seq_len,
+                 f"{r.step_s * 1e3:.0f}", f"{r.tokens_per_s:.0f}", f"{r.mfu * 100:.1f}",
+                 f"{r.compile_s:.1f}"))
+        )
+    lines.append("")
+    by_key = {(r.model, r.trainer, r.batch_size, r.seq_len): r for r in results}
+    for (model, trainer, b, t), r in by_key.items():
+        sft = by_key.get((model, "sft", b, t))
+        if trainer == "dpo" and sft is not None:
+            lines.append(
+                f"DPO/SFT tokens/s {model} B={b} T={t}: {r.tokens_per_s / sft.tokens_per_s:.2f}"
+            )
+    for r in results:
+        if r.xla_flops_per_step:
+            lines.append(
+                f"XLA cost-analysis FLOPs / model FLOPs, {r.model} {r.trainer}: "
+                f"{r.xla_flops_per_step / r.model_flops_per_step:.2f}"
+            )
+    lines += head_share_lines(results)
+    lines.append(f"total wall time: {seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def head_share_lines(results: list[StepResult]) -> list[str]:
+    """For cases differing only in vocabulary size: the step-time share the larger V adds."""
+    lines = []
+    for big in results:
+        for small in results:
+            same_shape = (big.trainer, big.batch_size, big.seq_len) == (
+                small.trainer, small.batch_size, small.seq_len
+            )
+            preset_big, v_big = big.model.split("/V=")
+            preset_small, v_small = small.model.split("/V=")
+            if same_shape and preset_big == preset_small and int(v_big) > int(v_small):
+                share = 1.0 - small.step_s / big.step_s
+                lines.append(
+                    f"{preset_big} {big.trainer}: step {big.step_s * 1e3:.0f} ms at V={v_big} vs "
+                    f"{small.step_s * 1e3:.0f} ms at V={v_small}: the wider vocabulary (output "
+                    f"head, softmax, embedding update) is {share * 100:.0f}% of the step"
+                )
+    return lines
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Measures the peaks, then every case and trainer; returns the JSON-ready results."""
+    if cfg.steps < 1 or cfg.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {cfg.steps}, {cfg.warmup}")
+    cases = case_list(cfg)  # validate flags before any compute
+    start = time.perf_counter()
+    env = environment()
+    peak_dtypes = {"float32", cfg.dtype} | ({"bfloat16"} if cfg.bf16_peak else set())
+    # Measured before and after the models; MFU divides by the better of the two, so a machine
+    # busier at one end does not inflate MFU. Both are printed: their spread is the noise.
+    before = {d: measure_matmul_peak(cfg.peak_sizes, DTYPES[d], cfg.peak_reps) for d in peak_dtypes}
+    results = []
+    for case in cases:
+        config = model_config(case, cfg.dtype)
+        params = init_params(config, jax.random.key(cfg.seed))
+        for trainer in cfg.trainers:
+            print(f"timing {case.label} {trainer} B={case.batch_size} T={case.seq_len} ...",
+                  file=sys.stderr, flush=True)
+            results.append(
+                benchmark_step(trainer, case, config, params, before[cfg.dtype]["flops_per_s"], cfg)
+            )
+        del params
+    after = {d: measure_matmul_peak(cfg.peak_sizes, DTYPES[d], cfg.peak_reps) for d in peak_dtypes}
+    best = max(before[cfg.dtype]["flops_per_s"], after[cfg.dtype]["flops_per_s"])
+    for r in results:  # rescale to the better peak
+        r.mfu = r.model_flops_per_step / r.step_s / best
+    env["load_average_1m_end"] = os.getloadavg()[0]
+    peaks = {f"{when}": p for when, by_dtype in (("start", before), ("end", after))
+             for p in by_dtype.values()}
+    peaks = {f"{p['dtype']} {when}": p for when, by_dtype in (("start", before), ("end", after))
+             for p in by_dtype.values()}
+    seconds = time.perf_counter() - start
+    print(format_report(env, {k: {**p, "dtype": ""} | p for k, p in peaks.items()}, results, seconds))
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "environment": env,
+        "peaks": peaks,
+        "mfu_peak_flops_per_s": best,
+        "results": [dataclasses.asdict(r) for r in results],
+        "wall_time_s": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """CLI entry point: parses flags into `Config`, runs, prints, optionally writes --json."""
+    cfg = tyro.cli(Config, args=argv)
+    report = run(cfg)
+    if cfg.json is not None:
+        cfg.json.parent.mkdir(parents=True, exist_ok=True)
+        cfg.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {cfg.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -92,17 +92,16 @@ class Case:
     batch_size: int
     seq_len: int
 
-    @property
-    def label(self) -> str:
-        """Preset name with the vocabulary size, e.g. `gpt2-mini/V=512`."""
-        return f"{self.preset}/V={self.vocab_size}"
-
 
 @dataclasses.dataclass
 class StepResult:
-    """Timing of one train step of one case (times in seconds)."""
+    """Timing of one train step of one case (times in seconds).
 
-    model: str
+    `mfu` is filled in once the peak is final (see `run`).
+    """
+
+    preset: str
+    vocab_size: int
     trainer: str
     params_m: float
     batch_size: int
@@ -115,8 +114,13 @@ class StepResult:
     tokens_per_s: float
     model_flops_per_step: float
     xla_flops_per_step: float | None
-    mfu: float
     loss: float
+    mfu: float = float("nan")
+
+    @property
+    def model(self) -> str:
+        """Preset name with the vocabulary size, e.g. `gpt2-mini/V=512`."""
+        return f"{self.preset}/V={self.vocab_size}"
 
 
 def case_list(cfg: Config) -> list[Case]:
@@ -226,7 +230,6 @@ def benchmark_step(
     case: Case,
     config: TransformerConfig,
     params,
-    peak_flops_per_s: float,
     cfg: Config,
 ) -> StepResult:
     """Compiles and times one train step of one case (see the module docstring).
@@ -267,7 +270,8 @@ def benchmark_step(
     tokens = count_tokens(batch)
     flops = model_flops_per_step(config, batch)
     return StepResult(
-        model=case.label,
+        preset=case.preset,
+        vocab_size=case.vocab_size,
         trainer=trainer,
         params_m=num_params(config) / 1e6,
         batch_size=case.batch_size,
@@ -280,9 +284,23 @@ def benchmark_step(
         tokens_per_s=tokens / step_s,
         model_flops_per_step=flops,
         xla_flops_per_step=None if xla_flops is None else float(xla_flops),
-        mfu=flops / step_s / peak_flops_per_s,
         loss=loss,
     )
+
+
+def busy_cpu_seconds() -> tuple[float, float] | None:
+    """(CPU-seconds every process on the machine has been busy since boot, this process's own).
+
+    From Linux's /proc/stat (user + nice + system + irq + softirq); None elsewhere. The change
+    of the first minus the change of the second, over the run, is what other processes took.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), time.process_time()
 
 
 def environment() -> dict[str, Any]:
@@ -297,7 +315,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def format_report(env: dict, peaks: dict, results: list[StepResult], seconds: float) -> str:
+def format_report(env: dict, peaks: list[dict], results: list[StepResult], seconds: float) -> str:
     """The printed report: environment, peaks, the results table, DPO/SFT ratios, head share."""
     lines = [
         f"jax {env['jax']}  devices {env['devices']}  os.cpu_count() {env['cpu_count']}  "
@@ -305,15 +323,27 @@ def format_report(env: dict, peaks: dict, results: list[StepResult], seconds: fl
         f"1-min load average: {env['load_average_1m']:.2f} at start, "
         f"{env['load_average_1m_end']:.2f} at end",
     ]
-    for name, peak in peaks.items():
+    if env.get("other_processes_cpu_s") is not None:
+        lines.append(
+            f"other processes used {env['other_processes_cpu_s']:.0f} CPU-s of the "
+            f"{seconds * env['cpu_count']:.0f} CPU-s the run spanned "
+            f"({env['other_processes_cpu_s'] / (seconds * env['cpu_count']) * 100:.0f}%; "
+            "above a few % the figures are lower bounds)"
+        )
+    for peak in peaks:
         sizes = ", ".join(f"n={n}: {f / 1e9:.1f}" for n, f in peak["by_size"].items())
         lines.append(
-            f"matmul peak {peak['dtype']} ({name}): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
-            f"at n={peak['size']}  [GFLOP/s by size: {sizes}]"
+            f"matmul peak {peak['dtype']} ({peak['when']}): {peak['flops_per_s'] / 1e9:.1f} "
+            f"GFLOP/s at n={peak['size']}  [by size, GFLOP/s: {sizes}]"
         )
     header = ("model", "trainer", "params (M)", "B", "T", "step ms", "tokens/s", "MFU %", "compile s")
-    widths = (18, 7, 10, 4, 5, 9, 9, 6, 9)
-    row = lambda cells: "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    widths = (16, 7, 10, 3, 5, 8, 8, 6, 9)
+
+    def row(cells: Sequence[Any]) -> str:
+        return "  ".join(
+            f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
     lines += ["", row(header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     for r in results:
         lines.append(
@@ -322,18 +352,19 @@ def format_report(env: dict, peaks: dict, results: list[StepResult], seconds: fl
                  f"{r.compile_s:.1f}"))
         )
     lines.append("")
-    by_key = {(r.model, r.trainer, r.batch_size, r.seq_len): r for r in results}
-    for (model, trainer, b, t), r in by_key.items():
-        sft = by_key.get((model, "sft", b, t))
-        if trainer == "dpo" and sft is not None:
+    sft = {(r.model, r.batch_size, r.seq_len): r for r in results if r.trainer == "sft"}
+    for r in results:
+        base = sft.get((r.model, r.batch_size, r.seq_len))
+        if r.trainer == "dpo" and base is not None:
             lines.append(
-                f"DPO/SFT tokens/s {model} B={b} T={t}: {r.tokens_per_s / sft.tokens_per_s:.2f}"
+                f"DPO/SFT tokens/s, {r.model} B={r.batch_size} T={r.seq_len}: "
+                f"{r.tokens_per_s / base.tokens_per_s:.2f}"
             )
     for r in results:
         if r.xla_flops_per_step:
             lines.append(
                 f"XLA cost-analysis FLOPs / model FLOPs, {r.model} {r.trainer}: "
-                f"{r.xla_flops_per_step / r.model_flops_per_step:.2f}"
+                f"{r.xla_flops_per_step / r.model_flops_per_step:.3f}"
             )
     lines += head_share_lines(results)
     lines.append(f"total wall time: {seconds:.0f} s")
@@ -341,64 +372,71 @@ def format_report(env: dict, peaks: dict, results: list[StepResult], seconds: fl
 
 
 def head_share_lines(results: list[StepResult]) -> list[str]:
-    """For cases differing only in vocabulary size: the step-time share the larger V adds."""
+    """For results differing only in vocabulary size: the share of the step the larger V adds."""
     lines = []
     for big in results:
         for small in results:
-            same_shape = (big.trainer, big.batch_size, big.seq_len) == (
-                small.trainer, small.batch_size, small.seq_len
+            same = (big.preset, big.trainer, big.batch_size, big.seq_len) == (
+                small.preset, small.trainer, small.batch_size, small.seq_len
             )
-            preset_big, v_big = big.model.split("/V=")
-            preset_small, v_small = small.model.split("/V=")
-            if same_shape and preset_big == preset_small and int(v_big) > int(v_small):
-                share = 1.0 - small.step_s / big.step_s
+            if same and big.vocab_size > small.vocab_size:
                 lines.append(
-                    f"{preset_big} {big.trainer}: step {big.step_s * 1e3:.0f} ms at V={v_big} vs "
-                    f"{small.step_s * 1e3:.0f} ms at V={v_small}: the wider vocabulary (output "
-                    f"head, softmax, embedding update) is {share * 100:.0f}% of the step"
+                    f"{big.preset} {big.trainer}: {big.step_s * 1e3:.0f} ms/step at "
+                    f"V={big.vocab_size} vs {small.step_s * 1e3:.0f} ms at V={small.vocab_size}: "
+                    f"the wider vocabulary (output head, softmax, embedding update) is "
+                    f"{(1 - small.step_s / big.step_s) * 100:.0f}% of the step, "
+                    f"{(1 - small.model_flops_per_step / big.model_flops_per_step) * 100:.0f}% "
+                    f"of its model FLOPs"
                 )
     return lines
 
 
+def measure_peaks(cfg: Config, when: str) -> list[dict[str, Any]]:
+    """The matmul peak of float32, of the compute dtype and (--bf16-peak) of bfloat16."""
+    dtypes = dict.fromkeys(["float32", cfg.dtype] + (["bfloat16"] if cfg.bf16_peak else []))
+    return [
+        {"when": when, **measure_matmul_peak(cfg.peak_sizes, DTYPES[d], cfg.peak_reps)}
+        for d in dtypes
+    ]
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    """Measures the peaks, then every case and trainer; returns the JSON-ready results."""
+    """Measures the peaks, then every case and trainer; prints and returns the results."""
     if cfg.steps < 1 or cfg.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {cfg.steps}, {cfg.warmup}")
     cases = case_list(cfg)  # validate flags before any compute
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), busy_cpu_seconds()
     env = environment()
-    peak_dtypes = {"float32", cfg.dtype} | ({"bfloat16"} if cfg.bf16_peak else set())
-    # Measured before and after the models; MFU divides by the better of the two, so a machine
-    # busier at one end does not inflate MFU. Both are printed: their spread is the noise.
-    before = {d: measure_matmul_peak(cfg.peak_sizes, DTYPES[d], cfg.peak_reps) for d in peak_dtypes}
+    peaks = measure_peaks(cfg, "start")
     results = []
     for case in cases:
         config = model_config(case, cfg.dtype)
         params = init_params(config, jax.random.key(cfg.seed))
         for trainer in cfg.trainers:
-            print(f"timing {case.label} {trainer} B={case.batch_size} T={case.seq_len} ...",
-                  file=sys.stderr, flush=True)
-            results.append(
-                benchmark_step(trainer, case, config, params, before[cfg.dtype]["flops_per_s"], cfg)
-            )
+            print(f"timing {case.preset}/V={case.vocab_size} {trainer} B={case.batch_size} "
+                  f"T={case.seq_len} ...", file=sys.stderr, flush=True)
+            results.append(benchmark_step(trainer, case, config, params, cfg))
         del params
-    after = {d: measure_matmul_peak(cfg.peak_sizes, DTYPES[d], cfg.peak_reps) for d in peak_dtypes}
-    best = max(before[cfg.dtype]["flops_per_s"], after[cfg.dtype]["flops_per_s"])
-    for r in results:  # rescale to the better peak
-        r.mfu = r.model_flops_per_step / r.step_s / best
+    # The peak is measured again after the models and MFU divides by the better of the two, so
+    # a machine busier at one end does not inflate MFU; the spread of the two shows the noise.
+    peaks += measure_peaks(cfg, "end")
+    peak = max(p["flops_per_s"] for p in peaks if p["dtype"] == cfg.dtype)
+    results = [
+        dataclasses.replace(r, mfu=r.model_flops_per_step / r.step_s / peak) for r in results
+    ]
     env["load_average_1m_end"] = os.getloadavg()[0]
-    peaks = {f"{when}": p for when, by_dtype in (("start", before), ("end", after))
-             for p in by_dtype.values()}
-    peaks = {f"{p['dtype']} {when}": p for when, by_dtype in (("start", before), ("end", after))
-             for p in by_dtype.values()}
-    seconds = time.perf_counter() - start
-    print(format_report(env, {k: {**p, "dtype": ""} | p for k, p in peaks.items()}, results, seconds))
+    seconds, cpu_end = time.perf_counter() - start, busy_cpu_seconds()
+    env["other_processes_cpu_s"] = (
+        None if cpu_start is None or cpu_end is None
+        else (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])
+    )
+    print(format_report(env, peaks, results, seconds))
     return {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
         "environment": env,
         "peaks": peaks,
-        "mfu_peak_flops_per_s": best,
-        "results": [dataclasses.asdict(r) for r in results],
+        "mfu_peak_flops_per_s": peak,
+        "results": [{"model": r.model, **dataclasses.asdict(r)} for r in results],
         "wall_time_s": seconds,
     }
 

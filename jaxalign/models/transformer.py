@@ -37,6 +37,33 @@ def _ones(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
+def _dense(
+    config: TransformerConfig,
+    features: int | tuple[int, ...],
+    kernel_axes: tuple[str, ...],
+    *,
+    std: float,
+    name: str,
+    axis: int | tuple[int, ...] = -1,
+) -> nn.DenseGeneral:
+    """A biased projection whose kernel and bias carry logical axis names (bias: output axes)."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=_init(std, kernel_axes),
+        bias_init=_zeros(kernel_axes[-n_out:]),
+        name=name,
+    )
+
+
+def _residual_std(config: TransformerConfig) -> float:
+    """GPT-2 paper: projections into the residual stream start at N(0, 0.02/sqrt(2·L))."""
+    return 0.02 / math.sqrt(2 * config.n_layers)
+
+
 def _layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=config.norm_eps,
@@ -57,32 +84,15 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        # GPT-2 paper: residual projections scaled by 1/sqrt(2·L) at init.
-        std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layers)
+        std, out_std = 0.02, _residual_std(cfg)
 
-        def proj(heads: int, axis_name: str, name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(heads, h),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=_init(std, ("embed", axis_name, "head_dim")),
-                bias_init=_zeros((axis_name, "head_dim")),
-                name=name,
-            )
-
-        q = proj(n, "heads", "wq")(x)  # [B,T,N,H]
-        kk = proj(k, "kv_heads", "wk")(x)  # [B,T,K,H]
-        v = proj(k, "kv_heads", "wv")(x)  # [B,T,K,H]
+        q = _dense(cfg, (n, h), ("embed", "heads", "head_dim"), std=std, name="wq")(x)  # [B,T,N,H]
+        kk = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wk")(x)  # [B,T,K,H]
+        v = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wv")(x)  # [B,T,K,H]
         # One fused call: XLA on CPU/TPU, cuDNN flash attention on GPUs where available.
         out = jax.nn.dot_product_attention(q, kk, v, is_causal=True)  # [B,T,N,H]
-        out = nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_init(out_std, ("heads", "head_dim", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="wo",
+        out = _dense(
+            cfg, cfg.d_model, ("heads", "head_dim", "embed"), std=out_std, name="wo", axis=(-2, -1)
         )(out)  # [B,T,D]
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
@@ -95,23 +105,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
-        h = nn.Dense(
-            cfg.ff_dim,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_init(0.02, ("embed", "mlp")),
-            bias_init=_zeros(("mlp",)),
-            name="up",
-        )(x)  # [B,T,F]
+        h = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="up")(x)  # [B,T,F]
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-        out = nn.Dense(
-            cfg.d_model,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_init(0.02 / math.sqrt(2 * cfg.n_layers), ("mlp", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="down",
-        )(h)  # [B,T,D]
+        out = _dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)  # [B,T,D]
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
 

@@ -94,7 +94,8 @@ class Config:
     reference: Literal["precomputed", "in_step"] = "precomputed"
     """Reference log-probs computed once over the data, or by the frozen model in every step."""
     eval_every: int = 50
-    log_every: int = 10
+    log_every: int = 1
+    """Steps between metric records (each one syncs with the device; raise it on accelerators)."""
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False

@@ -28,11 +28,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tyro
 
 from jaxalign.models import (
@@ -43,7 +44,13 @@ from jaxalign.models import (
     train_flops_per_token,
 )
 from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.trainers import count_tokens, create_train_state, make_dpo_step, make_sft_step
+from jaxalign.trainers import (
+    count_tokens,
+    create_train_state,
+    make_dpo_step,
+    make_pair_logps_fn,
+    make_sft_step,
+)
 
 Batch = dict[str, jax.Array]
 Trainer = Literal["sft", "dpo"]
@@ -97,7 +104,8 @@ class Case:
 class StepResult:
     """Timing of one train step of one case (times in seconds).
 
-    `mfu` is filled in once the peak is final (see `run`).
+    `optimizer_s` (the optimizer update alone, see `time_optimizer_update`) and `mfu` are filled
+    in by `run`.
     """
 
     preset: str
@@ -115,6 +123,7 @@ class StepResult:
     model_flops_per_step: float
     xla_flops_per_step: float | None
     loss: float
+    optimizer_s: float = float("nan")
     mfu: float = float("nan")
 
     @property
@@ -184,12 +193,15 @@ def model_config(case: Case, dtype: str) -> TransformerConfig:
     )
 
 
-def random_batch(trainer: Trainer, case: Case, rng: np.random.Generator) -> Batch:
+def random_batch(
+    trainer: Trainer, case: Case, config: TransformerConfig, params, rng: np.random.Generator
+) -> Batch:
     """A random batch of the trainer's layout, every token counted (masks all ones).
 
     SFT: `tokens` int32 [B, T], `mask` float32 [B, T]. DPO: `chosen_tokens`, `rejected_tokens`,
-    `chosen_mask`, `rejected_mask` [B, T] and precomputed `ref_chosen_logps`,
-    `ref_rejected_logps` float32 [B] (the reference model does not run in the step).
+    `chosen_mask`, `rejected_mask` [B, T] and `ref_chosen_logps`, `ref_rejected_logps` float32 [B],
+    precomputed with `params` as the reference (as at the start of DPO: the loss is log 2, not a
+    saturated sigmoid); the reference model does not run inside the timed step.
     """
     b, t = case.batch_size, case.seq_len
 
@@ -199,16 +211,14 @@ def random_batch(trainer: Trainer, case: Case, rng: np.random.Generator) -> Batc
     mask = jnp.ones((b, t), jnp.float32)
     if trainer == "sft":
         return {"tokens": tokens(), "mask": mask}
-    # Summed log-probs of T-1 tokens drawn uniformly from V: about -(T-1)·log V each.
-    ref = -(t - 1) * np.log(case.vocab_size) + rng.normal(size=(2, b))
-    return {
+    batch = {
         "chosen_tokens": tokens(),
         "rejected_tokens": tokens(),
         "chosen_mask": mask,
         "rejected_mask": mask,
-        "ref_chosen_logps": jnp.asarray(ref[0], jnp.float32),
-        "ref_rejected_logps": jnp.asarray(ref[1], jnp.float32),
     }
+    ref_chosen, ref_rejected = make_pair_logps_fn(config)(params, batch)
+    return {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
 
 
 def model_flops_per_step(config: TransformerConfig, batch: Batch) -> float:
@@ -244,7 +254,7 @@ def benchmark_step(
     make_step = make_sft_step if trainer == "sft" else make_dpo_step
     step = make_step(config, tx, schedule)
     state = create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed)
-    batch = random_batch(trainer, case, np.random.default_rng(cfg.seed))
+    batch = random_batch(trainer, case, config, params, np.random.default_rng(cfg.seed))
     jax.block_until_ready((state, batch))
 
     start = time.perf_counter()
@@ -288,19 +298,57 @@ def benchmark_step(
     )
 
 
-def busy_cpu_seconds() -> tuple[float, float] | None:
-    """(CPU-seconds every process on the machine has been busy since boot, this process's own).
+class CpuTimes(NamedTuple):
+    """Cumulative CPU-seconds: all processes' busy time, hypervisor steal, this process's own."""
 
-    From Linux's /proc/stat (user + nice + system + irq + softirq); None elsewhere. The change
-    of the first minus the change of the second, over the run, is what other processes took.
-    """
+    busy: float
+    steal: float
+    own: float
+
+
+def cpu_times() -> CpuTimes | None:
+    """Cumulative CPU times from Linux's /proc/stat (busy = user + nice + system + irq + softirq),
+    or None where there is no /proc/stat."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:8]]
+            fields = [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), time.process_time()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return CpuTimes((user + nice + system + irq + softirq) / tick, steal / tick, time.process_time())
+
+
+def contention(start: CpuTimes | None, end: CpuTimes | None) -> dict[str, float | None]:
+    """CPU-seconds other processes and the hypervisor took between two `cpu_times()` readings."""
+    if start is None or end is None:
+        return {"other_processes_cpu_s": None, "steal_cpu_s": None}
+    return {
+        "other_processes_cpu_s": (end.busy - start.busy) - (end.own - start.own),
+        "steal_cpu_s": end.steal - start.steal,
+    }
+
+
+def time_optimizer_update(params, cfg: Config) -> float:
+    """Median seconds of the optimizer update alone on gradients shaped like `params`.
+
+    Times the part of a train step whose cost does not grow with the batch: `tx.update` (global
+    norm clipping, AdamW) and `optax.apply_updates`, jit-compiled, warmed up like the steps.
+    """
+    tx, _ = make_optimizer(OptimConfig())
+    opt_state = tx.init(params)
+    grads = jax.tree.map(lambda p: 1e-3 * p, params)
+
+    @jax.jit
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(1 + cfg.warmup):  # compile + warm-up
+        time_call(lambda: update(params, opt_state, grads))
+    return statistics.median(
+        time_call(lambda: update(params, opt_state, grads)) for _ in range(cfg.steps)
+    )
 
 
 def environment() -> dict[str, Any]:
@@ -316,19 +364,21 @@ def environment() -> dict[str, Any]:
 
 
 def format_report(env: dict, peaks: list[dict], results: list[StepResult], seconds: float) -> str:
-    """The printed report: environment, peaks, the results table, DPO/SFT ratios, head share."""
+    """The printed report: environment, contention, peaks, the results table, then DPO/SFT
+    ratios, the XLA FLOP cross-check, the optimizer's and the vocabulary's share of the step."""
     lines = [
         f"jax {env['jax']}  devices {env['devices']}  os.cpu_count() {env['cpu_count']}  "
         f"({env['processor']}, python {env['python']})",
         f"1-min load average: {env['load_average_1m']:.2f} at start, "
         f"{env['load_average_1m_end']:.2f} at end",
     ]
-    if env.get("other_processes_cpu_s") is not None:
+    if env["other_processes_cpu_s"] is not None:
+        span = seconds * env["cpu_count"]
+        taken = env["other_processes_cpu_s"] + env["steal_cpu_s"]
         lines.append(
-            f"other processes used {env['other_processes_cpu_s']:.0f} CPU-s of the "
-            f"{seconds * env['cpu_count']:.0f} CPU-s the run spanned "
-            f"({env['other_processes_cpu_s'] / (seconds * env['cpu_count']) * 100:.0f}%; "
-            "above a few % the figures are lower bounds)"
+            f"during the run other processes used {env['other_processes_cpu_s']:.0f} CPU-s and "
+            f"the hypervisor stole {env['steal_cpu_s']:.0f} CPU-s of the {span:.0f} CPU-s it "
+            f"spanned ({taken / span * 100:.0f}%; above a few % the figures are lower bounds)"
         )
     for peak in peaks:
         sizes = ", ".join(f"n={n}: {f / 1e9:.1f}" for n, f in peak["by_size"].items())
@@ -337,7 +387,7 @@ def format_report(env: dict, peaks: list[dict], results: list[StepResult], secon
             f"GFLOP/s at n={peak['size']}  [by size, GFLOP/s: {sizes}]"
         )
     header = ("model", "trainer", "params (M)", "B", "T", "step ms", "tokens/s", "MFU %", "compile s")
-    widths = (16, 7, 10, 3, 5, 8, 8, 6, 9)
+    widths = (17, 7, 10, 3, 5, 8, 8, 6, 9)
 
     def row(cells: Sequence[Any]) -> str:
         return "  ".join(
@@ -366,6 +416,15 @@ def format_report(env: dict, peaks: list[dict], results: list[StepResult], secon
                 f"XLA cost-analysis FLOPs / model FLOPs, {r.model} {r.trainer}: "
                 f"{r.xla_flops_per_step / r.model_flops_per_step:.3f}"
             )
+    by_model: dict[str, list[StepResult]] = {}
+    for r in results:
+        by_model.setdefault(r.model, []).append(r)
+    for model, rs in by_model.items():
+        shares = ", ".join(f"{r.optimizer_s / r.step_s * 100:.0f}% of the {r.trainer} step" for r in rs)
+        lines.append(
+            f"optimizer update alone (clip + AdamW + apply), {model}: "
+            f"{rs[0].optimizer_s * 1e3:.0f} ms = {shares}"
+        )
     lines += head_share_lines(results)
     lines.append(f"total wall time: {seconds:.0f} s")
     return "\n".join(lines)
@@ -405,17 +464,19 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.steps < 1 or cfg.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {cfg.steps}, {cfg.warmup}")
     cases = case_list(cfg)  # validate flags before any compute
-    start, cpu_start = time.perf_counter(), busy_cpu_seconds()
+    start, cpu_start = time.perf_counter(), cpu_times()
     env = environment()
     peaks = measure_peaks(cfg, "start")
     results = []
     for case in cases:
         config = model_config(case, cfg.dtype)
         params = init_params(config, jax.random.key(cfg.seed))
+        optimizer_s = time_optimizer_update(params, cfg)
         for trainer in cfg.trainers:
             print(f"timing {case.preset}/V={case.vocab_size} {trainer} B={case.batch_size} "
                   f"T={case.seq_len} ...", file=sys.stderr, flush=True)
-            results.append(benchmark_step(trainer, case, config, params, cfg))
+            result = benchmark_step(trainer, case, config, params, cfg)
+            results.append(dataclasses.replace(result, optimizer_s=optimizer_s))
         del params
     # The peak is measured again after the models and MFU divides by the better of the two, so
     # a machine busier at one end does not inflate MFU; the spread of the two shows the noise.
@@ -425,11 +486,8 @@ def run(cfg: Config) -> dict[str, Any]:
         dataclasses.replace(r, mfu=r.model_flops_per_step / r.step_s / peak) for r in results
     ]
     env["load_average_1m_end"] = os.getloadavg()[0]
-    seconds, cpu_end = time.perf_counter() - start, busy_cpu_seconds()
-    env["other_processes_cpu_s"] = (
-        None if cpu_start is None or cpu_end is None
-        else (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])
-    )
+    seconds = time.perf_counter() - start
+    env.update(contention(cpu_start, cpu_times()))
     print(format_report(env, peaks, results, seconds))
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},

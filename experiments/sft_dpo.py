@@ -252,12 +252,8 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path) -> dict
     average = cfg.loss_type == "ipo"
     ref_params = jax.tree.map(jnp.copy, sft_params)  # the train step donates the policy's buffers
 
-    def ref_logps(pairs):
-        batches = jd.eval_batches(pairs, batch_size=cfg.batch_size, collate=collate)
-        return reference_logps(ref_params, config, batches, average=average)
-
     val_batches = list(jd.eval_batches(data.pref_val, batch_size=cfg.batch_size, collate=collate))
-    val_ref_c, val_ref_r = ref_logps(data.pref_val)
+    val_ref_c, val_ref_r = reference_logps(ref_params, config, val_batches, average=average)
     pair_fn = make_pair_logps_fn(config, average=average)
 
     def evaluate(p) -> dict[str, float]:
@@ -276,7 +272,8 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path) -> dict
 
     before = evaluate(sft_params)
     if cfg.reference == "precomputed":
-        train_c, train_r = ref_logps(data.pref_train)
+        train_batches = jd.eval_batches(data.pref_train, batch_size=cfg.batch_size, collate=collate)
+        train_c, train_r = reference_logps(ref_params, config, train_batches, average=average)
         items = jd.with_reference_logps(data.pref_train, train_c, train_r)
         stream = jd.BatchStream(
             items, cfg.batch_size, cfg.seed, functools.partial(jd.collate_referenced, **collate_kw)

@@ -73,7 +73,7 @@ class Config:
     """T per case: tokens per row of the batch."""
     trainers: tuple[Trainer, ...] = ("sft", "dpo")
     """Train steps to time for every case."""
-    steps: int = 5
+    steps: int = 10
     """Timed calls per step; the median is reported."""
     warmup: int = 1
     """Untimed calls after compilation (first-execution effects)."""
@@ -118,6 +118,7 @@ class StepResult:
     tokens_per_step: int
     compile_s: float
     step_s: float
+    warmup_times_s: list[float]
     step_times_s: list[float]
     tokens_per_s: float
     model_flops_per_step: float
@@ -144,7 +145,9 @@ def case_list(cfg: Config) -> list[Case]:
         if len(values) == 1:
             return list(values) * n
         if len(values) != n:
-            raise ValueError(f"--{name} needs 1 or {n} values (one per --models), got {len(values)}")
+            raise ValueError(
+                f"--{name} needs 1 or {n} values (one per --models), got {len(values)}"
+            )
         return values
 
     columns = zip(
@@ -180,7 +183,12 @@ def measure_matmul_peak(sizes: Sequence[int], dtype: Any, reps: int) -> dict[str
         median = statistics.median(time_call(lambda: matmul(a, b)) for _ in range(reps))
         by_size[n] = 2.0 * n**3 / median
     best = max(by_size, key=by_size.get)
-    return {"dtype": jnp.dtype(dtype).name, "flops_per_s": by_size[best], "size": best, "by_size": by_size}
+    return {
+        "dtype": jnp.dtype(dtype).name,
+        "flops_per_s": by_size[best],
+        "size": best,
+        "by_size": by_size,
+    }
 
 
 def model_config(case: Case, dtype: str) -> TransformerConfig:
@@ -269,8 +277,7 @@ def benchmark_step(
         state, metrics = step(state, batch)
         return state, metrics
 
-    for _ in range(cfg.warmup):
-        time_call(call)
+    warmup_times = [time_call(call) for _ in range(cfg.warmup)]
     times = [time_call(call) for _ in range(cfg.steps)]
     assert step._cache_size() == 1, f"{trainer} step compiled {step._cache_size()} times"
     loss = float(metrics["loss"])
@@ -290,6 +297,7 @@ def benchmark_step(
         tokens_per_step=tokens,
         compile_s=compile_s,
         step_s=step_s,
+        warmup_times_s=warmup_times,
         step_times_s=times,
         tokens_per_s=tokens / step_s,
         model_flops_per_step=flops,
@@ -316,7 +324,8 @@ def cpu_times() -> CpuTimes | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     tick = os.sysconf("SC_CLK_TCK")
-    return CpuTimes((user + nice + system + irq + softirq) / tick, steal / tick, time.process_time())
+    busy = (user + nice + system + irq + softirq) / tick
+    return CpuTimes(busy, steal / tick, time.process_time())
 
 
 def contention(start: CpuTimes | None, end: CpuTimes | None) -> dict[str, float | None]:
@@ -386,7 +395,9 @@ def format_report(env: dict, peaks: list[dict], results: list[StepResult], secon
             f"matmul peak {peak['dtype']} ({peak['when']}): {peak['flops_per_s'] / 1e9:.1f} "
             f"GFLOP/s at n={peak['size']}  [by size, GFLOP/s: {sizes}]"
         )
-    header = ("model", "trainer", "params (M)", "B", "T", "step ms", "tokens/s", "MFU %", "compile s")
+    header = (
+        "model", "trainer", "params (M)", "B", "T", "step ms", "tokens/s", "MFU %", "compile s"
+    )
     widths = (17, 7, 10, 3, 5, 8, 8, 6, 9)
 
     def row(cells: Sequence[Any]) -> str:
@@ -420,7 +431,9 @@ def format_report(env: dict, peaks: list[dict], results: list[StepResult], secon
     for r in results:
         by_model.setdefault(r.model, []).append(r)
     for model, rs in by_model.items():
-        shares = ", ".join(f"{r.optimizer_s / r.step_s * 100:.0f}% of the {r.trainer} step" for r in rs)
+        shares = ", ".join(
+            f"{r.optimizer_s / r.step_s * 100:.0f}% of the {r.trainer} step" for r in rs
+        )
         lines.append(
             f"optimizer update alone (clip + AdamW + apply), {model}: "
             f"{rs[0].optimizer_s * 1e3:.0f} ms = {shares}"
@@ -463,13 +476,13 @@ def run(cfg: Config) -> dict[str, Any]:
     """Measures the peaks, then every case and trainer; prints and returns the results."""
     if cfg.steps < 1 or cfg.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {cfg.steps}, {cfg.warmup}")
-    cases = case_list(cfg)  # validate flags before any compute
+    cases = case_list(cfg)
+    configs = [model_config(case, cfg.dtype) for case in cases]  # bad flags fail before compute
     start, cpu_start = time.perf_counter(), cpu_times()
     env = environment()
     peaks = measure_peaks(cfg, "start")
     results = []
-    for case in cases:
-        config = model_config(case, cfg.dtype)
+    for case, config in zip(cases, configs):
         params = init_params(config, jax.random.key(cfg.seed))
         optimizer_s = time_optimizer_update(params, cfg)
         for trainer in cfg.trainers:

@@ -7,6 +7,7 @@ reference params passed to every step (`ref_params` argument; TRL's default).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import jax
@@ -140,10 +141,14 @@ def make_dpo_step(
     return make_train_step(loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps)
 
 
+@functools.lru_cache(maxsize=32)
 def make_pair_logps_fn(
     config: TransformerConfig, *, average: bool = False, chunk_size: int | None = None
 ) -> Callable:
-    """jit-compiled `fn(params, batch) -> (chosen_logps [B], rejected_logps [B])` (no dropout)."""
+    """jit-compiled `fn(params, batch) -> (chosen_logps [B], rejected_logps [B])` (no dropout).
+
+    Memoised on its (hashable) arguments, so every caller shares one compilation per shape.
+    """
     return jax.jit(
         lambda params, batch: pair_logps(
             params, config, batch, average=average, chunk_size=chunk_size

@@ -14,7 +14,7 @@ with model FLOPs from `jaxalign.models.train_flops_per_token` (PaLM, arXiv 2204.
 See benchmarks/README.md for the counting conventions and measured figures.
 
     python benchmarks/train_step.py                       # default: < 8 minutes on 2 CPU cores
-    python benchmarks/train_step.py --models gpt2-tiny --vocab-sizes 512 --steps 3   # smoke test
+    python benchmarks/train_step.py --cases gpt2-tiny:512:4:64 --steps 3   # smoke test
 """
 
 from __future__ import annotations
@@ -59,18 +59,12 @@ DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass
 class Config:
-    """Train-step throughput benchmark. Per-case flags take one value (used for every case) or
-    one value per entry of --models."""
+    """Train-step throughput benchmark: SFT and DPO steps per case, MFU against a matmul peak."""
 
-    models: tuple[str, ...] = ("gpt2-mini", "gpt2-mini", "gpt2")
-    """Model presets, one benchmark case each (see jaxalign.models.PRESETS)."""
-    vocab_sizes: tuple[int, ...] = (50257, 512, 50257)
-    """Vocabulary size per case. The default's second case (gpt2-mini at V=512) isolates the cost
-    of the 50257-wide output head and softmax."""
-    batch_sizes: tuple[int, ...] = (8, 8, 4)
-    """B per case: SFT rows, and DPO pairs (a DPO step runs 2·B rows)."""
-    seq_lens: tuple[int, ...] = (128,)
-    """T per case: tokens per row of the batch."""
+    cases: tuple[str, ...] = ("gpt2-mini:50257:8:128", "gpt2-mini:512:8:128", "gpt2:50257:4:128")
+    """Benchmark cases as PRESET:VOCAB:BATCH:SEQ (see jaxalign.models.PRESETS). BATCH is B, the
+    SFT rows and the DPO pairs (a DPO step runs 2·B rows); SEQ is T, tokens per row. The default's
+    gpt2-mini at V=512 isolates the cost of the 50257-wide output head and softmax."""
     trainers: tuple[Trainer, ...] = ("sft", "dpo")
     """Train steps to time for every case."""
     steps: int = 10
@@ -133,30 +127,23 @@ class StepResult:
         return f"{self.preset}/V={self.vocab_size}"
 
 
-def case_list(cfg: Config) -> list[Case]:
-    """Zips the per-case flags into `Case`s, broadcasting single values.
+def parse_case(spec: str) -> Case:
+    """Parses `PRESET:VOCAB:BATCH:SEQ` (e.g. `gpt2-mini:512:8:128`) into a `Case`.
 
     Raises:
-      ValueError: a per-case flag has neither one value nor one per model.
+      ValueError: not four fields, a non-integer or non-positive size, or an unknown preset.
     """
-    n = len(cfg.models)
-
-    def per_case(name: str, values: Sequence[int]) -> Sequence[int]:
-        if len(values) == 1:
-            return list(values) * n
-        if len(values) != n:
-            raise ValueError(
-                f"--{name} needs 1 or {n} values (one per --models), got {len(values)}"
-            )
-        return values
-
-    columns = zip(
-        cfg.models,
-        per_case("vocab-sizes", cfg.vocab_sizes),
-        per_case("batch-sizes", cfg.batch_sizes),
-        per_case("seq-lens", cfg.seq_lens),
-    )
-    return [Case(*column) for column in columns]
+    fields = spec.split(":")
+    try:
+        preset, vocab, batch, seq = fields[0], *map(int, fields[1:])
+    except ValueError:
+        raise ValueError(
+            f"--cases {spec!r}: expected PRESET:VOCAB:BATCH:SEQ, e.g. gpt2:50257:4:128"
+        ) from None
+    if min(vocab, batch) < 1 or seq < 2:  # a step trains on SEQ-1 next-token positions
+        raise ValueError(f"--cases {spec!r}: VOCAB and BATCH must be >= 1 and SEQ >= 2")
+    get_config(preset)  # unknown preset: ValueError listing the known ones
+    return Case(preset, vocab, batch, seq)
 
 
 def time_call(fn: Callable[[], Any]) -> float:
@@ -476,7 +463,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Measures the peaks, then every case and trainer; prints and returns the results."""
     if cfg.steps < 1 or cfg.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {cfg.steps}, {cfg.warmup}")
-    cases = case_list(cfg)
+    cases = [parse_case(spec) for spec in cfg.cases]
     configs = [model_config(case, cfg.dtype) for case in cases]  # bad flags fail before compute
     start, cpu_start = time.perf_counter(), cpu_times()
     env = environment()

@@ -1,0 +1,1 @@
+"""Benchmarks of jaxalign (run as scripts: `python benchmarks/train_step.py`)."""

@@ -5,12 +5,15 @@ from jaxalign.logprobs import entropy, sequence_logps, token_logps
 from jaxalign.losses import dpo_loss, sft_loss
 from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics
 from jaxalign.models import (
+    KVCache,
     Transformer,
     TransformerConfig,
     forward,
     get_config,
+    init_cache,
     init_params,
     load_hf_checkpoint,
+    load_llama2c,
     num_params,
     param_logical_axes,
 )
@@ -29,6 +32,7 @@ from jaxalign.trainers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
     "MetricsWriter",
     "OptimConfig",
     "TrainState",
@@ -39,8 +43,10 @@ __all__ = [
     "entropy",
     "forward",
     "get_config",
+    "init_cache",
     "init_params",
     "load_hf_checkpoint",
+    "load_llama2c",
     "make_checkpoint_manager",
     "make_dpo_step",
     "make_optimizer",

@@ -27,11 +27,13 @@ from jaxalign.data.datasets import (
 )
 from jaxalign.data.synthetic import sorting_task
 from jaxalign.data.tokenizers import (
+    SentencePieceTokenizer,
     TiktokenTokenizer,
     Tokenizer,
     byte_tokenizer,
     gpt2_tokenizer,
     load_tokenizer,
+    sentencepiece_tokenizer,
 )
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Example",
     "PreferenceExample",
     "ReferencedPair",
+    "SentencePieceTokenizer",
     "TiktokenTokenizer",
     "Tokenizer",
     "alpaca_prompt",
@@ -55,6 +58,7 @@ __all__ = [
     "load_sft_dataset",
     "load_tokenizer",
     "messages_prompt",
+    "sentencepiece_tokenizer",
     "sft_view",
     "sorting_task",
     "stack_exchange_prompt",

@@ -2,28 +2,38 @@
 
 from jaxalign.models.config import (
     PRESETS,
+    RopeScaling,
     TransformerConfig,
     get_config,
     num_params,
     train_flops_per_token,
 )
 from jaxalign.models.hf import load_hf_checkpoint, load_state_dict
+from jaxalign.models.llama2c import load_llama2c
 from jaxalign.models.transformer import (
+    KVCache,
     Transformer,
     forward,
+    forward_with_cache,
+    init_cache,
     init_params,
     logits_from_hidden,
     param_logical_axes,
 )
 
 __all__ = [
+    "KVCache",
     "PRESETS",
+    "RopeScaling",
     "Transformer",
     "TransformerConfig",
     "forward",
+    "forward_with_cache",
     "get_config",
+    "init_cache",
     "init_params",
     "load_hf_checkpoint",
+    "load_llama2c",
     "load_state_dict",
     "logits_from_hidden",
     "num_params",

@@ -1,7 +1,8 @@
 """Import Hugging Face `transformers` checkpoints into jaxalign parameter pytrees.
 
-Supported: `GPT2LMHeadModel` / `GPT2Model` directories holding `config.json` and either
-`model.safetensors` (possibly sharded with `model.safetensors.index.json`) or `pytorch_model.bin`.
+Supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` and `MistralForCausalLM`
+directories holding `config.json` and either `model.safetensors` (possibly sharded with
+`model.safetensors.index.json`) or `pytorch_model.bin`.
 The `.bin` reader unpickles only tensor storage records (no torch import, no arbitrary code).
 Online users may pass a hub id ("gpt2", "openai-community/gpt2-medium"); it is fetched with
 `huggingface_hub.snapshot_download`.
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jaxalign.models.config import TransformerConfig
+from jaxalign.models.config import RopeScaling, TransformerConfig
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -214,10 +215,127 @@ def gpt2_params_from_state_dict(
     return params
 
 
+_LLAMA_TYPES = ("llama", "qwen2", "mistral")
+
+
+def _rope_settings(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """RoPE θ and scaling from either the pre-v5 keys (rope_theta, rope_scaling) or v5's
+    `rope_parameters`.
+
+    Raises:
+      ValueError: a RoPE scaling type other than "default" and "llama3".
+    """
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or params
+    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"config.json: RoPE scaling {kind!r} is not supported (default, llama3)")
+    return theta, RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
+    """Maps a Hugging Face Llama / Qwen2 / Mistral config dict to a `TransformerConfig`.
+
+    Raises:
+      ValueError: a model_type, activation, head_dim or RoPE scaling this model does not support.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in _LLAMA_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not one of {_LLAMA_TYPES}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, d // n):
+        raise ValueError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_heads")
+    theta, scaling = _rope_settings(hf)
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("config.json: Qwen2 per-layer sliding windows are not supported")
+    return TransformerConfig(
+        family="llama",
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        d_model=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n,
+        n_kv_heads=hf.get("num_key_value_heads") or n,
+        d_ff=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        rope_theta=theta,
+        rope_interleaved=False,  # HF permutes q/k rows so that rotate_half applies
+        rope_scaling=scaling,
+        sliding_window=window,
+        **overrides,
+    )
+
+
+def llama_params_from_state_dict(
+    state: Mapping[str, np.ndarray], config: TransformerConfig
+) -> dict[str, Any]:
+    """Converts Llama-family tensors (HF names, nn.Linear [out, in] layout) to jaxalign params.
+
+    Raises:
+      KeyError: a tensor the model needs is missing (the message names it).
+      ValueError: a tensor's shape disagrees with `config`.
+    """
+    d, n, k, h, f = config.d_model, config.n_heads, config.kv_heads, config.head_dim, config.ff_dim
+    prefix = "model." if "model.embed_tokens.weight" in state else ""
+
+    def get(name: str, shape: tuple[int, ...], full: bool = False) -> jnp.ndarray:
+        key = name if full else prefix + name
+        if key not in state:
+            raise KeyError(f"checkpoint is missing tensor {key!r}")
+        value = np.asarray(state[key])
+        if value.shape != shape:
+            raise ValueError(f"checkpoint tensor {key!r} has shape {value.shape}, expected {shape}")
+        return jnp.asarray(value, dtype=config.param_dtype)
+
+    def proj(name: str, heads: int) -> dict[str, jnp.ndarray]:
+        out = {"kernel": get(f"{name}.weight", (heads * h, d)).T.reshape(d, heads, h)}
+        if config.qkv_bias:
+            out["bias"] = get(f"{name}.bias", (heads * h,)).reshape(heads, h)
+        return out
+
+    params: dict[str, Any] = {
+        "embed": {"embedding": get("embed_tokens.weight", (config.vocab_size, d))},
+        "ln_f": {"scale": get("norm.weight", (d,))},
+    }
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        params[f"layers_{i}"] = {
+            "ln_1": {"scale": get(p + "input_layernorm.weight", (d,))},
+            "ln_2": {"scale": get(p + "post_attention_layernorm.weight", (d,))},
+            "attn": {
+                "wq": proj(p + "self_attn.q_proj", n),
+                "wk": proj(p + "self_attn.k_proj", k),
+                "wv": proj(p + "self_attn.v_proj", k),
+                "wo": {"kernel": get(p + "self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d)},
+            },
+            "mlp": {
+                "gate": {"kernel": get(p + "mlp.gate_proj.weight", (f, d)).T},
+                "up": {"kernel": get(p + "mlp.up_proj.weight", (f, d)).T},
+                "down": {"kernel": get(p + "mlp.down_proj.weight", (d, f)).T},
+            },
+        }
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight", (config.vocab_size, d), full=True).T}
+    return params
+
+
 def load_hf_checkpoint(
     path_or_hub_id: str | os.PathLike, **config_overrides: Any
 ) -> tuple[TransformerConfig, dict[str, Any]]:
-    """Loads a Hugging Face GPT-2 checkpoint: returns `(config, params)`.
+    """Loads a Hugging Face GPT-2, Llama, Qwen2 or Mistral checkpoint: returns `(config, params)`.
 
     Args:
       path_or_hub_id: a local directory with config.json + weights, or (online) a hub id.
@@ -225,13 +343,20 @@ def load_hf_checkpoint(
 
     Raises:
       FileNotFoundError: missing directory, config.json or weights.
-      ValueError: unsupported model type / activation, or tensor shapes that disagree.
+      ValueError: unsupported model type / activation / RoPE scaling, or tensor shapes that
+        disagree with config.json.
       KeyError: a tensor the model needs is missing.
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     hf = _read_config(directory)
     model_type = hf.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not supported yet")
-    config = gpt2_config_from_hf(hf, **config_overrides)
-    return config, gpt2_params_from_state_dict(load_state_dict(directory), config)
+    if model_type == "gpt2":
+        config = gpt2_config_from_hf(hf, **config_overrides)
+        return config, gpt2_params_from_state_dict(load_state_dict(directory), config)
+    if model_type in _LLAMA_TYPES:
+        config = llama_config_from_hf(hf, **config_overrides)
+        return config, llama_params_from_state_dict(load_state_dict(directory), config)
+    raise ValueError(
+        f"{directory}/config.json: model_type {model_type!r} is not supported "
+        f"(gpt2, {', '.join(_LLAMA_TYPES)})"
+    )

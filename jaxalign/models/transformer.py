@@ -1,14 +1,22 @@
 """Decoder-only transformer as Flax Linen modules, used only through the pure `apply`.
 
-Shapes: B batch, T sequence, D d_model, N query heads, K key/value heads, H head size, F MLP width,
-V vocab. Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads",
-"head_dim", "mlp", "pos") so a rules table can map them onto a device mesh (see
-`param_logical_axes`).
+Shapes: B batch, T new tokens, S cache slots, D d_model, N query heads, K key/value heads, H head
+size, F MLP width, V vocab, L layers. Every parameter carries logical axis names ("vocab",
+"embed", "heads", "kv_heads", "head_dim", "mlp", "pos") so a rules table can map them onto a
+device mesh (see `param_logical_axes`).
 
-GPT-2 layout per Radford et al. 2019 (and nanoGPT's model.py): token + learned position embeddings,
-pre-LayerNorm blocks `x + attn(ln_1(x))`, `x + mlp(ln_2(x))`, a final LayerNorm, GELU (tanh
-approximation, Hugging Face's "gelu_new"), biases on every projection, output head tied to the
-token embedding.
+Two families share one module tree (parameter names are the same where the roles are):
+* GPT-2 (Radford et al. 2019; nanoGPT's model.py): token + learned position embeddings,
+  pre-LayerNorm blocks `x + attn(ln_1(x))`, `x + mlp(ln_2(x))`, a final LayerNorm, GELU (tanh
+  approximation, HF "gelu_new"), biases on every projection, head tied to the token embedding.
+* Llama (Touvron et al. 2023, arXiv 2302.13971; Qwen2, Mistral): rotary position embedding on q
+  and k, pre-RMSNorm, SwiGLU MLP `down(silu(gate(x)) * up(x))`, no biases (Qwen2: q/k/v
+  biases), grouped-query attention, tied or separate head.
+
+Positions: `positions[b, t]` is the absolute position of token t of row b; -1 marks padding
+(left-padded prompts), which is never attended to. The KV cache (`KVCache`) goes into and comes
+out of every call, as in Gemma's decoding: call with the prompt to prefill, then one token at a
+time.
 """
 
 from __future__ import annotations
@@ -17,12 +25,53 @@ import math
 
 import chex
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign.models.config import TransformerConfig
 
 Params = dict
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Pre-allocated keys and values of every layer, plus the position held in each slot.
+
+    Attributes:
+      keys, values: per layer, [B, S, K, H] in the compute dtype.
+      positions: int32 [B, S], absolute position of the token in each slot; -1 = empty/padding.
+      length: int32 scalar, tokens written so far; the next token goes to slot `length % S`
+        (a rolling buffer when S is a sliding window).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    positions: jax.Array
+    length: jax.Array
+
+    @property
+    def size(self) -> int:
+        """Number of slots S."""
+        return self.positions.shape[1]
+
+
+def init_cache(config: TransformerConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache for `batch` rows and up to `max_len` tokens per row.
+
+    With `config.sliding_window` = W < max_len the cache holds only W slots and is used as a
+    rolling buffer; memory is then O(W) whatever the generation length.
+    """
+    size = max_len if config.sliding_window is None else min(max_len, config.sliding_window)
+    shape = (batch, size, config.kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers))
+    return KVCache(
+        keys=zeros,
+        values=tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers)),
+        positions=jnp.full((batch, size), -1, jnp.int32),
+        length=jnp.zeros((), jnp.int32),
+    )
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -45,12 +94,14 @@ def _dense(
     std: float,
     name: str,
     axis: int | tuple[int, ...] = -1,
+    use_bias: bool = True,
 ) -> nn.DenseGeneral:
-    """A biased projection whose kernel and bias carry logical axis names (bias: output axes)."""
+    """A projection whose kernel and bias carry logical axis names (bias: output axes)."""
     n_out = len(features) if isinstance(features, tuple) else 1
     return nn.DenseGeneral(
         features=features,
         axis=axis,
+        use_bias=use_bias,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         kernel_init=_init(std, kernel_axes),
@@ -64,15 +115,80 @@ def _residual_std(config: TransformerConfig) -> float:
     return 0.02 / math.sqrt(2 * config.n_layers)
 
 
-def _layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
+def _norm(config: TransformerConfig, name: str) -> nn.Module:
+    if config.family == "gpt2":
+        return nn.LayerNorm(
+            epsilon=config.norm_eps,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            scale_init=_ones(("embed",)),
+            bias_init=_zeros(("embed",)),
+            name=name,
+        )
+    return nn.RMSNorm(
         epsilon=config.norm_eps,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         scale_init=_ones(("embed",)),
-        bias_init=_zeros(("embed",)),
         name=name,
     )
+
+
+def rope_frequencies(config: TransformerConfig) -> np.ndarray:
+    """Inverse frequencies θ^(-2i/H), i < H/2, float32 [H/2] (RoFormer, arXiv 2104.09864 Eq. 15),
+    with Llama 3's long-context scaling applied when `config.rope_scaling` is set."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    scaling = config.rope_scaling
+    if scaling is not None:  # Meta's llama3 `apply_scaling`
+        wavelen = 2 * np.pi / inv_freq
+        low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+        smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        inv_freq = np.where(
+            wavelen < high_wavelen,
+            inv_freq,
+            np.where(wavelen > low_wavelen, inv_freq / scaling.factor, blended),
+        )
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *, interleaved: bool
+) -> jax.Array:
+    """Rotates each (pair of) channel(s) of x [B, T, heads, H] by angle position·freq, in float32.
+
+    `interleaved` rotates pairs (x[2i], x[2i+1]) (Meta / llama2.c layout); otherwise pairs
+    (x[i], x[i + H/2]) (Hugging Face layout, "rotate_half").
+    """
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,H/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B,T,1,H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B,T,n,H/2]
+        out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _position_mask(
+    q_pos: jax.Array, k_pos: jax.Array, window: int | None
+) -> jax.Array:
+    """bool [B, 1, T, S]: key k is visible to query q iff it is real (k_pos >= 0), not in the
+    future (k_pos <= q_pos) and, with a window W, q_pos - k_pos < W."""
+    q = q_pos[:, None, :, None]  # [B,1,T,1]
+    k = k_pos[:, None, None, :]  # [B,1,1,S]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= q - k < window
+    return visible
 
 
 class Attention(nn.Module):
@@ -81,33 +197,102 @@ class Attention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        *,
+        padded: bool,
+        layer_cache: tuple[jax.Array, jax.Array] | None,
+        cache_positions: tuple | None,
+        deterministic: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        std, out_std = 0.02, _residual_std(cfg)
+        gpt2 = cfg.family == "gpt2"
+        qkv_bias = gpt2 or cfg.qkv_bias
+        std = 0.02
+        q = _dense(cfg, (n, h), ("embed", "heads", "head_dim"), std=std, name="wq", use_bias=qkv_bias)(x)
+        kk = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wk", use_bias=qkv_bias)(x)
+        v = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wv", use_bias=qkv_bias)(x)
+        # q [B,T,N,H]; kk, v [B,T,K,H]
+        if not gpt2:
+            inv_freq = rope_frequencies(cfg)
+            rope_pos = jnp.maximum(positions, 0)
+            q = apply_rope(q, rope_pos, inv_freq, interleaved=cfg.rope_interleaved)
+            kk = apply_rope(kk, rope_pos, inv_freq, interleaved=cfg.rope_interleaved)
 
-        q = _dense(cfg, (n, h), ("embed", "heads", "head_dim"), std=std, name="wq")(x)  # [B,T,N,H]
-        kk = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wk")(x)  # [B,T,K,H]
-        v = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wv")(x)  # [B,T,K,H]
-        # One fused call: XLA on CPU/TPU, cuDNN flash attention on GPUs where available.
-        out = jax.nn.dot_product_attention(q, kk, v, is_causal=True)  # [B,T,N,H]
+        new_cache = None
+        if layer_cache is None:
+            if padded:  # left padding: mask padded keys by position instead of plain causality
+                mask = _position_mask(positions, positions, cfg.sliding_window)
+                out = jax.nn.dot_product_attention(q, kk, v, mask=mask)
+            else:
+                # One fused call: XLA on CPU/TPU, cuDNN flash attention on GPUs where available.
+                window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+                out = jax.nn.dot_product_attention(q, kk, v, is_causal=True, local_window_size=window)
+        else:
+            out, new_cache = _cached_attention(cfg, q, kk, v, positions, layer_cache, cache_positions)
         out = _dense(
-            cfg, cfg.d_model, ("heads", "head_dim", "embed"), std=out_std, name="wo", axis=(-2, -1)
+            cfg, cfg.d_model, ("heads", "head_dim", "embed"), std=_residual_std(cfg), name="wo",
+            axis=(-2, -1), use_bias=gpt2,
         )(out)  # [B,T,D]
-        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic), new_cache
+
+
+def _write(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buffer[:, slots] = new, with a dynamic-update-slice for the one-token decode step."""
+    if new.shape[1] == 1:
+        start = (0, slots[0]) + (0,) * (buffer.ndim - 2)
+        return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+    return buffer.at[:, slots].set(new.astype(buffer.dtype))
+
+
+def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan):
+    """Attention of T new queries over the cached keys plus the T new ones; updates the cache.
+
+    When the new tokens cannot overwrite a key that one of them still needs (a cache as long as
+    the sequence, or one token into a rolling buffer) they are written first and attention reads
+    the buffer alone. A multi-token chunk into a rolling buffer instead attends over
+    [old cache; new keys] and is written afterwards (only its last S tokens fit).
+    """
+    k_buf, v_buf = layer_cache  # [B,S,K,H]
+    slots, skip, write_first, old_positions, new_positions = plan
+    if write_first:
+        k_buf = _write(k_buf, k_new[:, skip:], slots)
+        v_buf = _write(v_buf, v_new[:, skip:], slots)
+        mask = _position_mask(positions, new_positions, cfg.sliding_window)  # [B,1,T,S]
+        out = jax.nn.dot_product_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
+    else:
+        keys = jnp.concatenate([k_buf.astype(q.dtype), k_new], axis=1)  # [B,S+T,K,H]
+        values = jnp.concatenate([v_buf.astype(q.dtype), v_new], axis=1)
+        key_pos = jnp.concatenate([old_positions, positions], axis=1)  # [B,S+T]
+        mask = _position_mask(positions, key_pos, cfg.sliding_window)
+        out = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+        k_buf = _write(k_buf, k_new[:, skip:], slots)
+        v_buf = _write(v_buf, v_new[:, skip:], slots)
+    return out, (k_buf, v_buf)
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: down(gelu_tanh(up(x)))."""
+    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)) (SwiGLU, Shazeer 2020,
+    arXiv 2002.05202)."""
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
-        h = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="up")(x)  # [B,T,F]
-        h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-        out = _dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)  # [B,T,D]
+        gpt2 = cfg.family == "gpt2"
+        up = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="up", use_bias=gpt2)(x)  # [B,T,F]
+        if gpt2:
+            h = jax.nn.gelu(up, approximate=True)  # GPT-2's "gelu_new"
+        else:
+            gate = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="gate", use_bias=False)(x)
+            h = jax.nn.silu(gate) * up  # [B,T,F]
+        out = _dense(
+            cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down", use_bias=gpt2
+        )(h)  # [B,T,D]
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
 
@@ -117,28 +302,37 @@ class Block(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        x = x + Attention(self.config, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), deterministic=deterministic
+    def __call__(self, x, positions, *, padded, layer_cache, plan, deterministic):
+        attn_out, new_cache = Attention(self.config, name="attn")(
+            _norm(self.config, "ln_1")(x),
+            positions,
+            padded=padded,
+            layer_cache=layer_cache,
+            cache_positions=plan,
+            deterministic=deterministic,
         )
-        x = x + MLP(self.config, name="mlp")(
-            _layer_norm(self.config, "ln_2")(x), deterministic=deterministic
-        )
-        return x  # [B,T,D]
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(_norm(self.config, "ln_2")(x), deterministic=deterministic)
+        return x, new_cache  # [B,T,D]
 
 
 class Transformer(nn.Module):
     """Decoder-only language model. Call through `Transformer(config).apply({"params": p}, ...)`.
 
     Args (of `__call__`):
-      tokens: int32 [B, T] token ids, T <= config.max_seq_len.
-      positions: optional int32 [B, T] position ids (default 0..T-1 for every row).
+      tokens: int32 [B, T] token ids.
+      positions: optional int32 [B, T] absolute positions, -1 on padding (default 0..T-1 for
+        every row, no padding). With padding and no cache, attention masks the padded keys.
+      cache: optional `KVCache` (see `init_cache`): attention then also reads the cached keys, and
+        the new tokens' keys and values are written to it.
       deterministic: False enables dropout; `apply` then needs `rngs={"dropout": key}`.
-      return_hidden: return the final normalised hidden states [B, T, D] instead of logits
-        (for value / reward heads and for chunked log-prob computation).
+      return_hidden: return the final normalised hidden states [B, T, D] instead of logits.
 
     Returns:
-      logits [B, T, V] in `config.dtype` (or hidden states [B, T, D] with `return_hidden`).
+      (logits [B, T, V] in `config.dtype` (or hidden states [B, T, D]), the updated cache or None).
+
+    Raises:
+      ValueError: T > config.max_seq_len, or T > the cache size for a cache without a window.
     """
 
     config: TransformerConfig
@@ -152,15 +346,16 @@ class Transformer(nn.Module):
             param_dtype=cfg.param_dtype,
             embedding_init=_init(0.02, ("vocab", "embed")),
         )
-        self.pos_embed = nn.Embed(
-            cfg.max_seq_len,
-            cfg.d_model,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=_init(0.01, ("pos", "embed")),
-        )
+        if cfg.learned_positions:
+            self.pos_embed = nn.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                embedding_init=_init(0.01, ("pos", "embed")),
+            )
         self.layers = [Block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
-        self.ln_f = _layer_norm(cfg, "ln_f")
+        self.ln_f = _norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
                 cfg.vocab_size,
@@ -176,26 +371,55 @@ class Transformer(nn.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         *,
+        cache: KVCache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
-    ) -> jax.Array:
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
         chex.assert_rank(tokens, 2)
         b, t = tokens.shape
-        if t > self.config.max_seq_len:
-            raise ValueError(
-                f"tokens: sequence length {t} exceeds config.max_seq_len={self.config.max_seq_len}"
-            )
+        if t > cfg.max_seq_len:
+            raise ValueError(f"tokens: sequence length {t} exceeds config.max_seq_len={cfg.max_seq_len}")
+        padded = positions is not None
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            start = 0 if cache is None else cache.length
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         chex.assert_equal_shape((tokens, positions))
-        x = self.embed(tokens) + self.pos_embed(positions)  # [B,T,D]
+        positions = positions.astype(jnp.int32)
+
+        plan = None
+        if cache is not None:
+            size = cache.size
+            if cfg.sliding_window is None and t > size:
+                raise ValueError(f"{t} new tokens do not fit a KV cache of {size} slots")
+            skip = max(0, t - size)
+            slots = (cache.length + skip + jnp.arange(t - skip)) % size  # [t - skip]
+            new_positions = cache.positions.at[:, slots].set(positions[:, skip:])  # [B,S]
+            write_first = cfg.sliding_window is None or t == 1
+            plan = (slots, skip, write_first, cache.positions, new_positions)
+
+        x = self.embed(tokens)  # [B,T,D]
+        if cfg.learned_positions:
+            x = x + self.pos_embed(jnp.maximum(positions, 0))
         x = self.drop(x, deterministic=deterministic)
-        for layer in self.layers:
-            x = layer(x, deterministic=deterministic)  # [B,T,D]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, updated = layer(
+                x, positions, padded=padded, layer_cache=layer_cache, plan=plan,
+                deterministic=deterministic,
+            )  # [B,T,D]
+            if updated is not None:
+                new_keys.append(updated[0])
+                new_values.append(updated[1])
         x = self.ln_f(x)  # [B,T,D]
-        if return_hidden:
-            return x
-        return self.logits_from_hidden(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(
+                keys=tuple(new_keys), values=tuple(new_values), positions=plan[4],
+                length=cache.length + t,
+            )
+        return (x if return_hidden else self.logits_from_hidden(x)), new_cache
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """Output head: hidden [..., D] -> logits [..., V] (tied: hidden @ embeddingᵀ)."""
@@ -238,13 +462,13 @@ def forward(
     dropout_rng: jax.Array | None = None,
     return_hidden: bool = False,
 ) -> jax.Array:
-    """Pure forward pass: logits [B, T, V] (in `config.dtype`) for int32 tokens [B, T].
+    """Pure forward pass without a cache: logits [B, T, V] (in `config.dtype`) for tokens [B, T].
 
     Args:
-      params: parameter pytree from `init_params` or `load_hf_checkpoint`.
+      params: parameter pytree from `init_params` or a checkpoint importer.
       config: the model's `TransformerConfig`.
       tokens: int32 [B, T].
-      positions: optional int32 [B, T] position ids (default 0..T-1).
+      positions: optional int32 [B, T] absolute positions, -1 on (left) padding.
       dropout_rng: a key enables dropout (training); None runs deterministically.
       return_hidden: return final hidden states [B, T, D] instead of logits.
 
@@ -252,7 +476,7 @@ def forward(
       ValueError: T exceeds `config.max_seq_len`.
     """
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return Transformer(config).apply(
+    out, _ = Transformer(config).apply(
         {"params": params},
         tokens,
         positions,
@@ -260,6 +484,25 @@ def forward(
         return_hidden=return_hidden,
         rngs=rngs,
     )
+    return out
+
+
+def forward_with_cache(
+    params: Params,
+    config: TransformerConfig,
+    tokens: jax.Array,
+    cache: KVCache,
+    positions: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """One prefill or decode call: logits [B, T, V] for the new tokens and the updated cache.
+
+    Args:
+      tokens: int32 [B, T] new tokens.
+      cache: the `KVCache` holding every earlier token (from `init_cache` for the first call).
+      positions: int32 [B, T] absolute positions, -1 on padding (default: continue from
+        `cache.length`, the right choice without padding).
+    """
+    return Transformer(config).apply({"params": params}, tokens, positions, cache=cache)
 
 
 def logits_from_hidden(params: Params, config: TransformerConfig, hidden: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
 """jaxalign: the LLM alignment stack as pure, jit-compiled JAX functions."""
 
+from jaxalign.decoding import Generation, generate, sampling_logits
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.logprobs import entropy, sequence_logps, token_logps
 from jaxalign.losses import dpo_loss, sft_loss
@@ -32,6 +33,7 @@ from jaxalign.trainers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Generation",
     "KVCache",
     "MetricsWriter",
     "OptimConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "dpo_loss",
     "entropy",
     "forward",
+    "generate",
     "get_config",
     "init_cache",
     "init_params",
@@ -59,6 +62,7 @@ __all__ = [
     "read_metrics",
     "reference_logps",
     "restore_checkpoint",
+    "sampling_logits",
     "save_checkpoint",
     "sft_loss",
     "sequence_logps",

@@ -1,0 +1,172 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.decoding import generate, prompt_positions, sampling_logits
+from jaxalign.logprobs import token_logps
+from jaxalign.models import forward, forward_with_cache, get_config, init_cache, init_params
+
+CONFIGS = {
+    "gpt2": get_config("gpt2-tiny", vocab_size=97, max_seq_len=64),
+    "llama": get_config("llama-tiny", vocab_size=97, max_seq_len=64),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    config = CONFIGS[request.param]
+    # larger init so that greedy decoding is not dominated by one token
+    params = jax.tree.map(lambda x: x * 4, init_params(config, jax.random.key(1)))
+    return config, params
+
+
+def teacher_forced(config, params, prompt, mask, gen):
+    """token_logps of the generated tokens under one full forward pass over prompt + completion."""
+    tokens = jnp.concatenate([prompt, gen.tokens], axis=1)
+    pos = prompt_positions(jnp.concatenate([mask, jnp.ones_like(gen.tokens)], axis=1))
+    logits = forward(params, config, tokens, pos)
+    p = prompt.shape[1]
+    return token_logps(logits[:, p - 1 : -1], gen.tokens)
+
+
+def test_cached_decoding_equals_full_forward(model):
+    config, params = model
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 12)))
+    full = forward(params, config, tokens)
+    cache = init_cache(config, 2, 12)
+    logits, cache = forward_with_cache(params, config, tokens[:, :5], cache)  # prefill
+    steps = [logits]
+    for t in range(5, 12):
+        logits, cache = forward_with_cache(params, config, tokens[:, t : t + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    assert int(cache.length) == 12
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)])
+def test_generation_logps_equal_teacher_forced(model, sampling):
+    config, params = model
+    prompt = jnp.asarray(np.random.RandomState(2).randint(0, 97, (3, 6)))
+    mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    gen = generate(params, config, prompt, mask, max_new_tokens=10, rng=jax.random.key(3), **sampling)
+    assert gen.tokens.shape == (3, 10) and float(gen.mask.sum()) == 30
+    ref = teacher_forced(config, params, prompt, mask, gen)
+    np.testing.assert_allclose(gen.model_logps, ref, atol=1e-5)
+    if sampling == dict(temperature=1.0):
+        np.testing.assert_allclose(gen.logps, gen.model_logps, atol=1e-6)
+    else:  # the sampling distribution differs from the model's
+        assert not np.allclose(gen.logps, gen.model_logps, atol=1e-3)
+
+
+def test_left_padding_does_not_change_greedy_completion(model):
+    config, params = model
+    prompt = np.random.RandomState(4).randint(0, 97, (5,))
+    outs = []
+    for pad in (0, 3, 7):
+        toks = jnp.asarray(np.concatenate([np.full(pad, 11), prompt])[None])
+        mask = jnp.asarray(np.concatenate([np.zeros(pad), np.ones(5)])[None])
+        outs.append(generate(params, config, toks, mask, max_new_tokens=12, rng=jax.random.key(0), temperature=0.0))
+    for g in outs[1:]:
+        np.testing.assert_array_equal(g.tokens, outs[0].tokens)
+        np.testing.assert_allclose(g.model_logps, outs[0].model_logps, atol=1e-5)
+
+
+def test_batched_rows_with_different_padding_match_single_rows(model):
+    config, params = model
+    rng = np.random.RandomState(5)
+    lengths = [8, 3, 5]
+    prompts = [rng.randint(0, 97, (n,)) for n in lengths]
+    width = max(lengths)
+    toks = jnp.asarray(np.stack([np.concatenate([np.full(width - n, 0), p]) for n, p in zip(lengths, prompts)]))
+    mask = jnp.asarray(np.stack([np.concatenate([np.zeros(width - n), np.ones(n)]) for n in lengths]))
+    batched = generate(params, config, toks, mask, max_new_tokens=8, rng=jax.random.key(0), temperature=0.0)
+    for i, p in enumerate(prompts):
+        single = generate(params, config, jnp.asarray(p[None]), jnp.ones((1, len(p))), max_new_tokens=8,
+                          rng=jax.random.key(0), temperature=0.0)
+        np.testing.assert_array_equal(batched.tokens[i], single.tokens[0])
+
+
+def test_sliding_window_decoding_equals_windowed_attention(model):
+    config, params = model
+    window = 4
+    wconfig = config.replace(sliding_window=window)
+    prompt = jnp.asarray(np.random.RandomState(6).randint(0, 97, (2, 7)))  # longer than the window
+    mask = jnp.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])
+    gen = generate(params, wconfig, prompt, mask, max_new_tokens=9, rng=jax.random.key(1), temperature=1.0)
+    assert init_cache(wconfig, 2, 16).size == window  # rolling buffer: O(window) memory
+    np.testing.assert_allclose(gen.model_logps, teacher_forced(wconfig, params, prompt, mask, gen), atol=1e-5)
+    # and the window really restricts attention: full-attention log-probs differ
+    assert not np.allclose(gen.model_logps, teacher_forced(config, params, prompt, mask, gen), atol=1e-3)
+
+
+def test_rolling_cache_multi_token_chunks(model):
+    """Chunks of several tokens into a rolling buffer must still see the keys they overwrite."""
+    config, params = model
+    wconfig = config.replace(sliding_window=3)
+    tokens = jnp.asarray(np.random.RandomState(7).randint(0, 97, (1, 11)))
+    full = forward(params, wconfig, tokens)
+    cache = init_cache(wconfig, 1, 11)
+    outs = []
+    for a, b in ((0, 4), (4, 6), (6, 9), (9, 10), (10, 11)):
+        logits, cache = forward_with_cache(params, wconfig, tokens[:, a:b], cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_eos_stops_each_row(model):
+    config, params = model
+    prompt = jnp.asarray(np.random.RandomState(8).randint(0, 97, (2, 4)))
+    mask = jnp.ones((2, 4))
+    free = generate(params, config, prompt, mask, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0)
+    eos = int(free.tokens[0, 3])  # row 0 emits this at step 3 (maybe earlier)
+    first0 = int(np.argmax(np.asarray(free.tokens[0]) == eos))
+    gen = generate(params, config, prompt, mask, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0, eos_id=eos, pad_id=96)
+    assert int(gen.lengths[0]) == first0 + 1
+    np.testing.assert_array_equal(gen.tokens[0, : first0 + 1], free.tokens[0, : first0 + 1])
+    assert np.all(np.asarray(gen.tokens[0, first0 + 1 :]) == 96)
+    np.testing.assert_array_equal(gen.mask[0], (np.arange(10) <= first0).astype(np.float32))
+    assert float(gen.model_logps[0, first0 + 1 :].sum()) == 0.0
+    row1 = np.asarray(free.tokens[1])
+    expected1 = int(np.argmax(row1 == eos)) + 1 if (row1 == eos).any() else 10
+    assert int(gen.lengths[1]) == expected1
+
+
+def test_sampling_logits_filters_hand_computed():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    nucleus = sampling_logits(logits, temperature=1.0, top_p=0.8)
+    np.testing.assert_array_equal(np.isfinite(nucleus), [[True, True, False, False]])
+    nucleus = sampling_logits(logits, temperature=1.0, top_p=0.81)
+    np.testing.assert_array_equal(np.isfinite(nucleus), [[True, True, True, False]])
+    np.testing.assert_array_equal(np.isfinite(sampling_logits(logits, temperature=1.0, top_p=0.1)), [[True, False, False, False]])
+    topk = sampling_logits(logits, temperature=2.0, top_k=2)
+    np.testing.assert_allclose(topk[0, :2], logits[0, :2] / 2, rtol=1e-6)
+    assert np.all(np.isinf(topk[0, 2:]))
+
+
+def test_top_k_samples_stay_in_top_k(model):
+    config, params = model
+    prompt = jnp.zeros((16, 1), jnp.int32)
+    gen = generate(params, config, prompt, jnp.ones((16, 1)), max_new_tokens=1, rng=jax.random.key(9), top_k=3)
+    logits = forward(params, config, prompt)[0, -1]
+    top3 = set(np.argsort(-np.asarray(logits))[:3].tolist())
+    assert set(np.asarray(gen.tokens[:, 0]).tolist()) <= top3
+    assert len(set(np.asarray(gen.tokens[:, 0]).tolist())) > 1  # it does sample
+
+
+def test_compiles_once_per_shape(model):
+    config, params = model
+    prompt = jnp.asarray(np.random.RandomState(10).randint(0, 97, (2, 5)))
+    before = generate._cache_size()
+    for seed in range(3):
+        generate(params, config, prompt + seed, jnp.ones((2, 5)), max_new_tokens=4, rng=jax.random.key(seed))
+    assert generate._cache_size() == before + 1
+
+
+def test_bad_arguments(model):
+    config, params = model
+    prompt = jnp.zeros((1, 60), jnp.int32)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(params, config, prompt, jnp.ones((1, 60)), max_new_tokens=10, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="top_p"):
+        generate(params, config, prompt[:, :2], jnp.ones((1, 2)), max_new_tokens=2, rng=jax.random.key(0), top_p=0.0)

@@ -15,6 +15,7 @@ from jaxalign.models import (
     init_params,
     load_hf_checkpoint,
     load_llama2c,
+    load_pretrained,
     num_params,
     param_logical_axes,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "init_params",
     "load_hf_checkpoint",
     "load_llama2c",
+    "load_pretrained",
     "make_checkpoint_manager",
     "make_dpo_step",
     "make_optimizer",

@@ -10,6 +10,7 @@ from jaxalign.models.config import (
 )
 from jaxalign.models.hf import load_hf_checkpoint, load_state_dict
 from jaxalign.models.llama2c import load_llama2c
+from jaxalign.models.load import load_pretrained
 from jaxalign.models.transformer import (
     KVCache,
     Transformer,
@@ -34,6 +35,7 @@ __all__ = [
     "init_params",
     "load_hf_checkpoint",
     "load_llama2c",
+    "load_pretrained",
     "load_state_dict",
     "logits_from_hidden",
     "num_params",

@@ -1,0 +1,25 @@
+"""experiments/generate.py on the real stories260K model."""
+
+from experiments.generate import encode_prompts, main, shuffle_words
+import jaxalign.data as jd
+
+
+def test_stories260k_generates_stories_and_prefers_real_sentences(shared_data, tmp_path):
+    model = shared_data / "models/stories260K"
+    result = main([
+        "--model", str(model / "stories260K.bin"), "--tokenizer", str(model / "tok512.model"),
+        "--max-new-tokens", "40", "--json-out", str(tmp_path / "out.json"),
+    ])
+    assert result["samples"][0].startswith("Once upon a time, there was a little girl")
+    # story sentences are far more likely than the same words shuffled (measured: 1.3 vs 5.9)
+    assert result["mean_nll"] < 2.0
+    assert result["mean_nll_shuffled"] > result["mean_nll"] + 2.0
+    assert (tmp_path / "out.json").exists()
+
+
+def test_prompt_encoding_is_left_padded_with_bos(shared_data):
+    tok = jd.load_tokenizer(shared_data / "models/stories260K/tok512.model")
+    tokens, mask = encode_prompts(tok, ("Once upon a time", ""))
+    assert tokens[1, -1] == tok.bos_id and mask[1].sum() == 1
+    assert tokens[0, 0] == tok.bos_id and mask[0].all()
+    assert sorted(shuffle_words("a b c d", 0).split()) == ["a", "b", "c", "d"]

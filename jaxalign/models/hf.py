@@ -127,6 +127,25 @@ def load_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{directory}: no weights found (looked for {', '.join(_WEIGHT_FILES)})")
 
 
+def _tensor_getter(state: Mapping[str, np.ndarray], prefix: str, config: TransformerConfig):
+    """`get(name, shape, full=False)`: the tensor `prefix + name` (or `name` with full=True) as a
+    `config.param_dtype` array, after checking that it exists and has `shape`.
+
+    The returned function raises KeyError (missing tensor) or ValueError (wrong shape), naming it.
+    """
+
+    def get(name: str, shape: tuple[int, ...], full: bool = False) -> jnp.ndarray:
+        key = name if full else prefix + name
+        if key not in state:
+            raise KeyError(f"checkpoint is missing tensor {key!r}")
+        value = np.asarray(state[key])
+        if value.shape != shape:
+            raise ValueError(f"checkpoint tensor {key!r} has shape {value.shape}, expected {shape}")
+        return jnp.asarray(value, dtype=config.param_dtype)
+
+    return get
+
+
 def gpt2_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     """Maps a Hugging Face GPT2Config dict to a `TransformerConfig`.
 
@@ -161,17 +180,8 @@ def gpt2_params_from_state_dict(
       KeyError: a tensor the model needs is missing (the message names it).
       ValueError: a tensor's shape disagrees with `config`.
     """
-    prefix = "transformer." if "transformer.wte.weight" in state else ""
+    get = _tensor_getter(state, "transformer." if "transformer.wte.weight" in state else "", config)
     d, n, h = config.d_model, config.n_heads, config.head_dim
-
-    def get(name: str, shape: tuple[int, ...]) -> jnp.ndarray:
-        key = prefix + name
-        if key not in state:
-            raise KeyError(f"checkpoint is missing tensor {key!r}")
-        value = np.asarray(state[key])
-        if value.shape != shape:
-            raise ValueError(f"checkpoint tensor {key!r} has shape {value.shape}, expected {shape}")
-        return jnp.asarray(value, dtype=config.param_dtype)
 
     def ln(name: str) -> dict[str, jnp.ndarray]:
         return {"scale": get(f"{name}.weight", (d,)), "bias": get(f"{name}.bias", (d,))}
@@ -211,7 +221,7 @@ def gpt2_params_from_state_dict(
             },
         }
     if not config.tie_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(state["lm_head.weight"], config.param_dtype).T}
+        params["lm_head"] = {"kernel": get("lm_head.weight", (config.vocab_size, d), full=True).T}
     return params
 
 
@@ -289,16 +299,7 @@ def llama_params_from_state_dict(
       ValueError: a tensor's shape disagrees with `config`.
     """
     d, n, k, h, f = config.d_model, config.n_heads, config.kv_heads, config.head_dim, config.ff_dim
-    prefix = "model." if "model.embed_tokens.weight" in state else ""
-
-    def get(name: str, shape: tuple[int, ...], full: bool = False) -> jnp.ndarray:
-        key = name if full else prefix + name
-        if key not in state:
-            raise KeyError(f"checkpoint is missing tensor {key!r}")
-        value = np.asarray(state[key])
-        if value.shape != shape:
-            raise ValueError(f"checkpoint tensor {key!r} has shape {value.shape}, expected {shape}")
-        return jnp.asarray(value, dtype=config.param_dtype)
+    get = _tensor_getter(state, "model." if "model.embed_tokens.weight" in state else "", config)
 
     def proj(name: str, heads: int) -> dict[str, jnp.ndarray]:
         out = {"kernel": get(f"{name}.weight", (heads * h, d)).T.reshape(d, heads, h)}

@@ -204,7 +204,7 @@ class Attention(nn.Module):
         *,
         padded: bool,
         layer_cache: tuple[jax.Array, jax.Array] | None,
-        cache_positions: tuple | None,
+        plan: tuple | None,
         deterministic: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
@@ -232,7 +232,7 @@ class Attention(nn.Module):
                 window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
                 out = jax.nn.dot_product_attention(q, kk, v, is_causal=True, local_window_size=window)
         else:
-            out, new_cache = _cached_attention(cfg, q, kk, v, positions, layer_cache, cache_positions)
+            out, new_cache = _cached_attention(cfg, q, kk, v, positions, layer_cache, plan)
         out = _dense(
             cfg, cfg.d_model, ("heads", "head_dim", "embed"), std=_residual_std(cfg), name="wo",
             axis=(-2, -1), use_bias=gpt2,
@@ -250,6 +250,10 @@ def _write(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 
 def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan):
     """Attention of T new queries over the cached keys plus the T new ones; updates the cache.
+
+    `plan` = (slots receiving the kept new tokens, number of leading new tokens that do not fit,
+    write-first flag, slot positions before and after this call) is computed once per call by
+    `Transformer` and shared by every layer.
 
     When the new tokens cannot overwrite a key that one of them still needs (a cache as long as
     the sequence, or one token into a rolling buffer) they are written first and attention reads
@@ -308,7 +312,7 @@ class Block(nn.Module):
             positions,
             padded=padded,
             layer_cache=layer_cache,
-            cache_positions=plan,
+            plan=plan,
             deterministic=deterministic,
         )
         x = x + attn_out

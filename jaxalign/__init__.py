@@ -1,9 +1,10 @@
 """jaxalign: the LLM alignment stack as pure, jit-compiled JAX functions."""
 
 from jaxalign.decoding import Generation, generate, sampling_logits
+from jaxalign.advantages import gae, group_advantages, kl_penalty, masked_whiten, rloo_advantages
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.logprobs import entropy, sequence_logps, token_logps
-from jaxalign.losses import dpo_loss, sft_loss
+from jaxalign.losses import dpo_loss, ppo_policy_loss, ppo_value_loss, sft_loss
 from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics
 from jaxalign.models import (
     KVCache,
@@ -45,9 +46,12 @@ __all__ = [
     "dpo_loss",
     "entropy",
     "forward",
+    "gae",
     "generate",
     "get_config",
+    "group_advantages",
     "init_cache",
+    "kl_penalty",
     "init_params",
     "load_hf_checkpoint",
     "load_llama2c",
@@ -58,12 +62,16 @@ __all__ = [
     "make_sft_eval_step",
     "make_sft_step",
     "make_train_step",
+    "masked_whiten",
     "num_params",
     "param_logical_axes",
     "plot_metrics",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "read_metrics",
     "reference_logps",
     "restore_checkpoint",
+    "rloo_advantages",
     "sampling_logits",
     "save_checkpoint",
     "sft_loss",

@@ -14,6 +14,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses._masked import masked_mean
+
 
 def _sigmoid(h: jax.Array, beta: float, eps: float) -> jax.Array:
     # DPO, Rafailov et al. 2023 (arXiv 2305.18290) Eq. 7; with ε > 0 the conservative DPO
@@ -46,13 +48,6 @@ DPO_LOSSES: dict[str, Callable[[jax.Array, float, float], jax.Array]] = {
     "hinge": _hinge,
     "ipo": _ipo,
 }
-
-
-def _masked_mean(x: jax.Array, where: jax.Array | None) -> jax.Array:
-    if where is None:
-        return jnp.mean(x)
-    w = where.astype(jnp.float32)
-    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def dpo_loss(
@@ -114,12 +109,12 @@ def dpo_loss(
     losses = DPO_LOSSES[loss_type](h, beta, label_smoothing)  # [B]
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # [B]
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # [B]
-    loss = _masked_mean(losses, where)
+    loss = masked_mean(losses, where)
     return loss, {
         "loss": loss,
-        "chosen_rewards": _masked_mean(chosen_rewards, where),
-        "rejected_rewards": _masked_mean(rejected_rewards, where),
-        "reward_accuracy": _masked_mean((chosen_rewards > rejected_rewards).astype(jnp.float32), where),
-        "reward_margin": _masked_mean(chosen_rewards - rejected_rewards, where),
-        "logits": _masked_mean(h, where),
+        "chosen_rewards": masked_mean(chosen_rewards, where),
+        "rejected_rewards": masked_mean(rejected_rewards, where),
+        "reward_accuracy": masked_mean((chosen_rewards > rejected_rewards).astype(jnp.float32), where),
+        "reward_margin": masked_mean(chosen_rewards - rejected_rewards, where),
+        "logits": masked_mean(h, where),
     }

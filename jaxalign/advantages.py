@@ -1,0 +1,171 @@
+"""Advantage estimators and KL estimators shared by the RL losses and trainers (pure functions).
+
+Shapes: B sequences, T response tokens, G samples per prompt. `mask` is 1.0 on response tokens
+that count, 0.0 on padding; a response occupies a prefix of its row's masked positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over each response (Schulman et al. 2016, arXiv
+    1506.02438, Eq. 16), computed right to left with `jax.lax.scan(..., reverse=True)`.
+
+      δ_t = r_t + γ·m_{t+1}·V_{t+1} − V_t,    A_t = δ_t + γλ·m_{t+1}·A_{t+1},    R_t = A_t + V_t
+
+    The value after the last response token is 0 (the episode ends), as in TRL's PPOTrainer and
+    OpenRLHF; masked positions get advantage and return 0.
+
+    Args:
+      rewards: float [B, T] per-token rewards (e.g. −β·KL, plus the score at the last token).
+      values: float [B, T] value estimates V(s_t).
+      mask: [B, T] 1.0 on response tokens.
+      gamma: discount γ in [0, 1].
+      lam: GAE λ in [0, 1].
+
+    Returns:
+      (advantages [B, T], returns [B, T]), float32.
+    """
+    chex.assert_rank(rewards, 2)
+    chex.assert_equal_shape((rewards, values, mask))
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    rewards, values, mask = f32(rewards), f32(values), f32(mask)
+    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)  # [B,T]
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1) * next_mask
+    deltas = rewards + gamma * next_values - values  # [B,T]
+
+    def step(carry, xs):
+        delta, m_next = xs  # [B], [B]
+        advantage = delta + gamma * lam * m_next * carry
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(
+        step, jnp.zeros(rewards.shape[0], jnp.float32), (deltas.T, next_mask.T), reverse=True
+    )
+    advantages = advantages.T * mask  # [B,T]
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """(x − mean) / std over the masked entries (PPO advantage whitening; TRL `masked_whiten`,
+    which uses the unbiased variance). With `shift_mean=False` the mean is added back.
+
+    Args:
+      x: float [...]; mask: same shape, 1.0 on entries that count.
+
+    Returns:
+      float32, same shape; masked-out entries are 0.
+    """
+    chex.assert_equal_shape((x, mask))
+    mask = mask.astype(jnp.float32)
+    n = jnp.sum(mask)
+    mean = jnp.sum(x * mask) / jnp.maximum(n, 1.0)
+    var = jnp.sum(jnp.square(x - mean) * mask) / jnp.maximum(n - 1.0, 1.0)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(
+    logps: jax.Array, ref_logps: jax.Array, *, kind: Literal["k1", "k2", "k3"] = "k1"
+) -> jax.Array:
+    """Per-token estimators of KL(π ‖ π_ref) from log-probs of tokens sampled from π
+    (Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html).
+
+      k1 = log π − log π_ref                          (unbiased, can be negative)
+      k2 = ½ (log π − log π_ref)²                     (biased, low variance)
+      k3 = exp(log π_ref − log π) − (log π_ref − log π) − 1   (unbiased, always ≥ 0; GRPO's KL,
+                                                       DeepSeekMath arXiv 2402.03300 Eq. 4)
+
+    Args:
+      logps, ref_logps: float [B, T] log-probs (nats) of the sampled tokens under π and π_ref.
+      kind: "k1", "k2" or "k3".
+
+    Returns:
+      float32 [B, T] (apply the mask yourself).
+
+    Raises:
+      ValueError: unknown kind.
+    """
+    chex.assert_equal_shape((logps, ref_logps))
+    log_ratio = logps.astype(jnp.float32) - ref_logps.astype(jnp.float32)  # log π/π_ref
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    if kind == "k3":
+        return jnp.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kind must be 'k1', 'k2' or 'k3', got {kind!r}")
+
+
+def group_advantages(
+    rewards: jax.Array,
+    *,
+    group_size: int,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+) -> jax.Array:
+    """Group-relative advantages of GRPO (DeepSeekMath, arXiv 2402.03300, §4.1.2):
+    A_i = (r_i − mean(r_group)) / (std + eps).
+
+    Rewards come prompt-major: the G samples of prompt p are entries p·G … p·G + G − 1. The std is
+    the unbiased one (torch.std, as TRL's GRPOTrainer computes it); `scale` = "group" divides by
+    each group's std (GRPO), "batch" by the whole batch's (TRL scale_rewards="batch", Hu et al.
+    REINFORCE++), "none" not at all (Dr. GRPO, arXiv 2503.20783 §3.1).
+
+    Args:
+      rewards: float [B·G] one scalar per sample.
+      group_size: G ≥ 2.
+      scale: "group", "batch" or "none".
+      eps: added to the std (TRL: 1e-4).
+
+    Returns:
+      float32 [B·G].
+
+    Raises:
+      ValueError: G < 2, a length not divisible by G, or an unknown scale.
+    """
+    chex.assert_rank(rewards, 1)
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards of length {rewards.shape[0]} do not split into groups of {group_size} >= 2")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    grouped = rewards.astype(jnp.float32).reshape(-1, group_size)  # [B,G]
+    centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
+    if scale == "group":
+        centred = centred / (jnp.std(grouped, axis=1, keepdims=True, ddof=1) + eps)
+    elif scale == "batch":
+        centred = centred / (jnp.std(grouped, ddof=1) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(rewards: jax.Array, *, group_size: int) -> jax.Array:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, arXiv
+    2402.14740, Eq. 6): A_i = r_i − mean_{j≠i} r_j = G/(G−1)·(r_i − mean(r_group)).
+
+    Args:
+      rewards: float [B·G], prompt-major as in `group_advantages`.
+      group_size: G ≥ 2.
+
+    Returns:
+      float32 [B·G].
+
+    Raises:
+      ValueError: G < 2 or a length not divisible by G.
+    """
+    centred = group_advantages(rewards, group_size=group_size, scale="none")
+    return centred * (group_size / (group_size - 1))

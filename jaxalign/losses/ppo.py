@@ -1,0 +1,109 @@
+"""PPO's clipped policy and value losses (Schulman et al. 2017, arXiv 1707.06347), per token.
+
+Both are token means over the masked response tokens of the batch, as in TRL's PPOTrainer
+(`masked_mean`) and OpenRLHF; `loss_sum` and `num_tokens` are returned too so that callers
+splitting a batch into micro-batches can form the same mean.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxalign.losses._masked import masked_mean
+
+
+def ppo_policy_loss(
+    logps: jax.Array,
+    old_logps: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    clip_eps: float = 0.2,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped surrogate objective, negated: L = mean_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)),
+    ρ_t = exp(log π(a_t) − log π_old(a_t))  (PPO paper, Eq. 7).
+
+    Args:
+      logps: float [B, T] log-probs of the taken tokens under the policy being optimised.
+      old_logps: float [B, T] the same under the policy that sampled them (constants).
+      advantages: float [B, T] per-token advantages (e.g. whitened GAE).
+      mask: [B, T] 1.0 on response tokens.
+      clip_eps: ε.
+
+    Returns:
+      (loss, metrics): float32 scalar; metrics `loss`, `loss_sum`, `num_tokens`, `clip_fraction`
+      (tokens where the clipped term was the active one), `approx_kl` (½·mean (log ρ)², TRL's
+      estimator), `ratio` (mean ρ).
+
+    Raises:
+      ValueError: clip_eps <= 0 or mismatched shapes.
+    """
+    chex.assert_rank(logps, 2)
+    chex.assert_equal_shape((logps, old_logps, advantages, mask))
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be positive, got {clip_eps}")
+    mask = mask.astype(jnp.float32)
+    log_ratio = logps.astype(jnp.float32) - old_logps.astype(jnp.float32)  # [B,T]
+    ratio = jnp.exp(log_ratio)
+    advantages = advantages.astype(jnp.float32)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = jnp.maximum(unclipped, clipped)  # [B,T]
+    loss_sum = jnp.sum(per_token * mask)
+    num_tokens = jnp.sum(mask)
+    loss = loss_sum / jnp.maximum(num_tokens, 1.0)
+    return loss, {
+        "loss": loss,
+        "loss_sum": loss_sum,
+        "num_tokens": num_tokens,
+        "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
+        "ratio": masked_mean(ratio, mask),
+    }
+
+
+def ppo_value_loss(
+    values: jax.Array,
+    old_values: jax.Array,
+    returns: jax.Array,
+    mask: jax.Array,
+    *,
+    clip_eps: float = 0.2,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped value loss: ½·mean_t max((V_t − R_t)², (V_old,t + clip(V_t − V_old,t, ±ε) − R_t)²)
+    (PPO as implemented in OpenAI baselines ppo2 and TRL's PPOTrainer `vf_coef` term).
+
+    Args:
+      values: float [B, T] current value predictions.
+      old_values: float [B, T] predictions at rollout time (constants).
+      returns: float [B, T] targets (e.g. GAE returns).
+      mask: [B, T] 1.0 on response tokens.
+      clip_eps: ε for the value clip (same units as the values).
+
+    Returns:
+      (loss, metrics): float32 scalar; metrics `loss`, `loss_sum`, `num_tokens`, `clip_fraction`
+      (tokens where the clipped error was the larger one).
+
+    Raises:
+      ValueError: clip_eps <= 0 or mismatched shapes.
+    """
+    chex.assert_rank(values, 2)
+    chex.assert_equal_shape((values, old_values, returns, mask))
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be positive, got {clip_eps}")
+    mask = mask.astype(jnp.float32)
+    values, old_values, returns = (x.astype(jnp.float32) for x in (values, old_values, returns))
+    clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    err, err_clipped = jnp.square(values - returns), jnp.square(clipped_values - returns)
+    per_token = 0.5 * jnp.maximum(err, err_clipped)  # [B,T]
+    loss_sum = jnp.sum(per_token * mask)
+    num_tokens = jnp.sum(mask)
+    loss = loss_sum / jnp.maximum(num_tokens, 1.0)
+    return loss, {
+        "loss": loss,
+        "loss_sum": loss_sum,
+        "num_tokens": num_tokens,
+        "clip_fraction": masked_mean((err_clipped > err).astype(jnp.float32), mask),
+    }

@@ -1,0 +1,111 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.advantages import gae, group_advantages, kl_penalty, masked_whiten, rloo_advantages
+from tests.conftest import compile_count
+
+
+def np_gae(rewards, values, mask, gamma, lam):
+    """TRL PPOTrainer's loop (values zeroed past the response), written independently."""
+    b, t = rewards.shape
+    values = values * mask
+    adv = np.zeros((b, t))
+    last = np.zeros(b)
+    for i in reversed(range(t)):
+        nxt = values[:, i + 1] if i < t - 1 else 0.0
+        delta = rewards[:, i] + gamma * nxt - values[:, i]
+        m_next = mask[:, i + 1] if i < t - 1 else 0.0
+        last = delta + gamma * lam * m_next * last
+        adv[:, i] = last
+    return adv * mask, (adv + values) * mask
+
+
+def test_gae_hand_computed():
+    r = jnp.array([[1.0, 0.0, 2.0]])
+    v = jnp.array([[0.5, 1.0, 0.0]])
+    adv, ret = gae(r, v, jnp.ones((1, 3)), gamma=0.9, lam=0.5)
+    # δ2 = 2; δ1 = 0 + 0.9·0 − 1 = −1; δ0 = 1 + 0.9·1 − 0.5 = 1.4
+    # A2 = 2; A1 = −1 + 0.45·2 = −0.1; A0 = 1.4 + 0.45·(−0.1) = 1.355
+    np.testing.assert_allclose(adv, [[1.355, -0.1, 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(ret, [[1.855, 0.9, 2.0]], rtol=1e-6)
+    # γ = λ = 1: every advantage is the final reward minus the value there
+    adv, ret = gae(jnp.array([[0.0, 0.0, 1.0]]), jnp.full((1, 3), 0.25), jnp.ones((1, 3)), gamma=1.0, lam=1.0)
+    np.testing.assert_allclose(adv, [[0.75, 0.75, 0.75]], rtol=1e-6)
+    np.testing.assert_allclose(ret, [[1.0, 1.0, 1.0]], rtol=1e-6)
+
+
+def test_gae_matches_numpy_reference():
+    rng = np.random.RandomState(0)
+    r, v = rng.randn(4, 9), rng.randn(4, 9)
+    lengths = np.array([9, 5, 1, 7])
+    mask = (np.arange(9)[None] < lengths[:, None]).astype(np.float32)
+    adv, ret = gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma=0.95, lam=0.9)
+    ref_adv, ref_ret = np_gae(r, v, mask, 0.95, 0.9)
+    np.testing.assert_allclose(adv, ref_adv, atol=1e-5)
+    np.testing.assert_allclose(ret, ref_ret, atol=1e-5)
+
+
+def test_gae_masked_equals_sliced():
+    rng = np.random.RandomState(1)
+    r, v = jnp.asarray(rng.randn(1, 8)), jnp.asarray(rng.randn(1, 8))
+    mask = jnp.asarray((np.arange(8) < 5).astype(np.float32)[None])
+    full, _ = gae(r, v, mask, gamma=0.9, lam=0.8)
+    sliced, _ = gae(r[:, :5], v[:, :5], jnp.ones((1, 5)), gamma=0.9, lam=0.8)
+    np.testing.assert_allclose(full[:, :5], sliced, atol=1e-6)
+    assert float(jnp.abs(full[:, 5:]).sum()) == 0.0
+
+
+def test_gae_no_recompile():
+    fn = jax.jit(lambda r, v, m: gae(r, v, m))
+    x = jnp.ones((2, 4))
+    fn(x, x, x)
+    fn(x * 2, x, x)
+    assert compile_count(fn) == 1
+
+
+def test_kl_estimators_hand_computed_and_unbiased():
+    lp, ref = jnp.array([[-1.0]]), jnp.array([[-2.0]])  # log π/π_ref = 1
+    np.testing.assert_allclose(kl_penalty(lp, ref, kind="k1"), [[1.0]])
+    np.testing.assert_allclose(kl_penalty(lp, ref, kind="k2"), [[0.5]])
+    np.testing.assert_allclose(kl_penalty(lp, ref, kind="k3"), [[np.exp(-1.0)]], rtol=1e-6)  # e^-1 - 1 + 1
+    # Monte Carlo: E_{x~π}[k1] = E[k3] = KL(π‖π_ref) for two categoricals
+    p = np.array([0.6, 0.3, 0.1])
+    q = np.array([0.2, 0.5, 0.3])
+    exact = float(np.sum(p * np.log(p / q)))
+    x = jax.random.choice(jax.random.key(0), 3, (200_000,), p=jnp.asarray(p))
+    lp, ref = jnp.log(jnp.asarray(p))[x][None], jnp.log(jnp.asarray(q))[x][None]
+    for kind in ("k1", "k3"):
+        np.testing.assert_allclose(float(kl_penalty(lp, ref, kind=kind).mean()), exact, rtol=0.02)
+    assert float(kl_penalty(lp, ref, kind="k3").min()) >= 0.0
+    with pytest.raises(ValueError, match="kind"):
+        kl_penalty(lp, ref, kind="k4")
+
+
+def test_group_advantages_hand_computed():
+    r = jnp.array([1.0, 0.0, 3.0, 3.0])
+    std = np.std([1.0, 0.0], ddof=1)  # 0.7071
+    np.testing.assert_allclose(
+        group_advantages(r, group_size=2), [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0, 0.0], rtol=1e-6
+    )
+    np.testing.assert_allclose(group_advantages(r, group_size=2, scale="none"), [0.5, -0.5, 0.0, 0.0])
+    batch_std = np.std([1.0, 0.0, 3.0, 3.0], ddof=1)
+    np.testing.assert_allclose(
+        group_advantages(r, group_size=2, scale="batch"), np.array([0.5, -0.5, 0, 0]) / (batch_std + 1e-4), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="groups"):
+        group_advantages(r, group_size=3)
+
+
+def test_rloo_hand_computed():
+    # leave-one-out baselines: 2.5, 2, 1.5
+    np.testing.assert_allclose(rloo_advantages(jnp.array([1.0, 2.0, 3.0]), group_size=3), [-1.5, 0.0, 1.5], rtol=1e-6)
+
+
+def test_masked_whiten():
+    x = jnp.array([[1.0, 2.0, 3.0, 100.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+    out = masked_whiten(x, mask)
+    np.testing.assert_allclose(out, [[-1.0, 0.0, 1.0, 0.0]], atol=1e-6)  # unbiased std of 1,2,3 is 1
+    np.testing.assert_allclose(masked_whiten(x, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], atol=1e-6)

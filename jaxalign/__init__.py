@@ -4,7 +4,14 @@ from jaxalign.decoding import Generation, generate, sampling_logits
 from jaxalign.advantages import gae, group_advantages, kl_penalty, masked_whiten, rloo_advantages
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.logprobs import entropy, sequence_logps, token_logps
-from jaxalign.losses import dpo_loss, ppo_policy_loss, ppo_value_loss, sft_loss
+from jaxalign.losses import (
+    dpo_loss,
+    grpo_denominator,
+    grpo_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sft_loss,
+)
 from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics
 from jaxalign.models import (
     KVCache,
@@ -50,6 +57,8 @@ __all__ = [
     "generate",
     "get_config",
     "group_advantages",
+    "grpo_denominator",
+    "grpo_loss",
     "init_cache",
     "kl_penalty",
     "init_params",

@@ -1,0 +1,129 @@
+"""Rule-based rewards as plain callables: `reward(completions, **columns) -> float32 [N]`.
+
+They run on the host (strings in, NumPy out), between generation and the advantage computation,
+with the same calling convention as TRL's GRPOTrainer reward functions: the decoded completions
+plus any dataset columns of the batch as keyword arguments (e.g. `answers=...`). Compose them
+with `weighted_sum`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+
+import numpy as np
+
+RewardFn = Callable[..., np.ndarray]
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_GSM8K_FINAL = re.compile(r"####\s*(.+)")
+_THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def parse_number(text: str) -> Decimal | None:
+    """The last number in `text` ("1,234", "$5", "-3.50" forms), as an exact Decimal; else None."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    try:
+        return Decimal(matches[-1].replace(",", "").replace("$", ""))
+    except InvalidOperation:
+        return None
+
+
+def extract_answer(text: str) -> Decimal | None:
+    """The final numeric answer of a completion or a GSM8K solution.
+
+    Looks, in order, in the last `<answer>…</answer>` block (DeepSeek-R1's format), after the last
+    `####` (GSM8K's reference format), then anywhere in the text; returns the last number found.
+    """
+    tagged = _ANSWER_TAG.findall(text)
+    if tagged:
+        return parse_number(tagged[-1])
+    final = _GSM8K_FINAL.findall(text)
+    if final:
+        return parse_number(final[-1])
+    return parse_number(text)
+
+
+def exact_match_reward(completions: Sequence[str], *, answers: Sequence[str], **_) -> np.ndarray:
+    """1.0 where the completion's final number equals the reference's, else 0.0.
+
+    Args:
+      completions: N decoded completions.
+      answers: N references: a bare number, or a GSM8K solution ending in `#### <number>`.
+
+    Returns:
+      float32 [N].
+
+    Raises:
+      ValueError: the lengths differ, or a reference holds no number (names its index).
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+    rewards = np.zeros(len(completions), np.float32)
+    for i, (completion, answer) in enumerate(zip(completions, answers)):
+        target = extract_answer(answer)
+        if target is None:
+            raise ValueError(f"answers[{i}] holds no number: {answer[-80:]!r}")
+        rewards[i] = float(extract_answer(completion) == target)
+    return rewards
+
+
+def format_reward(completions: Sequence[str], **_) -> np.ndarray:
+    """1.0 for completions of exactly the form `<think>…</think><answer>…</answer>` (whitespace
+    allowed around the blocks), DeepSeek-R1-Zero's format reward (arXiv 2501.12948 §2.2.2).
+
+    Returns:
+      float32 [N].
+    """
+    return np.array([float(bool(_THINK_ANSWER.match(c))) for c in completions], np.float32)
+
+
+def overlong_penalty(
+    completions: Sequence[str], *, lengths: Sequence[int], max_length: int, buffer: int, **_
+) -> np.ndarray:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), by completion length |y|:
+    0 while |y| <= L_max − L_buffer, then falling linearly to −1 at L_max, and −1 beyond.
+
+    Args:
+      completions: N completions (unused beyond their count).
+      lengths: N completion lengths in tokens.
+      max_length: L_max.
+      buffer: L_buffer (the punishment interval), 0 < buffer <= max_length.
+
+    Returns:
+      float32 [N] in [−1, 0].
+
+    Raises:
+      ValueError: bad buffer or a lengths count that differs from the completions'.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"buffer must be in (0, max_length={max_length}], got {buffer}")
+    if len(lengths) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(lengths)} lengths")
+    excess = np.asarray(lengths, np.float32) - (max_length - buffer)
+    return np.clip(-excess / buffer, -1.0, 0.0).astype(np.float32)
+
+
+def weighted_sum(*terms: tuple[RewardFn, float]) -> RewardFn:
+    """Composes rewards: `fn(completions, **columns) = Σ_k w_k · reward_k(completions, **columns)`.
+
+    Raises (when called):
+      ValueError: a reward returns an array of the wrong shape (names it).
+    """
+    if not terms:
+        raise ValueError("weighted_sum needs at least one (reward, weight) pair")
+
+    def combined(completions: Sequence[str], **columns) -> np.ndarray:
+        total = np.zeros(len(completions), np.float32)
+        for fn, weight in terms:
+            value = np.asarray(fn(completions, **columns), np.float32)
+            if value.shape != total.shape:
+                raise ValueError(f"{getattr(fn, '__name__', fn)} returned shape {value.shape}, expected {total.shape}")
+            total += weight * value
+        return total
+
+    return combined

@@ -1,0 +1,69 @@
+import json
+from decimal import Decimal
+
+import numpy as np
+import pytest
+
+from jaxalign.rewards import (
+    exact_match_reward,
+    extract_answer,
+    format_reward,
+    overlong_penalty,
+    parse_number,
+    weighted_sum,
+)
+
+
+def test_parse_and_extract():
+    assert parse_number("costs $1,234.50 in total") == Decimal("1234.50")
+    assert parse_number("no digits") is None
+    assert extract_answer("so 3 + 4 = 7 #### 7") == Decimal("7")
+    assert extract_answer("<think>maybe 5</think><answer>The answer is -12</answer> then 99") == Decimal("-12")
+    assert extract_answer("I think it is 18, not 20.") == Decimal("20")
+
+
+def test_exact_match_reward():
+    completions = ["<think>..</think><answer>72</answer>", "#### 72.0", "it is 71", "nothing"]
+    answers = ["Natalia sold 48/2 = 24 clips... #### 72"] * 4
+    np.testing.assert_array_equal(exact_match_reward(completions, answers=answers), [1, 1, 0, 0])
+    with pytest.raises(ValueError, match=r"answers\[0\]"):
+        exact_match_reward(["1"], answers=["no number here"])
+
+
+def test_gsm8k_reference_answers_all_parse(shared_data):
+    rows = [json.loads(line) for line in (shared_data / "gsm8k/test.jsonl").read_text().splitlines()]
+    assert len(rows) == 1319
+    for row in rows:
+        final = row["answer"].split("####")[-1].strip().replace(",", "")
+        assert extract_answer(row["answer"]) == Decimal(final)
+    # a completion that restates the reference solution earns the reward
+    np.testing.assert_array_equal(
+        exact_match_reward([r["answer"] for r in rows[:50]], answers=[r["answer"] for r in rows[:50]]), np.ones(50)
+    )
+
+
+def test_format_reward():
+    completions = [
+        "<think>2+2 is 4</think>\n<answer>4</answer>",
+        "<answer>4</answer>",
+        "<think>x</think><answer>4</answer> trailing text",
+        " <think>\nmulti\nline\n</think> <answer>\n4\n</answer>\n",
+    ]
+    np.testing.assert_array_equal(format_reward(completions), [1, 0, 0, 1])
+
+
+def test_overlong_penalty_hand_computed():
+    # L_max = 20, buffer = 4: no penalty up to 16, linear to -1 at 20, -1 beyond
+    out = overlong_penalty(["x"] * 5, lengths=[10, 16, 18, 20, 25], max_length=20, buffer=4)
+    np.testing.assert_allclose(out, [0.0, 0.0, -0.5, -1.0, -1.0])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(["x"], lengths=[1], max_length=4, buffer=0)
+
+
+def test_weighted_sum():
+    reward = weighted_sum((exact_match_reward, 1.0), (format_reward, 0.5))
+    completions = ["<think>a</think><answer>3</answer>", "3", "<think>a</think><answer>4</answer>"]
+    np.testing.assert_allclose(reward(completions, answers=["3", "3", "3"]), [1.5, 1.0, 0.5])
+    bad = weighted_sum((lambda c, **_: np.zeros(2), 1.0),)
+    with pytest.raises(ValueError, match="shape"):
+        bad(["a", "b", "c"])

@@ -62,21 +62,6 @@ class Config:
     """Write generations and NLL figures as JSON here."""
 
 
-def encode_prompts(tokenizer: jd.Tokenizer, prompts: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded int32 [B, P] prompt tokens (BOS first when the tokenizer has one) and mask."""
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    rows = [bos + tokenizer.encode(p) for p in prompts]
-    if any(not r for r in rows):
-        raise ValueError("a prompt is empty and the tokenizer has no BOS token to start from")
-    width = max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.float32)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1.0
-    return tokens, mask
-
-
 def mean_nll(params, config: TransformerConfig, tokenizer: jd.Tokenizer, text: str) -> float:
     """Mean negative log-likelihood (nats per token) of `text` after BOS (or its first token)."""
     ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
@@ -100,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids, --model only {config.vocab_size}")
 
-    tokens, mask = encode_prompts(tokenizer, cfg.prompt)
+    tokens, mask = jd.collate_prompts(cfg.prompt, tokenizer)
     max_new = min(cfg.max_new_tokens, config.max_seq_len - tokens.shape[1])
     gen = generate(
         params, config, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new,

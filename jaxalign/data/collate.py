@@ -327,6 +327,41 @@ def collate_preference(
     }
 
 
+def collate_prompts(
+    prompts: Sequence[str],
+    tokenizer,
+    *,
+    length: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise prompts for generation: LEFT-padded, BOS first when the tokenizer has one.
+
+    Args:
+        prompts: B prompt strings ("" is allowed when the tokenizer has a BOS token).
+        tokenizer: a `Tokenizer`.
+        length: pad to this width P (default: the longest prompt); longer prompts keep their last
+            P tokens, so the text nearest the completion survives.
+
+    Raises:
+        ValueError: a prompt encodes to no tokens at all.
+
+    Returns:
+        (tokens int32 [B, P] with ``pad_id`` on the left, mask float32 [B, P], 1 on real tokens).
+    """
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    rows = [bos + ids for ids in tokenizer.encode_batch(list(prompts))]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS token to start from")
+    width = length or max(len(r) for r in rows)
+    tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.float32)
+    for i, row in enumerate(rows):
+        row = row[-width:]
+        tokens[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1.0
+    return tokens, mask
+
+
 class ReferencedPair(NamedTuple):
     """A preference pair with its reference model's completion log-probs, precomputed once."""
 

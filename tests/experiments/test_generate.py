@@ -1,6 +1,6 @@
 """experiments/generate.py on the real stories260K model."""
 
-from experiments.generate import encode_prompts, main, shuffle_words
+from experiments.generate import main, shuffle_words
 import jaxalign.data as jd
 
 
@@ -19,7 +19,7 @@ def test_stories260k_generates_stories_and_prefers_real_sentences(shared_data, t
 
 def test_prompt_encoding_is_left_padded_with_bos(shared_data):
     tok = jd.load_tokenizer(shared_data / "models/stories260K/tok512.model")
-    tokens, mask = encode_prompts(tok, ("Once upon a time", ""))
+    tokens, mask = jd.collate_prompts(("Once upon a time", ""), tok)
     assert tokens[1, -1] == tok.bos_id and mask[1].sum() == 1
     assert tokens[0, 0] == tok.bos_id and mask[0].all()
     assert sorted(shuffle_words("a b c d", 0).split()) == ["a", "b", "c", "d"]

@@ -1,0 +1,82 @@
+"""GRPO training step: the policy's completion log-probs on a `Rollout`, under `grpo_loss`.
+
+A GRPO iteration is: `grpo_rollout` with the current params (old-policy log-probs come from the
+generation itself), then μ calls of this step on the same rollout (DeepSeekMath's inner
+iterations; with μ = 1 the ratio is 1 and the clip is inactive on the first and only update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import optax
+
+from jaxalign.losses.grpo import grpo_loss
+from jaxalign.models.config import TransformerConfig
+from jaxalign.rollout import Rollout, completion_logps
+from jaxalign.trainers.state import Metrics, make_train_step
+
+
+def grpo_batch_loss(
+    params,
+    config: TransformerConfig,
+    rollout: Rollout,
+    dropout_rng: jax.Array | None = None,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    beta: float = 0.04,
+    kl_kind: str = "k3",
+    loss_agg: str = "seq_mean_token_mean",
+    importance_level: str = "token",
+    max_length: int | None = None,
+    denominator: jax.Array | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """`grpo_loss` of the policy on a rollout (see `jaxalign.losses.grpo_loss` for the options).
+
+    `denominator` (the whole rollout's `grpo_denominator`) makes a minibatch of a rollout
+    contribute its exact share of the whole-batch loss.
+    """
+    logps = completion_logps(
+        params, config, rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens,
+        dropout_rng=dropout_rng,
+    )  # [B·G,N]
+    return grpo_loss(
+        logps,
+        rollout.old_logps,
+        rollout.ref_logps if beta else None,
+        rollout.advantages,
+        rollout.completion_mask,
+        clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high,
+        beta=beta,
+        kl_kind=kl_kind,
+        loss_agg=loss_agg,
+        importance_level=importance_level,
+        max_length=max_length if max_length is not None else rollout.completion_tokens.shape[1],
+        denominator=denominator,
+        where=rollout.where,
+    )
+
+
+def make_grpo_step(
+    config: TransformerConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    dropout: bool = False,
+    **loss_kwargs,
+) -> Callable:
+    """jit-compiled `step(state, rollout) -> (state, metrics)` minimising `grpo_batch_loss`.
+
+    `loss_kwargs` are `grpo_batch_loss`'s options (clip_eps, clip_eps_high, beta, kl_kind,
+    loss_agg, importance_level, max_length). Dropout is off by default: it would make the first
+    inner iteration's ratio differ from 1 (TRL disables it for the same reason).
+    """
+
+    def loss_fn(params, rollout, dropout_rng):
+        rng = dropout_rng if dropout and config.dropout > 0 else None
+        return grpo_batch_loss(params, config, rollout, rng, **loss_kwargs)
+
+    return make_train_step(loss_fn, tx, schedule)

@@ -1,0 +1,28 @@
+"""A tiny end-to-end GRPO run: cold-start SFT, then GRPO raises held-out sampled accuracy."""
+
+import json
+
+import pytest
+
+from experiments.grpo_arithmetic import main, make_problems
+
+
+@pytest.mark.slow
+def test_grpo_raises_heldout_sampled_accuracy(tmp_path):
+    summary = main(["--output-dir", str(tmp_path), "--no-progress", "--eval-every", "1000"])
+    # measured at these defaults: sampled pass@1 0.183 -> 0.226 (800 draws), reward 0.18 -> 0.21
+    assert summary["heldout_accuracy_sampled_grpo"] > summary["heldout_accuracy_sampled_sft"] + 0.02
+    assert summary["train_reward_last"] > summary["train_reward_first"]
+    assert json.loads((tmp_path / "summary.json").read_text())["heldout_accuracy_sampled_grpo"] == pytest.approx(
+        summary["heldout_accuracy_sampled_grpo"]
+    )
+
+
+def test_problems_are_distinct_and_correct():
+    problems = make_problems(500, digits=2, seed=1)
+    assert len({p for p, _ in problems}) == 500
+    for prompt, answer in problems:
+        a, b = prompt.rstrip("=").split("+")
+        assert int(a) + int(b) == int(answer)
+    with pytest.raises(ValueError, match="distinct"):
+        make_problems(10_001, digits=2, seed=0)

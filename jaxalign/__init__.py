@@ -3,6 +3,18 @@
 from jaxalign.decoding import Generation, generate, sampling_logits
 from jaxalign.advantages import gae, group_advantages, kl_penalty, masked_whiten, rloo_advantages
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
+from jaxalign.lora import (
+    LoraConfig,
+    apply_lora,
+    init_lora,
+    lora_weight_decay_mask,
+    make_lora_loss_fn,
+    make_lora_optimizer,
+    merge_lora,
+    unmerge_lora,
+)
+from jaxalign.memory import estimate_memory
+from jaxalign.models.hf_export import export_hf
 from jaxalign.logprobs import entropy, sequence_logps, token_logps
 from jaxalign.losses import (
     dpo_loss,
@@ -43,6 +55,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Generation",
+    "LoraConfig",
+    "apply_lora",
+    "estimate_memory",
+    "export_hf",
+    "init_lora",
+    "lora_weight_decay_mask",
+    "make_lora_loss_fn",
+    "make_lora_optimizer",
+    "merge_lora",
+    "unmerge_lora",
     "KVCache",
     "MetricsWriter",
     "OptimConfig",

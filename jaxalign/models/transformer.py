@@ -228,7 +228,9 @@ class Attention(nn.Module):
                 mask = _position_mask(positions, positions, cfg.sliding_window)
                 out = jax.nn.dot_product_attention(q, kk, v, mask=mask)
             else:
-                # One fused call: XLA on CPU/TPU, cuDNN flash attention on GPUs where available.
+                # One call, one place to switch kernels. With implementation=None JAX 0.10 lowers
+                # it through XLA on every backend (GPU included); cuDNN's fused kernel needs
+                # implementation="cudnn" and bf16/fp16 inputs, not yet wired into the config.
                 window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
                 out = jax.nn.dot_product_attention(q, kk, v, is_causal=True, local_window_size=window)
         else:

@@ -19,6 +19,7 @@ from jaxalign.logprobs import sequence_logps, token_logps
 from jaxalign.losses.dpo import dpo_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
+from jaxalign.lora import LoraConfig, make_lora_loss_fn
 from jaxalign.trainers.state import Batch, Metrics, make_train_step
 
 
@@ -117,12 +118,16 @@ def make_dpo_step(
     grad_accum_steps: int = 1,
     chunk_size: int | None = None,
     dropout: bool = True,
+    lora: LoraConfig | None = None,
 ) -> Callable:
     """jit-compiled DPO step `step(state, batch, ref_params=None) -> (state, metrics)`.
 
     Pass `ref_params` (frozen reference) unless the batch carries precomputed reference log-probs
     (see `reference_logps`). Metrics: loss, chosen/rejected rewards, reward_accuracy,
-    reward_margin, logits, chosen/rejected log-probs, grad_norm, learning_rate.
+    reward_margin, logits, chosen/rejected log-probs, grad_norm, learning_rate. With `lora`, the
+    state's params are the adapters and the step is `step(state, batch, base_params, ref_params)`:
+    pass the base itself as `ref_params` (adapters off = the reference, no second copy), or
+    precompute reference log-probs with `reference_logps(base_params, ...)`.
     """
 
     def loss_fn(params, batch, dropout_rng, ref_params=None):
@@ -138,6 +143,8 @@ def make_dpo_step(
             chunk_size=chunk_size,
         )
 
+    if lora is not None:  # train adapters only; the base params become an extra argument
+        loss_fn = make_lora_loss_fn(loss_fn, lora)
     return make_train_step(loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps)
 
 

@@ -10,6 +10,7 @@ import optax
 from jaxalign.losses.sft import sft_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
+from jaxalign.lora import LoraConfig, make_lora_loss_fn
 from jaxalign.trainers.state import Batch, Metrics, make_train_step
 
 
@@ -55,11 +56,14 @@ def make_sft_step(
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
     dropout: bool = True,
+    lora: LoraConfig | None = None,
 ) -> Callable:
     """jit-compiled SFT step `step(state, batch) -> (state, metrics)`.
 
     Metrics: loss, loss_sum, num_tokens, token_accuracy, grad_norm, learning_rate.
-    `dropout=False` trains deterministically even when config.dropout > 0.
+    `dropout=False` trains deterministically even when config.dropout > 0. With `lora`, the
+    state's params are the adapters (`jaxalign.lora.init_lora`) and the step is
+    `step(state, batch, base_params)`.
     """
 
     def loss_fn(params, batch, dropout_rng):
@@ -72,6 +76,8 @@ def make_sft_step(
             chunk_size=chunk_size,
         )
 
+    if lora is not None:  # train adapters only; the base params become an extra argument
+        loss_fn = make_lora_loss_fn(loss_fn, lora)
     return make_train_step(loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps)
 
 

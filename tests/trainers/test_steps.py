@@ -152,3 +152,24 @@ def test_pair_logps_ignore_padding_rows_and_match_manual_sum(params, pairs):
     lp = jax.nn.log_softmax(forward(params, CONFIG, toks[:, :-1]))
     picked = jnp.take_along_axis(lp, toks[:, 1:, None], -1)[0, :, 0]
     np.testing.assert_allclose(c[0], jnp.sum(picked * batch["chosen_mask"][0, 1:]), rtol=1e-5)
+
+
+def test_lora_steps_train_adapters_only_with_base_as_reference(params, pairs):
+    from jaxalign.lora import LoraConfig, init_lora
+
+    lora = LoraConfig(rank=4, targets=("attention",))
+    tx, schedule = make_optimizer(OPT)
+    base = copy(params)
+    batch = jd.collate_preference(pairs[:4], batch_size=4, buckets=(32,), pad_id=TOK.pad_id)
+    step = make_dpo_step(CONFIG, tx, schedule, beta=0.1, lora=lora)
+    state = create_train_state(init_lora(base, lora, jax.random.key(1)), tx, 0)
+    margins = []
+    for i in range(4):
+        state, m = step(state, batch, base, base)  # adapters off == the reference
+        if i == 0:
+            np.testing.assert_allclose(m["loss"], np.log(2.0), rtol=1e-5)
+        margins.append(float(m["reward_margin"]))
+    assert margins[-1] > 0
+    assert_trees_close(base, params, rtol=0, atol=0)  # the base (and reference) never moved
+    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.shape, state.params))) != set()
+    assert sum(x.size for x in jax.tree.leaves(state.params)) < 0.2 * sum(x.size for x in jax.tree.leaves(params))

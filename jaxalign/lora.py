@@ -1,0 +1,364 @@
+"""LoRA and DoRA as pure transformations of the parameter pytree (no second model class).
+
+LoRA (Hu et al. 2021, arXiv 2106.09685, Eq. 3) freezes a kernel W and learns a low-rank update:
+
+    W' = W + s · A · B,      A [in, r],  B [r, out],  s = α / r
+
+with B = 0 at initialisation, so training starts exactly at the base model. DoRA (Liu et al. 2024,
+arXiv 2402.09353, Eq. 2-5) further splits the weight into a magnitude and a direction:
+
+    W' = m · V / ‖V‖_c,      V = W + s · A · B,   m [out] initialised to ‖W‖_c
+
+where ‖·‖_c is the L2 norm of each output column over the input axis (the norm of each row of
+torch's [out, in] `nn.Linear` weight, as in PEFT). At initialisation m = ‖W‖_c and B = 0, so W' = W
+up to one rounding of m / ‖W‖_c.
+
+How it is used. The adapters are a separate, small pytree; `apply_lora(base, adapters, cfg)` returns
+effective parameters with the targeted kernels replaced by W', and is pure and jit-able, so it runs
+inside the loss, where gradients flow only to the adapters:
+
+    logits = forward(apply_lora(base, adapters, lora_cfg), model_cfg, tokens)   # the policy
+    ref    = forward(base, model_cfg, tokens)                                   # the reference
+
+The base params *are* the frozen reference model (adapters off): DPO/GRPO need no copy of the
+weights. For training, the train state's params are the adapters and the base is an extra,
+non-donated step argument (see `make_lora_loss_fn`), so optimizer state and checkpoints are
+adapter-sized.
+
+Adapter pytree. It mirrors the module paths of the targeted kernels, e.g.
+`adapters["layers_0"]["attn"]["wq"] = {"lora_a": [D, r], "lora_b": [r, N·H]}` (+ `"magnitude":
+[N·H]` with DoRA). Every kernel is viewed as a matrix [in, out]: the kernels here contract their
+leading axis, except the attention output `wo` [N, H, D], which contracts (heads, head_dim), so
+wq [D, N, H] -> [D, N·H] and wo [N, H, D] -> [N·H, D]; `apply_lora` infers the split from
+lora_a's first dimension. Biases, norms and embeddings are never adapted.
+
+Design decisions:
+* Dropout on the adapter input (PEFT's `lora_dropout`) is NOT supported and has no config field:
+  it acts on activations (x -> dropout(x) · A · B), which a weight-space transformation cannot
+  express without hooks in the model. The model's own dropout (`TransformerConfig.dropout`) still
+  applies.
+* DoRA's column norm ‖V‖_c is detached by default, i.e. treated as a constant in the backward
+  pass, as DoRA §4.3 proposes and PEFT does (it saves the backward through the norm at a small
+  cost in gradient fidelity; the magnitude's gradient is unaffected at B = 0); set
+  `dora_detach_norm=False` for the exact gradient of Eq. 5.
+* Weight decay: `jaxalign.optim.make_optimizer` decays only leaves named "kernel", so on an adapter
+  tree it decays nothing. `lora_weight_decay_mask` decays lora_a and lora_b (as PEFT under the HF
+  Trainer, and the LoRA paper's GPT-2 runs: AdamW, weight decay 0.01, Table 11) but never the DoRA
+  magnitude (a scale, like a norm gain, which decay would shrink towards zero);
+  `make_lora_optimizer` is `make_optimizer` with that mask.
+* Precision: the update s·A·B is computed at HIGHEST matmul precision, added to W in the promoted
+  dtype of (W, A): a bfloat16 base with float32 adapters gives float32 effective kernels, so small
+  updates are not rounded away before the model casts to its compute dtype. `merge_lora` casts
+  back to the base dtype for export.
+* Memory: because the merged kernel W' is an operand of the model's matmul, autodiff keeps W' of
+  every targeted kernel alive for the backward pass (a transient copy of the targeted weights);
+  PEFT's unmerged x·W + s·(x·A)·B would instead keep the [B, T, r] product. See
+  `jaxalign.memory.estimate_memory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from jaxalign.optim import OptimConfig, learning_rate_schedule
+
+Params = Any
+Adapters = dict
+
+LORA_A, LORA_B, MAGNITUDE = "lora_a", "lora_b", "magnitude"
+
+# Presets of `LoraConfig.targets`, as regular expressions over '/'-joined kernel paths such as
+# "layers_3/attn/wq/kernel". The embedding and the output head are never in a preset (as in PEFT);
+# target them by pattern ("lm_head") if wanted.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": (r"(^|/)attn/(wq|wk|wv|wo)/kernel$",),
+    "mlp": (r"(^|/)mlp/(up|gate|down)/kernel$",),
+    "all": (r"(^|/)attn/(wq|wk|wv|wo)/kernel$", r"(^|/)mlp/(up|gate|down)/kernel$"),
+    "qv": (r"(^|/)attn/(wq|wv)/kernel$",),  # the LoRA paper's main setting (§7.1)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which kernels get adapters, and of what kind.
+
+    Attributes:
+      rank: r, the inner dimension of A [in, r] and B [r, out].
+      alpha: α; the update is scaled by s = α / r (LoRA §4.1: tuning α is roughly tuning the
+        learning rate, so α is kept fixed when r changes).
+      targets: presets ("attention" = wq/wk/wv/wo, "mlp" = up/gate/down, "all" = both, "qv")
+        and/or regular expressions, each `re.search`ed in the '/'-joined path of every leaf named
+        "kernel" (e.g. "attn/wq" matches "layers_0/attn/wq/kernel"). Each must match at least one
+        kernel of the params it is applied to.
+      dora: weight-decomposed adaptation (DoRA): also learn a magnitude m [out] per kernel.
+      dora_detach_norm: treat ‖W + s·A·B‖_c as a constant in the backward pass (DoRA §4.3, PEFT).
+      param_dtype: dtype of the adapter leaves (float32 keeps Adam updates exact even when the
+        frozen base is stored in bfloat16).
+
+    There is no dropout field: adapter-input dropout is not supported (see the module docstring).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("attention",)
+    dora: bool = False
+    dora_detach_norm: bool = True
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if isinstance(self.targets, str):
+            raise ValueError(
+                f"LoraConfig.targets must be a tuple of patterns, got the string {self.targets!r}"
+            )
+        if not self.targets:
+            raise ValueError("LoraConfig.targets is empty")
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"LoraConfig.targets: bad regular expression {pattern!r}: {err}") from err
+
+    @property
+    def scaling(self) -> float:
+        """s = α / r."""
+        return self.alpha / self.rank
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """`targets` with presets expanded to their regular expressions."""
+        out: list[str] = []
+        for target in self.targets:
+            out.extend(TARGET_PRESETS.get(target, (target,)))
+        return tuple(out)
+
+
+def _path_str(path: tuple[str, ...]) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _n_in_axes(module_path: tuple[str, ...], ndim: int) -> int:
+    """Leading axes a kernel contracts: (heads, head_dim) for the attention output `wo`, else one."""
+    if module_path and module_path[-1] == "wo" and ndim == 3:
+        return 2
+    return 1
+
+
+def lora_targets(params: Params, config: LoraConfig) -> list[str]:
+    """'/'-joined module paths (without "/kernel") of the kernels `config` targets, sorted.
+
+    Raises:
+      ValueError: a target pattern matches no kernel (a typo would otherwise train nothing).
+    """
+    kernels = [
+        path for path in traverse_util.flatten_dict(params) if path and path[-1] == "kernel"
+    ]
+    names = {path: _path_str(path) for path in kernels}
+    chosen = set()
+    for pattern in config.patterns:
+        hits = [path for path, name in names.items() if re.search(pattern, name)]
+        if not hits:
+            raise ValueError(
+                f"LoRA target {pattern!r} matches no kernel; kernels are e.g. "
+                f"{sorted(names.values())[:4]}"
+            )
+        chosen.update(hits)
+    return sorted(_path_str(path[:-1]) for path in chosen)
+
+
+def init_lora(params: Params, config: LoraConfig, rng: jax.Array) -> Adapters:
+    """Adapters for every targeted kernel of `params`, initialised so that the model is unchanged.
+
+    A ~ U(-1/√in, 1/√in) (PEFT's and loralib's `kaiming_uniform_(a=√5)`), B = 0 (LoRA §4.1), and
+    with DoRA m = ‖W‖_c (the column norms of W over its input axis, DoRA Eq. 2).
+
+    Args:
+      params: the base parameter pytree (only shapes/dtypes are read, plus W for DoRA's m).
+      config: the LoRA configuration.
+      rng: a `jax.random.key`.
+
+    Returns:
+      Nested dict mirroring the targeted module paths, leaves "lora_a" [in, r], "lora_b" [r, out]
+      and (DoRA) "magnitude" [out], all in `config.param_dtype`.
+    """
+    flat = traverse_util.flatten_dict(params)
+    modules = lora_targets(params, config)
+    keys = jax.random.split(rng, len(modules))
+    adapters: dict[tuple[str, ...], jax.Array] = {}
+    for key, module in zip(keys, modules):
+        path = tuple(module.split("/"))
+        w = flat[path + ("kernel",)]
+        n_in = _n_in_axes(path, w.ndim)
+        d_in = math.prod(w.shape[:n_in])
+        d_out = math.prod(w.shape[n_in:])
+        bound = 1.0 / math.sqrt(d_in)
+        adapters[path + (LORA_A,)] = jax.random.uniform(
+            key, (d_in, config.rank), config.param_dtype, -bound, bound
+        )
+        adapters[path + (LORA_B,)] = jnp.zeros((config.rank, d_out), config.param_dtype)
+        if config.dora:
+            norm = _column_norm(jnp.reshape(w, (d_in, d_out)))
+            adapters[path + (MAGNITUDE,)] = norm.astype(config.param_dtype)
+    return traverse_util.unflatten_dict(adapters)
+
+
+def _column_norm(v: jax.Array) -> jax.Array:
+    """‖v‖_c: L2 norm of each output column of v [in, out] over the input axis, float32 [out]."""
+    v = v.astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(v * v, axis=0))
+
+
+def _effective_kernel(w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig) -> jax.Array:
+    """W + s·A·B (or DoRA's m·V/‖V‖_c) in W's shape and the promoted dtype of (W, A)."""
+    a, b = adapter[LORA_A], adapter[LORA_B]  # [in, r], [r, out]
+    dtype = jnp.result_type(w.dtype, a.dtype)
+    v = jnp.reshape(w, (a.shape[0], b.shape[1])).astype(dtype)  # [in, out]
+    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [in, out]
+    v = v + (config.scaling * delta).astype(dtype)
+    if config.dora:
+        norm = _column_norm(v)  # [out]
+        if config.dora_detach_norm:
+            norm = jax.lax.stop_gradient(norm)
+        v = v * (adapter[MAGNITUDE].astype(jnp.float32) / norm).astype(dtype)  # [in, out]
+    return jnp.reshape(v, w.shape)
+
+
+def _adapter_modules(adapters: Adapters) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    modules: dict[tuple[str, ...], dict[str, jax.Array]] = {}
+    for path, leaf in traverse_util.flatten_dict(adapters).items():
+        modules.setdefault(path[:-1], {})[path[-1]] = leaf
+    return modules
+
+
+def apply_lora(params: Params, adapters: Adapters, config: LoraConfig) -> Params:
+    """Effective parameters: every adapted kernel replaced by W + (α/r)·A·B (or the DoRA weight).
+
+    Pure and jit-able; call it inside the loss so that gradients reach the adapters only:
+    `forward(apply_lora(base, adapters, cfg), model_cfg, tokens)`. Leaves without adapters are
+    passed through unchanged (the same arrays).
+
+    Args:
+      params: base parameter pytree (nested dicts, as from `init_params` / `load_hf_checkpoint`).
+      adapters: from `init_lora` (or a trained/restored copy).
+      config: the `LoraConfig` the adapters were made with.
+
+    Raises:
+      KeyError: an adapter names a module without a kernel in `params`.
+      ValueError: DoRA config but adapters without magnitudes (or the reverse).
+    """
+    flat = traverse_util.flatten_dict(params)
+    for module, adapter in _adapter_modules(adapters).items():
+        key = module + ("kernel",)
+        if key not in flat:
+            raise KeyError(f"adapter for {_path_str(module)!r}: params have no such kernel")
+        if (MAGNITUDE in adapter) != config.dora:
+            raise ValueError(
+                f"adapter {_path_str(module)!r}: LoraConfig.dora={config.dora} but the adapter "
+                f"{'has' if MAGNITUDE in adapter else 'lacks'} a magnitude"
+            )
+        flat[key] = _effective_kernel(flat[key], adapter, config)
+    return traverse_util.unflatten_dict(flat)
+
+
+def merge_lora(params: Params, adapters: Adapters, config: LoraConfig) -> Params:
+    """`apply_lora` materialised in the base dtypes: a plain parameter tree for inference/export."""
+    merged = apply_lora(params, adapters, config)
+    return jax.tree.map(lambda new, old: new.astype(old.dtype), merged, params)
+
+
+def unmerge_lora(merged: Params, adapters: Adapters, config: LoraConfig) -> Params:
+    """Recovers the base from LoRA-merged params: W = W' - (α/r)·A·B (up to float rounding).
+
+    Raises:
+      ValueError: for DoRA, which cannot be undone from (W', adapters): W' fixes only the
+        direction of each column of V = W + s·A·B, not its length ‖V‖_c, so W is not determined.
+        Keep the base.
+    """
+    if config.dora:
+        raise ValueError("unmerge_lora: DoRA merges are not invertible; keep the base params")
+    flat = traverse_util.flatten_dict(merged)
+    for module, adapter in _adapter_modules(adapters).items():
+        key = module + ("kernel",)
+        w = flat[key]
+        a, b = adapter[LORA_A], adapter[LORA_B]
+        dtype = jnp.result_type(w.dtype, a.dtype)
+        v = jnp.reshape(w, (a.shape[0], b.shape[1])).astype(dtype)
+        v = v - (config.scaling * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)).astype(dtype)
+        flat[key] = jnp.reshape(v, w.shape).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def make_lora_loss_fn(loss_fn: Callable, config: LoraConfig) -> Callable:
+    """Turns `loss_fn(params, batch, dropout_rng, *extra)` into
+    `lora_loss_fn(adapters, batch, dropout_rng, base, *extra)`.
+
+    The new loss calls `loss_fn(apply_lora(base, adapters, config), batch, dropout_rng, *extra)`,
+    so `jaxalign.trainers.make_train_step(lora_loss_fn, tx, schedule)` trains the adapters only:
+    build the state with `create_train_state(adapters, tx, seed)` and call `step(state, batch,
+    base)` (or `step(state, batch, base, base)` for a DPO loss whose extra argument is the
+    reference params: the base is the reference). The base is an ordinary, non-donated argument,
+    so it is not baked into the compiled program and survives the step.
+    """
+
+    def lora_loss_fn(adapters, batch, dropout_rng, base, *extra):
+        return loss_fn(apply_lora(base, adapters, config), batch, dropout_rng, *extra)
+
+    return lora_loss_fn
+
+
+def lora_weight_decay_mask(adapters: Adapters) -> Adapters:
+    """Pytree of bools over an adapter tree: True on lora_a / lora_b, False on DoRA magnitudes.
+
+    Use with optax directly, e.g. `optax.adamw(schedule, weight_decay=0.01,
+    mask=lora_weight_decay_mask)`, or through `make_lora_optimizer`. (`jaxalign.optim`'s
+    `weight_decay_mask` decays leaves named "kernel" only, i.e. no adapter leaf.)
+    """
+
+    def decays(path, leaf) -> bool:
+        del leaf
+        return str(getattr(path[-1], "key", path[-1])) in (LORA_A, LORA_B)
+
+    return jax.tree_util.tree_map_with_path(decays, adapters)
+
+
+def make_lora_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, Callable]:
+    """`jaxalign.optim.make_optimizer` with `lora_weight_decay_mask` instead of the kernel mask:
+    clip_by_global_norm -> adamw(warmup-cosine, decay on lora_a/lora_b), in MultiSteps if
+    `config.grad_accum_steps > 1`. The optimizer state has exactly the same leaves.
+
+    Args:
+      config: the optimiser hyperparameters (`weight_decay` applies to lora_a and lora_b).
+    """
+    schedule = learning_rate_schedule(config)
+    parts = []
+    if config.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=lora_weight_decay_mask,
+        )
+    )
+    tx = optax.chain(*parts)
+    if config.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx, schedule
+
+
+def num_lora_params(adapters: Adapters) -> int:
+    """Number of trainable adapter values."""
+    return sum(x.size for x in jax.tree.leaves(adapters))

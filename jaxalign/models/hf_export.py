@@ -1,0 +1,237 @@
+"""Export jaxalign parameters to a Hugging Face `transformers` checkpoint directory.
+
+The inverse of `jaxalign.models.hf` (kept in its own file so that importing stays independent of
+exporting): writes `config.json` and `model.safetensors` that
+`transformers.AutoModelForCausalLM.from_pretrained(directory)` loads as
+
+* `GPT2LMHeadModel` for `family="gpt2"`: Conv1D weights in [in, out] layout, `c_attn` the
+  concatenation [q | k | v] along the output axis;
+* `LlamaForCausalLM` for `family="llama"` (`Qwen2ForCausalLM` when `qkv_bias`, since HF Llama's
+  `attention_bias` would also add an o_proj bias this model lacks; `MistralForCausalLM` with a
+  sliding window): nn.Linear weights in [out, in] layout. HF applies RoPE "rotate-half" style, so
+  a model with `rope_interleaved=True` (Meta / llama2.c layout, e.g. stories260K) has the rows of
+  each q/k head permuted from (x0, x1, x2, x3, ...) pairs to (x0, x2, ..., x1, x3, ...) halves:
+  `w.reshape(heads, H/2, 2, in).transpose(0, 2, 1, 3)`, the permutation of Meta's
+  `convert_llama_weights_to_hf.py`; attention scores are unchanged because q and k get the same
+  permutation.
+
+To export a LoRA/DoRA fine-tune, merge first: `export_hf(merge_lora(base, adapters, cfg), ...)`.
+No tokenizer files are written; copy the tokenizer of the base checkpoint alongside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from jaxalign.models.config import TransformerConfig
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _np(x, dtype) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(dtype))
+
+
+def _rotate_half_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Permutes the rows of a q/k weight [heads·H, ...] from interleaved pairs to HF halves."""
+    h = w.shape[0] // heads
+    rest = w.shape[1:]
+    return w.reshape(heads, h // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def gpt2_state_dict(
+    params: dict[str, Any], config: TransformerConfig, dtype=np.float32
+) -> dict[str, np.ndarray]:
+    """HF `GPT2LMHeadModel` tensors (names with the "transformer." prefix) from jaxalign params."""
+    if config.kv_heads != config.n_heads:
+        raise ValueError("GPT-2 export: grouped-query attention has no GPT2LMHeadModel equivalent")
+    d = config.d_model
+    state: dict[str, np.ndarray] = {
+        "transformer.wte.weight": _np(params["embed"]["embedding"], dtype),
+        "transformer.wpe.weight": _np(params["pos_embed"]["embedding"], dtype),
+        "transformer.ln_f.weight": _np(params["ln_f"]["scale"], dtype),
+        "transformer.ln_f.bias": _np(params["ln_f"]["bias"], dtype),
+    }
+    for i in range(config.n_layers):
+        layer, p = params[f"layers_{i}"], f"transformer.h.{i}."
+        attn, mlp = layer["attn"], layer["mlp"]
+        for ln in ("ln_1", "ln_2"):
+            state[p + f"{ln}.weight"] = _np(layer[ln]["scale"], dtype)
+            state[p + f"{ln}.bias"] = _np(layer[ln]["bias"], dtype)
+        qkv = [np.asarray(attn[n]["kernel"]).reshape(d, -1) for n in ("wq", "wk", "wv")]
+        state[p + "attn.c_attn.weight"] = _np(np.concatenate(qkv, axis=1), dtype)  # [D, 3D]
+        state[p + "attn.c_attn.bias"] = _np(
+            np.concatenate([np.asarray(attn[n]["bias"]).reshape(-1) for n in ("wq", "wk", "wv")]), dtype
+        )
+        state[p + "attn.c_proj.weight"] = _np(np.asarray(attn["wo"]["kernel"]).reshape(-1, d), dtype)
+        state[p + "attn.c_proj.bias"] = _np(attn["wo"]["bias"], dtype)
+        state[p + "mlp.c_fc.weight"] = _np(mlp["up"]["kernel"], dtype)  # [D, F]
+        state[p + "mlp.c_fc.bias"] = _np(mlp["up"]["bias"], dtype)
+        state[p + "mlp.c_proj.weight"] = _np(mlp["down"]["kernel"], dtype)  # [F, D]
+        state[p + "mlp.c_proj.bias"] = _np(mlp["down"]["bias"], dtype)
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = _np(np.asarray(params["lm_head"]["kernel"]).T, dtype)  # [V, D]
+    return state
+
+
+def gpt2_hf_config(config: TransformerConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """A GPT2Config dict for `config` (dropout off: exported for inference and fine-tuning)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.max_seq_len,
+        "n_ctx": config.max_seq_len,
+        "n_embd": config.d_model,
+        "n_layer": config.n_layers,
+        "n_head": config.n_heads,
+        "n_inner": config.d_ff,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.norm_eps,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        # GPT-2's <|endoftext|> id where the vocabulary has it (HF's default would be out of range).
+        "bos_token_id": 50256 if config.vocab_size > 50256 else None,
+        "eos_token_id": 50256 if config.vocab_size > 50256 else None,
+        "torch_dtype": torch_dtype,
+    }
+
+
+def _llama_model_type(config: TransformerConfig) -> str:
+    if config.qkv_bias and config.sliding_window is not None:
+        raise ValueError("export: q/k/v biases with a sliding window have no HF equivalent here")
+    if config.qkv_bias:
+        return "qwen2"
+    return "mistral" if config.sliding_window is not None else "llama"
+
+
+def llama_state_dict(
+    params: dict[str, Any], config: TransformerConfig, dtype=np.float32
+) -> dict[str, np.ndarray]:
+    """HF Llama-family tensors ("model." prefix, nn.Linear [out, in]) from jaxalign params."""
+    d, n, k, h = config.d_model, config.n_heads, config.kv_heads, config.head_dim
+
+    def linear(kernel, rows: int) -> np.ndarray:  # jaxalign [in, ...] -> HF [out, in]
+        return np.asarray(kernel, dtype=np.float32).reshape(rows, -1).T
+
+    state: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": _np(params["embed"]["embedding"], dtype),
+        "model.norm.weight": _np(params["ln_f"]["scale"], dtype),
+    }
+    for i in range(config.n_layers):
+        layer, p = params[f"layers_{i}"], f"model.layers.{i}."
+        attn, mlp = layer["attn"], layer["mlp"]
+        state[p + "input_layernorm.weight"] = _np(layer["ln_1"]["scale"], dtype)
+        state[p + "post_attention_layernorm.weight"] = _np(layer["ln_2"]["scale"], dtype)
+        for name, heads, rope in (("q", n, True), ("k", k, True), ("v", k, False)):
+            proj = attn[f"w{name}"]
+            w = linear(proj["kernel"], d)  # [heads·H, D]
+            b = np.asarray(proj["bias"], np.float32).reshape(-1) if config.qkv_bias else None
+            if rope and config.rope_interleaved:
+                w = _rotate_half_rows(w, heads)
+                b = None if b is None else _rotate_half_rows(b, heads)
+            state[p + f"self_attn.{name}_proj.weight"] = _np(w, dtype)
+            if b is not None:
+                state[p + f"self_attn.{name}_proj.bias"] = _np(b, dtype)
+        state[p + "self_attn.o_proj.weight"] = _np(linear(attn["wo"]["kernel"], n * h), dtype)  # [D, N·H]
+        for name in ("gate", "up", "down"):
+            state[p + f"mlp.{name}_proj.weight"] = _np(np.asarray(mlp[name]["kernel"]).T, dtype)
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = _np(np.asarray(params["lm_head"]["kernel"]).T, dtype)  # [V, D]
+    return state
+
+
+def llama_hf_config(config: TransformerConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """A Llama / Qwen2 / Mistral config dict for `config`.
+
+    RoPE settings are written both as transformers v5 `rope_parameters` and as the v4 keys
+    `rope_theta` / `rope_scaling`.
+    """
+    model_type = _llama_model_type(config)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    scaling = None
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        scaling = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position,
+        }
+        rope = {**scaling, "rope_theta": config.rope_theta}
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    out: dict[str, Any] = {
+        "architectures": [architecture[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ff_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": rope,
+        "torch_dtype": torch_dtype,
+    }
+    if model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+    if model_type == "qwen2":
+        out["use_sliding_window"] = False
+        out["sliding_window"] = None
+        out["max_window_layers"] = config.n_layers
+    return out
+
+
+def export_hf(
+    params: dict[str, Any],
+    config: TransformerConfig,
+    directory: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+) -> Path:
+    """Writes `config.json` and `model.safetensors` for `transformers.AutoModelForCausalLM`.
+
+    Args:
+      params: a plain jaxalign parameter tree (merge LoRA adapters first with `merge_lora`).
+      config: the model's `TransformerConfig`.
+      directory: created if missing; existing files of the same names are overwritten.
+      dtype: "float32" or "float16" (safetensors' NumPy writer has no bfloat16; bfloat16 params
+        are widened to float32 exactly).
+
+    Returns:
+      The directory as a `Path`.
+
+    Raises:
+      ValueError: an unknown dtype, or a model with no HF equivalent (GPT-2 with grouped-query
+        attention; q/k/v biases together with a sliding window).
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"export_hf: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    np_dtype = _DTYPES[dtype]
+    if config.family == "gpt2":
+        state, hf = gpt2_state_dict(params, config, np_dtype), gpt2_hf_config(config, dtype)
+    else:
+        state, hf = llama_state_dict(params, config, np_dtype), llama_hf_config(config, dtype)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    safetensors.numpy.save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory

@@ -1,0 +1,380 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
+from jaxalign.lora import (
+    LoraConfig,
+    apply_lora,
+    init_lora,
+    lora_targets,
+    lora_weight_decay_mask,
+    make_lora_loss_fn,
+    make_lora_optimizer,
+    merge_lora,
+    unmerge_lora,
+)
+from jaxalign.models import forward as _forward
+from jaxalign.models import get_config, init_params, load_hf_checkpoint
+from jaxalign.models.config import RopeScaling
+from jaxalign.models.hf_export import export_hf
+from jaxalign.optim import OptimConfig, make_optimizer, weight_decay_mask
+from jaxalign.trainers import create_train_state, make_train_step
+from jaxalign.trainers.dpo import dpo_batch_loss
+from jaxalign.trainers.sft import sft_batch_loss
+from tests.conftest import compile_count
+
+V = 101
+forward = jax.jit(_forward, static_argnums=1)  # one compilation per (config, shape), not op by op
+TOKENS = np.random.RandomState(0).randint(0, V, (2, 13))
+
+
+def nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def perturb(tree, seed, scale=0.05):
+    """Nonzero adapters (a trained state), so that the tests see B != 0."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten(
+        [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    config = get_config("gpt2-tiny", vocab_size=V)
+    return config, init_params(config, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def llama():  # grouped-query attention, Meta's interleaved RoPE (as stories260K), untied head
+    config = get_config("llama-tiny", vocab_size=V, rope_interleaved=True, tie_embeddings=False)
+    return config, init_params(config, jax.random.key(1))
+
+
+def sft_batch(seed=0, b=4, t=17):
+    rng = np.random.RandomState(seed)
+    mask = np.zeros((b, t), np.float32)
+    mask[:, t // 2 :] = 1.0
+    return {"tokens": jnp.asarray(rng.randint(0, V, (b, t)), jnp.int32), "mask": jnp.asarray(mask)}
+
+
+# --- targets and shapes ----------------------------------------------------------------------
+
+
+def test_targets_presets_and_matrix_shapes(llama):
+    config, params = llama
+    n, k, h, d, f = config.n_heads, config.kv_heads, config.head_dim, config.d_model, config.ff_dim
+    cfg = LoraConfig(rank=3, targets=("all",), dora=True)
+    ad = init_lora(params, cfg, jax.random.key(0))
+    attn, mlp = ad["layers_0"]["attn"], ad["layers_0"]["mlp"]
+    assert attn["wq"]["lora_a"].shape == (d, 3) and attn["wq"]["lora_b"].shape == (3, n * h)
+    assert attn["wk"]["lora_b"].shape == (3, k * h) and attn["wk"]["magnitude"].shape == (k * h,)
+    assert attn["wo"]["lora_a"].shape == (n * h, 3) and attn["wo"]["lora_b"].shape == (3, d)
+    assert mlp["down"]["lora_a"].shape == (f, 3) and mlp["gate"]["lora_b"].shape == (3, f)
+    assert "embed" not in ad and "lm_head" not in ad
+    assert len(lora_targets(params, cfg)) == config.n_layers * 7
+    assert lora_targets(params, LoraConfig(targets=("qv",)))[:2] == ["layers_0/attn/wq", "layers_0/attn/wv"]
+    assert lora_targets(params, LoraConfig(targets=("layers_1/attn/wq", "lm_head"))) == [
+        "layers_1/attn/wq", "lm_head"
+    ]
+    assert len(lora_targets(params, LoraConfig(targets=("mlp",)))) == 3 * config.n_layers
+    with pytest.raises(ValueError, match="matches no kernel"):
+        init_lora(params, LoraConfig(targets=("attn/w_q",)), jax.random.key(0))
+    with pytest.raises(ValueError):
+        LoraConfig(targets="attention")
+    # A ~ U(±1/sqrt(in)), B = 0, m = column norms of W over its input axis.
+    a = np.asarray(attn["wo"]["lora_a"])
+    assert np.abs(a).max() <= 1 / math.sqrt(n * h) and a.std() > 0.3 / math.sqrt(n * h)
+    assert not np.any(np.asarray(attn["wo"]["lora_b"]))
+    w = np.asarray(params["layers_0"]["attn"]["wk"]["kernel"]).reshape(d, k * h)
+    np.testing.assert_allclose(attn["wk"]["magnitude"], np.linalg.norm(w, axis=0), rtol=1e-6)
+
+
+# --- equivalence with the base and merge / unmerge ---------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "llama"])
+def test_lora_at_init_is_exactly_the_base(fixture, request):
+    config, params = request.getfixturevalue(fixture)
+    cfg = LoraConfig(rank=4, targets=("all",))
+    ad = init_lora(params, cfg, jax.random.key(2))
+    effective = jax.jit(apply_lora, static_argnums=2)(params, ad, cfg)
+    for got, want in zip(jax.tree.leaves(effective), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(got, want)
+    tokens = jnp.asarray(TOKENS)
+    np.testing.assert_array_equal(forward(effective, config, tokens), forward(params, config, tokens))
+
+
+def test_effective_kernels_against_numpy(llama):
+    config, params = llama
+    cfg = LoraConfig(rank=4, alpha=8.0, targets=("attention", "mlp"))
+    ad = perturb(init_lora(params, cfg, jax.random.key(3)), 4)
+    eff = apply_lora(params, ad, cfg)
+    s = 2.0
+    for name, w_shape_in in (("wq", 1), ("wo", 2)):
+        w = np.asarray(params["layers_1"]["attn"][name]["kernel"], np.float64)
+        a = np.asarray(ad["layers_1"]["attn"][name]["lora_a"], np.float64)
+        b = np.asarray(ad["layers_1"]["attn"][name]["lora_b"], np.float64)
+        d_in = int(np.prod(w.shape[:w_shape_in]))
+        want = (w.reshape(d_in, -1) + s * a @ b).reshape(w.shape)
+        np.testing.assert_allclose(eff["layers_1"]["attn"][name]["kernel"], want, atol=1e-6)
+    # untouched leaves are the very same arrays
+    assert eff["layers_1"]["ln_1"]["scale"] is params["layers_1"]["ln_1"]["scale"]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_equals_apply_inside_forward_and_unmerge(gpt2, dora):
+    config, params = gpt2
+    cfg = LoraConfig(rank=4, targets=("all",), dora=dora)
+    ad = perturb(init_lora(params, cfg, jax.random.key(5)), 6)
+    tokens = jnp.asarray(TOKENS)
+    inside = jax.jit(lambda a, p, t: forward(apply_lora(p, a, cfg), config, t))(ad, params, tokens)
+    merged = merge_lora(params, ad, cfg)
+    outside = forward(merged, config, tokens)
+    np.testing.assert_allclose(inside, outside, atol=1e-6)
+    assert not np.allclose(outside, forward(params, config, tokens), atol=1e-3)  # adapters matter
+    if dora:
+        with pytest.raises(ValueError, match="not invertible"):
+            unmerge_lora(merged, ad, cfg)
+    else:
+        restored = unmerge_lora(merged, ad, cfg)
+        for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_bfloat16_base_keeps_float32_updates(gpt2):
+    config, params = gpt2
+    base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    cfg = LoraConfig(rank=2, targets=("attn/wq",))
+    ad = perturb(init_lora(base16, cfg, jax.random.key(0)), 1, scale=1e-4)
+    eff = apply_lora(base16, ad, cfg)
+    kernel = eff["layers_0"]["attn"]["wq"]["kernel"]
+    assert kernel.dtype == jnp.float32 and eff["layers_0"]["attn"]["wk"]["kernel"].dtype == jnp.bfloat16
+    delta = kernel - base16["layers_0"]["attn"]["wq"]["kernel"].astype(jnp.float32)
+    assert 0 < float(jnp.abs(delta).max()) < 1e-3  # far below bf16's resolution at |W| ~ 0.02
+    assert merge_lora(base16, ad, cfg)["layers_0"]["attn"]["wq"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_apply_lora_jit_no_recompile(gpt2):
+    config, params = gpt2
+    cfg = LoraConfig(rank=2)
+    ad = init_lora(params, cfg, jax.random.key(0))
+    fn = jax.jit(lambda p, a: apply_lora(p, a, cfg))
+    fn(params, ad)
+    fn(params, perturb(ad, 1))
+    assert compile_count(fn) == 1
+
+
+# --- DoRA ------------------------------------------------------------------------------------
+
+
+def test_dora_at_init_equals_base_and_keeps_column_norms(llama):
+    config, params = llama
+    cfg = LoraConfig(rank=4, targets=("all",), dora=True)
+    ad = init_lora(params, cfg, jax.random.key(7))
+    tokens = jnp.asarray(TOKENS)
+    eff = jax.jit(lambda p, a: apply_lora(p, a, cfg))(params, ad)
+    for got, want in zip(jax.tree.leaves(eff), jax.tree.leaves(params)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # m/‖W‖_c is 1 up to rounding
+    np.testing.assert_allclose(forward(eff, config, tokens), forward(params, config, tokens), atol=1e-6)
+    # After training: every column of W' has norm exactly m (DoRA Eq. 5).
+    trained = perturb(ad, 8)
+    eff = apply_lora(params, trained, cfg)
+    w = np.asarray(eff["layers_1"]["attn"]["wo"]["kernel"]).reshape(config.d_model, config.d_model)
+    m = np.asarray(trained["layers_1"]["attn"]["wo"]["magnitude"])
+    np.testing.assert_allclose(np.linalg.norm(w, axis=0), np.abs(m), rtol=1e-5)
+
+
+def test_dora_gradients_finite_magnitude_trains_and_detach(gpt2):
+    config, params = gpt2
+    batch = sft_batch()
+
+    def grad_fn(detach):
+        cfg = LoraConfig(rank=4, targets=("attention",), dora=True, dora_detach_norm=detach)
+        loss = make_lora_loss_fn(lambda p, b, rng: sft_batch_loss(p, config, b, rng), cfg)
+        return jax.jit(jax.grad(lambda a, p: loss(a, batch, None, p)[0]))
+
+    detached, exact = grad_fn(True), grad_fn(False)
+    ad = init_lora(params, LoraConfig(rank=4, targets=("attention",), dora=True), jax.random.key(9))
+    g = detached(ad, params)
+    for leaf in jax.tree.leaves(g):
+        assert np.all(np.isfinite(leaf))
+    wq = g["layers_0"]["attn"]["wq"]
+    assert float(jnp.abs(wq["magnitude"]).max()) > 0 and float(jnp.abs(wq["lora_b"]).max()) > 0
+    # The magnitude trains: one AdamW update moves it.
+    tx, _ = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10))
+    updates, _ = tx.update(g, tx.init(ad), ad)
+    assert float(jnp.abs(updates["layers_1"]["attn"]["wv"]["magnitude"]).min()) > 0
+    # Detaching ‖V‖_c (DoRA §4.3) is an approximation: at B = 0 the magnitude gradients agree
+    # (V = W either way); once B != 0 the B gradients differ. Both are finite.
+    g_exact = exact(ad, params)
+    np.testing.assert_allclose(
+        g["layers_0"]["attn"]["wv"]["magnitude"], g_exact["layers_0"]["attn"]["wv"]["magnitude"],
+        rtol=1e-5, atol=1e-9,
+    )
+    trained = perturb(ad, 3, scale=0.2)
+    g1, g2 = detached(trained, params), exact(trained, params)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g2))
+    assert not np.allclose(
+        g1["layers_0"]["attn"]["wv"]["lora_b"], g2["layers_0"]["attn"]["wv"]["lora_b"], rtol=1e-3
+    )
+
+
+# --- training: only adapters change, optimizer state is adapter-sized ------------------------
+
+
+def test_one_sft_step_changes_only_adapters(gpt2):
+    config, params = gpt2
+    cfg = LoraConfig(rank=4, targets=("attention",))
+    base_copy = jax.tree.map(np.array, params)
+    ad = init_lora(params, cfg, jax.random.key(11))
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10))
+    loss_fn = make_lora_loss_fn(lambda p, b, rng: sft_batch_loss(p, config, b, rng), cfg)
+    step = make_train_step(loss_fn, tx, schedule)
+    state = create_train_state(ad, tx, 0)
+    a0 = jax.tree.map(np.array, state.params)
+
+    # Optimizer state: two Adam moments per adapter value + two int32 counts, nothing base-sized.
+    n_adapter_leaves = len(jax.tree.leaves(ad))
+    assert len(jax.tree.leaves(state.opt_state)) == 2 * n_adapter_leaves + 2
+    assert nbytes(state.opt_state) == 2 * nbytes(ad) + 8
+    assert nbytes(ad) < nbytes(params) / 10
+
+    losses = []
+    for i in range(3):
+        state, metrics = step(state, sft_batch(), params)
+        losses.append(float(metrics["loss"]))
+        if i == 0:
+            first = jax.tree.map(np.array, state.params)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(base_copy)):  # base untouched
+        np.testing.assert_array_equal(got, want)
+    wq0, wq1 = a0["layers_0"]["attn"]["wq"], first["layers_0"]["attn"]["wq"]
+    assert not np.allclose(wq0["lora_b"], wq1["lora_b"])  # B moves first (dL/dB = s·Aᵀ·dL/dW')
+    np.testing.assert_array_equal(wq0["lora_a"], wq1["lora_a"])  # dL/dA = s·dL/dW'·Bᵀ = 0 at B = 0
+    assert not np.allclose(wq0["lora_a"], state.params["layers_0"]["attn"]["wq"]["lora_a"])
+    assert losses[-1] < losses[0]
+
+
+def test_weight_decay_masks(gpt2):
+    config, params = gpt2
+    cfg = LoraConfig(rank=2, targets=("attn/wq",), dora=True)
+    ad = init_lora(params, cfg, jax.random.key(0))
+    assert not any(jax.tree.leaves(weight_decay_mask(ad)))  # make_optimizer decays no adapter leaf
+    mask = lora_weight_decay_mask(ad)["layers_0"]["attn"]["wq"]
+    assert mask == {"lora_a": True, "lora_b": True, "magnitude": False}
+    # With make_lora_optimizer, decay moves A at the first step even though its gradient is 0.
+    opt = OptimConfig(learning_rate=0.1, weight_decay=0.5, total_steps=10, max_grad_norm=None)
+    tx, _ = make_lora_optimizer(opt)
+    zeros = jax.tree.map(jnp.zeros_like, ad)
+    updates, _ = tx.update(zeros, tx.init(ad), ad)
+    u = updates["layers_0"]["attn"]["wq"]
+    np.testing.assert_allclose(u["lora_a"], -0.1 * 0.5 * ad["layers_0"]["attn"]["wq"]["lora_a"], rtol=1e-6)
+    assert not np.any(np.asarray(u["magnitude"]))
+    tx_plain, _ = make_optimizer(opt)
+    assert jax.tree.structure(tx.init(ad)) == jax.tree.structure(tx_plain.init(ad))
+
+
+def test_reference_is_the_base_for_dpo(gpt2):
+    """DPO with adapters: the reference is the base (adapters off), no copy of the weights."""
+    config, params = gpt2
+    cfg = LoraConfig(rank=4, targets=("all",))
+    rng = np.random.RandomState(3)
+    mask = np.zeros((2, 12), np.float32)
+    mask[:, 6:] = 1
+    batch = {
+        "chosen_tokens": jnp.asarray(rng.randint(0, V, (2, 12)), jnp.int32),
+        "rejected_tokens": jnp.asarray(rng.randint(0, V, (2, 12)), jnp.int32),
+        "chosen_mask": jnp.asarray(mask),
+        "rejected_mask": jnp.asarray(mask),
+    }
+    loss_fn = make_lora_loss_fn(lambda p, b, r, ref: dpo_batch_loss(p, config, b, r, ref), cfg)
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=5e-3, total_steps=10))
+    step = make_train_step(loss_fn, tx, schedule)
+    state = create_train_state(init_lora(params, cfg, jax.random.key(0)), tx, 0)
+    ref_logits = np.asarray(forward(params, config, jnp.asarray(TOKENS)))
+    state, m0 = step(state, batch, params, params)  # base twice: the policy's base and the reference
+    np.testing.assert_allclose(float(m0["loss"]), math.log(2), rtol=1e-6)  # policy == reference
+    for _ in range(3):
+        state, m = step(state, batch, params, params)
+    assert float(m["loss"]) < math.log(2)
+    np.testing.assert_array_equal(forward(params, config, jnp.asarray(TOKENS)), ref_logits)
+    policy = forward(apply_lora(params, state.params, cfg), config, jnp.asarray(TOKENS))
+    assert not np.allclose(policy, ref_logits, atol=1e-4)
+
+
+def test_adapter_only_checkpoint_round_trip(gpt2, tmp_path):
+    config, params = gpt2
+    cfg = LoraConfig(rank=4, targets=("all",), dora=True)
+    tx, _ = make_optimizer(OptimConfig())
+    state = create_train_state(perturb(init_lora(params, cfg, jax.random.key(0)), 1), tx, 0)
+    manager = make_checkpoint_manager(tmp_path / "ckpt", save_every=1)
+    assert save_checkpoint(manager, 5, state, force=True)
+    manager.wait_until_finished()
+    fresh = create_train_state(init_lora(params, cfg, jax.random.key(1)), tx, 0)
+    restored = restore_checkpoint(manager, fresh)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(got, want)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
+    assert on_disk < nbytes(params)  # adapters + moments, not the base
+    tokens = jnp.asarray(TOKENS)
+    np.testing.assert_array_equal(
+        forward(apply_lora(params, restored.params, cfg), config, tokens),
+        forward(apply_lora(params, state.params, cfg), config, tokens),
+    )
+
+
+# --- export to Hugging Face ------------------------------------------------------------------
+
+
+def _nonzero_biases(params):
+    def f(path, x):
+        if str(getattr(path[-1], "key", "")) == "bias":
+            return x + 0.1 * jax.random.normal(jax.random.key(len(path)), x.shape)
+        return x
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+EXPORTS = {
+    "gpt2-tied": ("gpt2-tiny", dict(), "GPT2LMHeadModel"),
+    "gpt2-untied": ("gpt2-tiny", dict(tie_embeddings=False), "GPT2LMHeadModel"),
+    "llama-interleaved-gqa": (  # stories260K's layout: Meta's interleaved RoPE, 4 query heads on 2 kv heads
+        "llama-tiny",
+        dict(
+            rope_interleaved=True, tie_embeddings=False, rope_theta=5e5,
+            rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16),
+        ),
+        "LlamaForCausalLM",
+    ),
+    "qwen2-bias-tied": ("llama-tiny", dict(qkv_bias=True, tie_embeddings=True), "Qwen2ForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_export_merged_weights_to_hf(case, tmp_path):
+    preset, overrides, architecture = EXPORTS[case]
+    config = get_config(preset, vocab_size=V, **overrides)
+    params = _nonzero_biases(init_params(config, jax.random.key(0)))
+    cfg = LoraConfig(rank=4, targets=("all",), dora=case.startswith("llama"))
+    ad = perturb(init_lora(params, cfg, jax.random.key(1)), 2)
+    tokens = jnp.asarray(TOKENS)
+    want = np.asarray(forward(apply_lora(params, ad, cfg), config, tokens))
+    export_hf(merge_lora(params, ad, cfg), config, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == architecture
+    with torch.no_grad():
+        got = model(torch.tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    if case == "llama-interleaved-gqa":  # jaxalign's importer reads it back in rotate-half layout
+        config2, params2 = load_hf_checkpoint(tmp_path)
+        assert not config2.rope_interleaved and config2.kv_heads == 2
+        np.testing.assert_allclose(forward(params2, config2, tokens), want, atol=1e-5)

@@ -20,21 +20,18 @@ See benchmarks/README.md for the counting conventions and measured figures.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 
 from jaxalign.models import (
     TransformerConfig,
@@ -51,6 +48,11 @@ from jaxalign.trainers import (
     make_pair_logps_fn,
     make_sft_step,
 )
+
+try:  # run as a script (`python benchmarks/train_step.py`): benchmarks/ itself is on sys.path
+    from _common import contention, cpu_times, environment, environment_lines, run_cli, time_call
+except ImportError:  # imported as `benchmarks.train_step`
+    from benchmarks._common import contention, cpu_times, environment, environment_lines, run_cli, time_call
 
 Batch = dict[str, jax.Array]
 Trainer = Literal["sft", "dpo"]
@@ -144,13 +146,6 @@ def parse_case(spec: str) -> Case:
         raise ValueError(f"--cases {spec!r}: VOCAB and BATCH must be >= 1 and SEQ >= 2")
     get_config(preset)  # unknown preset: ValueError listing the known ones
     return Case(preset, vocab, batch, seq)
-
-
-def time_call(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds of `fn()`, blocking until every array it returns is computed."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
 
 
 def measure_matmul_peak(sizes: Sequence[int], dtype: Any, reps: int) -> dict[str, Any]:
@@ -293,38 +288,6 @@ def benchmark_step(
     )
 
 
-class CpuTimes(NamedTuple):
-    """Cumulative CPU-seconds: all processes' busy time, hypervisor steal, this process's own."""
-
-    busy: float
-    steal: float
-    own: float
-
-
-def cpu_times() -> CpuTimes | None:
-    """Cumulative CPU times from Linux's /proc/stat (busy = user + nice + system + irq + softirq),
-    or None where there is no /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = (user + nice + system + irq + softirq) / tick
-    return CpuTimes(busy, steal / tick, time.process_time())
-
-
-def contention(start: CpuTimes | None, end: CpuTimes | None) -> dict[str, float | None]:
-    """CPU-seconds other processes and the hypervisor took between two `cpu_times()` readings."""
-    if start is None or end is None:
-        return {"other_processes_cpu_s": None, "steal_cpu_s": None}
-    return {
-        "other_processes_cpu_s": (end.busy - start.busy) - (end.own - start.own),
-        "steal_cpu_s": end.steal - start.steal,
-    }
-
-
 def time_optimizer_update(params, cfg: Config) -> float:
     """Median seconds of the optimizer update alone on gradients shaped like `params`.
 
@@ -347,35 +310,10 @@ def time_optimizer_update(params, cfg: Config) -> float:
     )
 
 
-def environment() -> dict[str, Any]:
-    """The machine and software the figures come from."""
-    return {
-        "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "load_average_1m": os.getloadavg()[0],
-    }
-
-
 def format_report(env: dict, peaks: list[dict], results: list[StepResult], seconds: float) -> str:
     """The printed report: environment, contention, peaks, the results table, then DPO/SFT
     ratios, the XLA FLOP cross-check, the optimizer's and the vocabulary's share of the step."""
-    lines = [
-        f"jax {env['jax']}  devices {env['devices']}  os.cpu_count() {env['cpu_count']}  "
-        f"({env['processor']}, python {env['python']})",
-        f"1-min load average: {env['load_average_1m']:.2f} at start, "
-        f"{env['load_average_1m_end']:.2f} at end",
-    ]
-    if env["other_processes_cpu_s"] is not None:
-        span = seconds * env["cpu_count"]
-        taken = env["other_processes_cpu_s"] + env["steal_cpu_s"]
-        lines.append(
-            f"during the run other processes used {env['other_processes_cpu_s']:.0f} CPU-s and "
-            f"the hypervisor stole {env['steal_cpu_s']:.0f} CPU-s of the {span:.0f} CPU-s it "
-            f"spanned ({taken / span * 100:.0f}%; above a few % the figures are lower bounds)"
-        )
+    lines = environment_lines(env, seconds)
     for peak in peaks:
         sizes = ", ".join(f"n={n}: {f / 1e9:.1f}" for n, f in peak["by_size"].items())
         lines.append(
@@ -501,13 +439,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI entry point: parses flags into `Config`, runs, prints, optionally writes --json."""
-    cfg = tyro.cli(Config, args=argv)
-    report = run(cfg)
-    if cfg.json is not None:
-        cfg.json.parent.mkdir(parents=True, exist_ok=True)
-        cfg.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {cfg.json}")
-    return report
+    return run_cli(Config, run, argv)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxalign.optim import OptimConfig, learning_rate_schedule
+from jaxalign.optim import OptimConfig, make_optimizer
 
 Params = Any
 Adapters = dict
@@ -339,24 +339,7 @@ def make_lora_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformati
     Args:
       config: the optimiser hyperparameters (`weight_decay` applies to lora_a and lora_b).
     """
-    schedule = learning_rate_schedule(config)
-    parts = []
-    if config.max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-    parts.append(
-        optax.adamw(
-            schedule,
-            b1=config.b1,
-            b2=config.b2,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-            mask=lora_weight_decay_mask,
-        )
-    )
-    tx = optax.chain(*parts)
-    if config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
-    return tx, schedule
+    return make_optimizer(config, decay_mask=lora_weight_decay_mask)
 
 
 def num_lora_params(adapters: Adapters) -> int:

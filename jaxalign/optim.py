@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -86,11 +87,15 @@ def weight_decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(
+    config: OptimConfig, decay_mask: Callable[[Any], Any] = weight_decay_mask
+) -> tuple[optax.GradientTransformation, Callable]:
     """Builds `clip_by_global_norm -> adamw(schedule, mask)` wrapped in `optax.MultiSteps`.
 
     Args:
       config: the optimiser hyperparameters.
+      decay_mask: params pytree -> pytree of bools, True where AdamW's weight decay applies
+        (default `weight_decay_mask`: matmul kernels only; LoRA passes its adapter mask).
 
     Returns:
       (tx, schedule): the optax transformation and the learning-rate schedule (a function of the
@@ -107,7 +112,7 @@ def make_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, C
             b2=config.b2,
             eps=config.eps,
             weight_decay=config.weight_decay,
-            mask=weight_decay_mask,
+            mask=decay_mask,
         )
     )
     tx = optax.chain(*parts)

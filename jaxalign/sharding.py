@@ -422,6 +422,7 @@ def per_device_memory(
     tx: optax.GradientTransformation | None = None,
     rules: LogicalRules = DEFAULT_RULES,
     attention: str = "xla",
+    remat: bool = False,
 ) -> dict[str, int]:
     """Bytes per device of one train step of `config` on `mesh`, from the shardings.
 
@@ -437,7 +438,8 @@ def per_device_memory(
       batch: global batch B; seq_len: T of the forward pass.
       tx: the optimizer (default: `make_optimizer(OptimConfig())`, clipped AdamW).
       rules: the logical-axis rules.
-      attention: "xla" or "flash", passed to `estimate_memory`.
+      attention, remat: passed to `estimate_memory` ("flash" and remat=True are planning
+        figures: the model runs XLA attention and no rematerialisation today).
 
     Returns:
       dict of int bytes per device: params, grads, optimizer_state, activations, inputs, total.
@@ -465,7 +467,7 @@ def per_device_memory(
     )
     local = estimate_memory(
         config, batch=batch // shards, seq_len=seq_len, param_dtype=config.param_dtype,
-        compute_dtype=config.dtype, attention=attention,
+        compute_dtype=config.dtype, attention=attention, remat=remat,
     )
     out = {
         "params": params,

@@ -66,7 +66,7 @@ OPT = OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10, eps=1e-6)
 MESHES = {"8x1x1": MeshConfig(8, 1, 1), "2x4x1": MeshConfig(2, 4, 1), "2x2x2": MeshConfig(2, 2, 2)}
 
 EIGHT = jax.device_count() == 8
-pytestmark = pytest.mark.skipif(not EIGHT, reason="8-device tests run in test_sharding_on_8_simulated_devices")
+eight_devices = pytest.mark.skipif(not EIGHT, reason="runs in test_sharding_on_8_simulated_devices")
 
 
 @pytest.mark.skipif(EIGHT, reason="already on 8 devices")
@@ -180,6 +180,7 @@ def assert_same(reference, sharded, initial):
     assert optax.global_norm(diff) <= 1e-3 * optax.global_norm(ref_update)
 
 
+@eight_devices
 @pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
 def test_step_on_every_mesh_equals_one_device(kind, params, sft_batch, dpo_batch, rollout):
     batch = {"sft": sft_batch, "dpo": dpo_batch, "grpo": rollout}[kind]
@@ -189,6 +190,7 @@ def test_step_on_every_mesh_equals_one_device(kind, params, sft_batch, dpo_batch
         assert_same(reference, run_step(kind, params, batch, name), params)
 
 
+@eight_devices
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_sum_norm"])
 def test_grpo_loss_agg_sharded_equals_whole_batch(loss_agg, params, rollout):
     # issue 5 item 3: with the batch split over 4 data×fsdp shards the loss and its gradient are
@@ -197,6 +199,20 @@ def test_grpo_loss_agg_sharded_equals_whole_batch(loss_agg, params, rollout):
     assert_same(reference, run_step("grpo", params, rollout, "2x2x2", loss_agg), params)
 
 
+@eight_devices
+def test_sharded_step_constrains_activations_plain_step_does_not(params, sft_batch):
+    tx, schedule = make_optimizer(OPT)
+    shardings = step_shardings(CONFIG, tx, make_mesh(MeshConfig(2, 2, 2)))
+    state = jax.eval_shape(lambda: create_train_state(params, tx, 0))
+    sharded = make_sft_step(CONFIG, tx, schedule, shardings=shardings).lower(state, sft_batch).as_text()
+    plain = make_sft_step(CONFIG, tx, schedule).lower(state, sft_batch).as_text()
+    constraint = 'sharding_constraint %'
+    # the residual stream after the embedding and after the one block, batch over data×fsdp
+    assert sharded.count('[{"data", "fsdp"}, {}, {}]> : tensor<8x31x64xf32>') >= 2
+    assert constraint in sharded and constraint not in plain
+
+
+@eight_devices
 def test_batch_stream_shards_partition_the_global_batch():
     examples = list(range(37))
 
@@ -216,6 +232,7 @@ def test_batch_stream_shards_partition_the_global_batch():
         jd.BatchStream(examples, 2, 3, collate, drop_last=False, num_shards=2)
 
 
+@eight_devices
 def test_mesh_config_resolves_and_rejects():
     assert MeshConfig().axis_sizes(8) == (1, 8, 1)
     assert MeshConfig(data=2, fsdp=-1, tensor=2).axis_sizes(8) == (2, 2, 2)
@@ -232,6 +249,7 @@ def test_mesh_config_resolves_and_rejects():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
+@eight_devices
 def test_rules_fall_back_with_reasons():
     mesh = abstract_mesh(MeshConfig(2, 2, 2), 8)
     spec, why = logical_to_spec(("vocab", "embed"), (257, 64), mesh)
@@ -248,6 +266,7 @@ def test_rules_fall_back_with_reasons():
     assert fallbacks == ["embed/embedding: 'vocab' (dim 0) size 257 not divisible by {'tensor': 2}: replicated"]
 
 
+@eight_devices
 def test_shard_batch_splits_rows_and_names_bad_leaves(sft_batch):
     mesh = make_mesh(MeshConfig(2, 2, 2))
     batch = shard_batch(sft_batch, mesh)
@@ -258,6 +277,7 @@ def test_shard_batch_splits_rows_and_names_bad_leaves(sft_batch):
         shard_batch({"mask": np.ones((6, 3))}, mesh)
 
 
+@eight_devices
 def test_checkpoint_restores_onto_other_meshes(params, tmp_path):
     tx, _ = make_optimizer(OPT)
     source = step_shardings(CONFIG, tx, make_mesh(MeshConfig(8, 1, 1)))
@@ -281,6 +301,7 @@ def test_checkpoint_restores_onto_other_meshes(params, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, host(restored), expected)
 
 
+@eight_devices
 def test_generation_under_mesh_matches_one_device(params):
     tokens, mask = jd.collate_prompts(["3 1 2 =", "9 8 =", "5 =", "7 7 1 4 ="], TOK)
     gen_kw = dict(max_new_tokens=6, rng=jax.random.key(0), temperature=0.0, pad_id=TOK.pad_id)
@@ -297,6 +318,7 @@ def test_generation_under_mesh_matches_one_device(params):
     np.testing.assert_allclose(gen.model_logps, reference.model_logps, atol=1e-5)
 
 
+@eight_devices
 @pytest.mark.parametrize("mesh_config", [MeshConfig(2, 2, 2), MeshConfig(8, 1, 1), MeshConfig(1, 2, 4)])
 def test_per_device_memory_equals_addressable_shards(params, mesh_config):
     tx, _ = make_optimizer(OPT)

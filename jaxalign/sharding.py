@@ -87,24 +87,28 @@ class MeshConfig:
     """Sizes of the (data, fsdp, tensor) mesh axes; one of them may be -1 to take the devices
     left over (default: everything on fsdp).
 
-    Raises (from `axis_sizes`):
-      ValueError: a size is 0 or below -1, more than one -1, or the product does not match the
-        device count (the message names the field).
+    Raises:
+      ValueError: on construction, a size is 0 or below -1 or more than one is -1; from
+        `axis_sizes`, the product does not match the device count (messages name the field).
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
 
+    def __post_init__(self) -> None:
+        for name in MESH_AXES:
+            size = getattr(self, name)
+            if not isinstance(size, int) or size == 0 or size < -1:
+                raise ValueError(f"MeshConfig.{name} must be a positive int or -1, got {size!r}")
+        fill = [name for name in MESH_AXES if getattr(self, name) == -1]
+        if len(fill) > 1:
+            raise ValueError(f"MeshConfig: only one axis may be -1, got {', '.join(fill)}")
+
     def axis_sizes(self, num_devices: int) -> tuple[int, int, int]:
         """The three sizes for `num_devices` devices, -1 resolved."""
         sizes = {name: getattr(self, name) for name in MESH_AXES}
-        for name, size in sizes.items():
-            if not isinstance(size, int) or size == 0 or size < -1:
-                raise ValueError(f"MeshConfig.{name} must be a positive int or -1, got {size!r}")
         fill = [name for name, size in sizes.items() if size == -1]
-        if len(fill) > 1:
-            raise ValueError(f"MeshConfig: only one axis may be -1, got {', '.join(fill)}")
         fixed = math.prod(size for size in sizes.values() if size != -1)
         if fill:
             if num_devices % fixed:
@@ -209,7 +213,7 @@ def _is_spec(x) -> bool:
 
 
 def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _resolve_tree(logical_axes, shapes, mesh, rules) -> tuple[Any, list[str]]:

@@ -240,9 +240,9 @@ def test_mesh_config_resolves_and_rejects():
     with pytest.raises(ValueError, match="data×fsdp×tensor = 4"):
         MeshConfig(2, 2, 1).axis_sizes(8)
     with pytest.raises(ValueError, match="only one axis"):
-        MeshConfig(-1, -1, 1).axis_sizes(8)
+        MeshConfig(-1, -1, 1)
     with pytest.raises(ValueError, match="MeshConfig.tensor"):
-        MeshConfig(1, -1, 0).axis_sizes(8)
+        MeshConfig(1, -1, 0)
     with pytest.raises(ValueError, match="MeshConfig.fsdp=-1"):
         MeshConfig(3, -1, 1).axis_sizes(8)
     mesh = make_mesh(MeshConfig(2, 2, 2))

@@ -40,6 +40,18 @@ from jaxalign.models import (
     param_logical_axes,
 )
 from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.sharding import (
+    MeshConfig,
+    StepShardings,
+    abstract_state,
+    activation_sharding,
+    make_mesh,
+    param_shardings,
+    per_device_memory,
+    shard_batch,
+    shard_state,
+    step_shardings,
+)
 from jaxalign.trainers import (
     TrainState,
     create_train_state,
@@ -54,6 +66,16 @@ from jaxalign.trainers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MeshConfig",
+    "StepShardings",
+    "abstract_state",
+    "activation_sharding",
+    "make_mesh",
+    "param_shardings",
+    "per_device_memory",
+    "shard_batch",
+    "shard_state",
+    "step_shardings",
     "Generation",
     "LoraConfig",
     "apply_lora",

@@ -424,10 +424,17 @@ class BatchStream(Generic[E]):
             ``functools.partial(collate_sft, batch_size=8, buckets=(64, 128), pad_id=tok.pad_id)``.
         drop_last: ``True`` drops each epoch's incomplete final batch (``n // batch_size`` steps
             per epoch); ``False`` keeps it (``ceil(n / batch_size)`` steps; ``collate`` pads it).
+        num_shards, shard_index: multi-host data loading (``jax.process_count()``,
+            ``jax.process_index()``): a step's global batch is ``batch_size * num_shards``
+            examples drawn as above, and this stream yields rows ``shard_index * batch_size`` to
+            ``(shard_index + 1) * batch_size - 1`` of it; every host shuffles identically, so the
+            shards are disjoint and together form the one-host stream's batch of the global size.
+            ``jaxalign.sharding.shard_batch`` assembles the global array. Needs ``drop_last``.
 
     Raises:
-        ValueError: on construction, if ``batch_size < 1``, there are no examples, or
-            ``drop_last`` and fewer examples than ``batch_size``.
+        ValueError: on construction, if ``batch_size < 1``, there are no examples,
+            ``drop_last`` and fewer examples than a global batch, ``shard_index`` is not in
+            ``[0, num_shards)``, or ``num_shards > 1`` without ``drop_last``.
     """
 
     examples: Sequence[E]
@@ -435,22 +442,28 @@ class BatchStream(Generic[E]):
     seed: int
     collate: Callable[[Sequence[E]], Batch]
     drop_last: bool = True
+    num_shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.examples:
             raise ValueError("BatchStream needs at least one example")
-        if self.drop_last and len(self.examples) < self.batch_size:
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
+        if self.num_shards > 1 and not self.drop_last:
+            raise ValueError("num_shards > 1 needs drop_last=True (every shard gets a full batch)")
+        if self.drop_last and len(self.examples) < self.batch_size * self.num_shards:
             raise ValueError(
                 f"{len(self.examples)} examples are fewer than batch_size={self.batch_size} "
-                "with drop_last=True: no complete batch"
+                f"× num_shards={self.num_shards} with drop_last=True: no complete batch"
             )
 
     @property
     def steps_per_epoch(self) -> int:
         """Number of batches per pass over the data."""
-        full, rest = divmod(len(self.examples), self.batch_size)
+        full, rest = divmod(len(self.examples), self.batch_size * self.num_shards)
         return full + int(rest > 0 and not self.drop_last)
 
     def indices_at(self, step: int) -> np.ndarray:
@@ -469,7 +482,8 @@ class BatchStream(Generic[E]):
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
-        return order[within * self.batch_size : (within + 1) * self.batch_size]
+        start = (within * self.num_shards + self.shard_index) * self.batch_size
+        return order[start : start + self.batch_size]
 
     def batch_at(self, step: int) -> Batch:
         """The collated batch for global step ``step`` (>= 0; raises ``ValueError`` if < 0)."""

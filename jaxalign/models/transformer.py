@@ -21,6 +21,7 @@ time.
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import chex
@@ -72,6 +73,24 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int) -> KVCache:
         positions=jnp.full((batch, size), -1, jnp.int32),
         length=jnp.zeros((), jnp.int32),
     )
+
+
+# Mesh axes that split the batch dimension of activations while a sharded program is traced;
+# set (with the abstract mesh) by `jaxalign.sharding.activation_sharding`. Default (): no
+# constraint, so single-device programs are unchanged. (Flax's logical-axis rules context cannot
+# serve here: under it, apply re-evaluates the DenseGeneral kernel init and constrains the
+# flattened kernel with the unflattened names.)
+ACTIVATION_BATCH_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "jaxalign_activation_batch_axes", default=()
+)
+
+
+def _constrain_batch(x: jax.Array) -> jax.Array:
+    """Residual stream [B, T, D] with B split over `ACTIVATION_BATCH_AXES` (no-op when unset)."""
+    axes = ACTIVATION_BATCH_AXES.get()
+    if not axes:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -408,6 +427,7 @@ class Transformer(nn.Module):
         if cfg.learned_positions:
             x = x + self.pos_embed(jnp.maximum(positions, 0))
         x = self.drop(x, deterministic=deterministic)
+        x = _constrain_batch(x)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
@@ -415,6 +435,7 @@ class Transformer(nn.Module):
                 x, positions, padded=padded, layer_cache=layer_cache, plan=plan,
                 deterministic=deterministic,
             )  # [B,T,D]
+            x = _constrain_batch(x)
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,9 @@ from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
 from jaxalign.lora import LoraConfig, make_lora_loss_fn
 from jaxalign.trainers.state import Batch, Metrics, make_train_step
+
+if TYPE_CHECKING:  # jaxalign.sharding imports the trainers
+    from jaxalign.sharding import StepShardings
 
 
 def pair_logps(
@@ -119,6 +123,7 @@ def make_dpo_step(
     chunk_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled DPO step `step(state, batch, ref_params=None) -> (state, metrics)`.
 
@@ -127,7 +132,9 @@ def make_dpo_step(
     reward_margin, logits, chosen/rejected log-probs, grad_norm, learning_rate. With `lora`, the
     state's params are the adapters and the step is `step(state, batch, base_params, ref_params)`:
     pass the base itself as `ref_params` (adapters off = the reference, no second copy), or
-    precompute reference log-probs with `reference_logps(base_params, ...)`.
+    precompute reference log-probs with `reference_logps(base_params, ...)`. `shardings`
+    (`jaxalign.sharding.step_shardings(..., num_extra_params=1)` with `ref_params`) compiles
+    the step for a device mesh.
     """
 
     def loss_fn(params, batch, dropout_rng, ref_params=None):
@@ -145,7 +152,9 @@ def make_dpo_step(
 
     if lora is not None:  # train adapters only; the base params become an extra argument
         loss_fn = make_lora_loss_fn(loss_fn, lora)
-    return make_train_step(loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps)
+    return make_train_step(
+        loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings
+    )
 
 
 @functools.lru_cache(maxsize=32)

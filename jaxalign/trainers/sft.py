@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import optax
@@ -12,6 +13,9 @@ from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
 from jaxalign.lora import LoraConfig, make_lora_loss_fn
 from jaxalign.trainers.state import Batch, Metrics, make_train_step
+
+if TYPE_CHECKING:  # jaxalign.sharding imports the trainers
+    from jaxalign.sharding import StepShardings
 
 
 def sft_batch_loss(
@@ -57,13 +61,15 @@ def make_sft_step(
     chunk_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled SFT step `step(state, batch) -> (state, metrics)`.
 
     Metrics: loss, loss_sum, num_tokens, token_accuracy, grad_norm, learning_rate.
     `dropout=False` trains deterministically even when config.dropout > 0. With `lora`, the
     state's params are the adapters (`jaxalign.lora.init_lora`) and the step is
-    `step(state, batch, base_params)`.
+    `step(state, batch, base_params)`. `shardings` (`jaxalign.sharding.step_shardings`)
+    compiles the step for a device mesh.
     """
 
     def loss_fn(params, batch, dropout_rng):
@@ -78,7 +84,9 @@ def make_sft_step(
 
     if lora is not None:  # train adapters only; the base params become an extra argument
         loss_fn = make_lora_loss_fn(loss_fn, lora)
-    return make_train_step(loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps)
+    return make_train_step(
+        loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings
+    )
 
 
 def make_sft_eval_step(config: TransformerConfig, *, chunk_size: int | None = None) -> Callable:

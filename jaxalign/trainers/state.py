@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+if TYPE_CHECKING:  # jaxalign.sharding builds train states, so it imports this module
+    from jaxalign.sharding import StepShardings
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -50,6 +53,7 @@ def make_train_step(
     *,
     grad_accum_steps: int = 1,
     donate: bool = True,
+    shardings: StepShardings | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """Wraps `loss_fn` into a jit-compiled `step(state, batch, *extra) -> (state, metrics)`.
 
@@ -67,6 +71,9 @@ def make_train_step(
       donate: donate the input state's buffers to the output (halves peak parameter memory).
         The state passed in is invalid afterwards, and so is any array it shares: a frozen
         reference built from the initial params must be a copy (`jax.tree.map(jnp.copy, p)`).
+      shardings: compile for a device mesh (`jaxalign.sharding.step_shardings`): the state,
+        batch and extra arguments get those input/output shardings and the model's activations
+        are constrained by the logical-axis rules. None (default): a plain single-device `jax.jit`.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -84,4 +91,7 @@ def make_train_step(
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if shardings is not None:
+        return shardings.jit(step, donate_argnums=donate_argnums)
+    return jax.jit(step, donate_argnums=donate_argnums)

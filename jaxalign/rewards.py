@@ -108,6 +108,34 @@ def overlong_penalty(
     return np.clip(-excess / buffer, -1.0, 0.0).astype(np.float32)
 
 
+def keyword_reward(completions: Sequence[str], *, keywords: Sequence[str], cap: int = 1, **_) -> np.ndarray:
+    """Mentions of target words, counted up to `cap`: min(#matches, cap) / cap.
+
+    A word matches when it equals one of `keywords` as a whole word, ignoring case ("Dog," and
+    "dog's" match "dog"; "dogma" and "hotdog" do not). With the default cap = 1 the reward is 1.0
+    for any completion that mentions a keyword, so repeating it earns nothing more (a repeated
+    word is the obvious hack of a count reward).
+
+    Args:
+      completions: N decoded completions.
+      keywords: the target words (e.g. ("dog", "dogs")); non-empty, each free of whitespace.
+      cap: matches that earn the full reward, >= 1.
+
+    Returns:
+      float32 [N] in [0, 1].
+
+    Raises:
+      ValueError: no keywords, a keyword that is empty or has whitespace, or cap < 1.
+    """
+    if not keywords or any(not k or any(ch.isspace() for ch in k) for k in keywords):
+        raise ValueError(f"keywords must be non-empty words without whitespace, got {list(keywords)!r}")
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in keywords) + r")\b", re.IGNORECASE)
+    counts = np.array([len(pattern.findall(c)) for c in completions], np.float32)
+    return np.minimum(counts, cap) / cap
+
+
 def weighted_sum(*terms: tuple[RewardFn, float]) -> RewardFn:
     """Composes rewards: `fn(completions, **columns) = Σ_k w_k · reward_k(completions, **columns)`.
 

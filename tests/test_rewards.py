@@ -8,6 +8,7 @@ from jaxalign.rewards import (
     exact_match_reward,
     extract_answer,
     format_reward,
+    keyword_reward,
     overlong_penalty,
     parse_number,
     weighted_sum,
@@ -67,3 +68,19 @@ def test_weighted_sum():
     bad = weighted_sum((lambda c, **_: np.zeros(2), 1.0),)
     with pytest.raises(ValueError, match="shape"):
         bad(["a", "b", "c"])
+
+
+def test_keyword_reward_whole_words_case_insensitive_capped():
+    completions = [
+        "The Dog ran. A dog's bone!",  # 2 matches
+        "dogma and hotdogs",  # no whole-word match
+        "Two dogs and a dog, dog, dog.",  # 1 "dogs" + 3 "dog"
+        "",
+    ]
+    np.testing.assert_array_equal(keyword_reward(completions, keywords=["dog"]), [1, 0, 1, 0])
+    np.testing.assert_allclose(keyword_reward(completions, keywords=["dog", "dogs"], cap=3), [2 / 3, 0, 1, 0])
+    np.testing.assert_allclose(keyword_reward(completions, keywords=["dog"], cap=4), [0.5, 0, 0.75, 0])
+    with pytest.raises(ValueError, match="keywords"):
+        keyword_reward(["x"], keywords=["two words"])
+    with pytest.raises(ValueError, match="cap"):
+        keyword_reward(["x"], keywords=["dog"], cap=0)

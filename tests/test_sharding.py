@@ -50,10 +50,9 @@ from jaxalign.sharding import (
 )
 from jaxalign.trainers import (
     create_train_state,
-    grpo_batch_loss,
     make_dpo_step,
+    make_grpo_step,
     make_sft_step,
-    make_train_step,
 )
 
 TOK = jd.byte_tokenizer()
@@ -134,10 +133,6 @@ def rollout():
     )
 
 
-def grpo_loss_fn(loss_agg):
-    return lambda params, rollout, rng: grpo_batch_loss(params, CONFIG, rollout, rng, loss_agg=loss_agg)
-
-
 def run_step(kind, params, batch, mesh_name, loss_agg="seq_mean_token_mean"):
     """One step from fresh state; returns (loss, grad_norm, updated params) on the host."""
     tx, schedule = make_optimizer(OPT)
@@ -149,7 +144,7 @@ def run_step(kind, params, batch, mesh_name, loss_agg="seq_mean_token_mean"):
     elif kind == "dpo":
         step = make_dpo_step(CONFIG, tx, schedule, shardings=shardings)
     else:
-        step = make_train_step(grpo_loss_fn(loss_agg), tx, schedule, shardings=shardings)
+        step = make_grpo_step(CONFIG, tx, schedule, loss_agg=loss_agg, shardings=shardings)
     state = create_train_state(copy(params), tx, 0)
     if mesh is None:
         new, metrics = step(state, jax.tree.map(jnp.asarray, batch), *map(copy, extra))

@@ -8,6 +8,7 @@ iterations; with μ = 1 the ratio is 1 and the clip is inactive on the first and
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import optax
@@ -16,6 +17,9 @@ from jaxalign.losses.grpo import grpo_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.rollout import Rollout, completion_logps
 from jaxalign.trainers.state import Metrics, make_train_step
+
+if TYPE_CHECKING:  # jaxalign.sharding imports the trainers
+    from jaxalign.sharding import StepShardings
 
 
 def grpo_batch_loss(
@@ -66,17 +70,20 @@ def make_grpo_step(
     schedule: optax.Schedule,
     *,
     dropout: bool = False,
+    shardings: StepShardings | None = None,
     **loss_kwargs,
 ) -> Callable:
     """jit-compiled `step(state, rollout) -> (state, metrics)` minimising `grpo_batch_loss`.
 
     `loss_kwargs` are `grpo_batch_loss`'s options (clip_eps, clip_eps_high, beta, kl_kind,
     loss_agg, importance_level, max_length). Dropout is off by default: it would make the first
-    inner iteration's ratio differ from 1 (TRL disables it for the same reason).
+    inner iteration's ratio differ from 1 (TRL disables it for the same reason). `shardings`
+    (`jaxalign.sharding.step_shardings(config, tx, mesh)`) compiles the step for a device mesh:
+    the rollout's rows are split over the batch axes and the loss stays the whole batch's.
     """
 
     def loss_fn(params, rollout, dropout_rng):
         rng = dropout_rng if dropout and config.dropout > 0 else None
         return grpo_batch_loss(params, config, rollout, rng, **loss_kwargs)
 
-    return make_train_step(loss_fn, tx, schedule)
+    return make_train_step(loss_fn, tx, schedule, shardings=shardings)

@@ -1,7 +1,16 @@
 """jaxalign: the LLM alignment stack as pure, jit-compiled JAX functions."""
 
 from jaxalign.decoding import Generation, generate, sampling_logits
-from jaxalign.advantages import gae, group_advantages, kl_penalty, masked_whiten, rloo_advantages
+from jaxalign.advantages import (
+    explained_variance,
+    gae,
+    group_advantages,
+    kl_penalty,
+    last_token_index,
+    masked_whiten,
+    ppo_token_rewards,
+    rloo_advantages,
+)
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.lora import (
     LoraConfig,
@@ -20,6 +29,7 @@ from jaxalign.losses import (
     dpo_loss,
     grpo_denominator,
     grpo_loss,
+    pairwise_reward_loss,
     ppo_policy_loss,
     ppo_value_loss,
     sft_loss,
@@ -33,11 +43,14 @@ from jaxalign.models import (
     get_config,
     init_cache,
     init_params,
+    init_scalar_model,
     load_hf_checkpoint,
     load_llama2c,
     load_pretrained,
     num_params,
     param_logical_axes,
+    sequence_scores,
+    token_scores,
 )
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.sharding import (
@@ -52,9 +65,23 @@ from jaxalign.sharding import (
     shard_state,
     step_shardings,
 )
+from jaxalign.rollout import (
+    PPORollout,
+    Rollout,
+    grpo_rollout,
+    init_actor_critic,
+    policy_and_values,
+    ppo_rollout,
+    reward_model_scorer,
+)
 from jaxalign.trainers import (
     TrainState,
+    adaptive_kl_coef,
     create_train_state,
+    make_grpo_step,
+    make_ppo_step,
+    make_reward_step,
+    ppo_update,
     make_dpo_step,
     make_sft_eval_step,
     make_sft_step,
@@ -67,6 +94,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MeshConfig",
+    "PPORollout",
+    "Rollout",
+    "adaptive_kl_coef",
+    "explained_variance",
+    "grpo_rollout",
+    "init_actor_critic",
+    "init_scalar_model",
+    "last_token_index",
+    "make_grpo_step",
+    "make_ppo_step",
+    "make_reward_step",
+    "pairwise_reward_loss",
+    "policy_and_values",
+    "ppo_rollout",
+    "ppo_token_rewards",
+    "ppo_update",
+    "reward_model_scorer",
+    "sequence_scores",
+    "token_scores",
     "StepShardings",
     "abstract_state",
     "activation_sharding",

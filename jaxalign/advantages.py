@@ -169,3 +169,68 @@ def rloo_advantages(rewards: jax.Array, *, group_size: int) -> jax.Array:
     """
     centred = group_advantages(rewards, group_size=group_size, scale="none")
     return centred * (group_size / (group_size - 1))
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """Index of the last nonzero entry of each row of mask [B, T]: int32 [B], −1 for an empty row."""
+    chex.assert_rank(mask, 2)
+    idx = jnp.arange(mask.shape[1], dtype=jnp.int32)
+    return jnp.max(jnp.where(mask > 0, idx, -1), axis=1)
+
+
+def ppo_token_rewards(
+    scores: jax.Array,
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    mask: jax.Array,
+    *,
+    kl_coef: float | jax.Array,
+    kind: Literal["k1", "k2", "k3"] = "k1",
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token RLHF rewards: r_t = −β·KL_t, plus the sequence score at the last response token
+    (Ziegler et al. 2019, arXiv 1909.08593, Eq. 2; InstructGPT arXiv 2203.02155 Eq. 2; TRL's
+    PPOTrainer and OpenRLHF `compute_reward` put the score at the last non-padding token the same
+    way).
+
+    Args:
+      scores: float [B] reward-model (or rule) score of each response.
+      logps: float [B, T] log-probs of the response tokens under the sampling policy.
+      ref_logps: float [B, T] the same under the frozen reference.
+      mask: [B, T] 1.0 on response tokens (a prefix of each row).
+      kl_coef: β ≥ 0 (float or traced scalar: the adaptive controller changes it between rollouts).
+      kind: KL estimator (`kl_penalty`): TRL and OpenRLHF default to "k1"; "k3" is never negative.
+
+    Returns:
+      (rewards float32 [B, T], kl float32 [B, T]), both 0 where mask is 0. An all-zero mask row
+      gets no score.
+    """
+    chex.assert_rank(scores, 1)
+    chex.assert_equal_shape((logps, ref_logps, mask))
+    mask = mask.astype(jnp.float32)
+    kl = kl_penalty(logps, ref_logps, kind=kind) * mask  # [B,T]
+    last = last_token_index(mask)  # [B], -1: empty row
+    at_last = (jnp.arange(mask.shape[1])[None, :] == last[:, None]).astype(jnp.float32)  # [B,T]
+    rewards = -kl_coef * kl + scores.astype(jnp.float32)[:, None] * at_last
+    return rewards, kl
+
+
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
+    """1 − Var[R − V] / Var[R] over the masked entries (the critic diagnostic of OpenAI baselines
+    and TRL's PPOTrainer): 1 is a perfect critic, 0 no better than a constant, < 0 worse.
+
+    Args:
+      values, returns: float [B, T]; mask: [B, T] 1.0 on entries that count.
+
+    Returns:
+      float32 scalar (NaN when the returns have zero variance).
+    """
+    chex.assert_equal_shape((values, returns, mask))
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+
+    def var(x):
+        mean = jnp.sum(x * m) / n
+        return jnp.sum(jnp.square(x - mean) * m) / n
+
+    returns = returns.astype(jnp.float32)
+    return 1.0 - var(returns - values.astype(jnp.float32)) / var(returns)

@@ -3,7 +3,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.advantages import gae, group_advantages, kl_penalty, masked_whiten, rloo_advantages
+from jaxalign.advantages import (
+    explained_variance,
+    gae,
+    group_advantages,
+    kl_penalty,
+    masked_whiten,
+    ppo_token_rewards,
+    rloo_advantages,
+)
 from tests.conftest import compile_count
 
 
@@ -109,3 +117,25 @@ def test_masked_whiten():
     out = masked_whiten(x, mask)
     np.testing.assert_allclose(out, [[-1.0, 0.0, 1.0, 0.0]], atol=1e-6)  # unbiased std of 1,2,3 is 1
     np.testing.assert_allclose(masked_whiten(x, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], atol=1e-6)
+
+
+def test_ppo_token_rewards_hand_computed():
+    logps = jnp.array([[-1.0, -2.0, -0.5, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    ref = jnp.array([[-1.5, -1.0, -0.5, 0.0], [-0.5, 0.0, 0.0, 0.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    rewards, kl = ppo_token_rewards(jnp.array([2.0, -1.0]), logps, ref, mask, kl_coef=0.1)
+    # k1 = logp - ref: row 0 [0.5, -1, 0], row 1 [-0.5]; score at the last response token
+    np.testing.assert_allclose(kl, [[0.5, -1.0, 0.0, 0.0], [-0.5, 0.0, 0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(rewards, [[-0.05, 0.1, 2.0, 0.0], [0.05 - 1.0, 0.0, 0.0, 0.0]], rtol=1e-6)
+    _, k3 = ppo_token_rewards(jnp.zeros(2), logps, ref, mask, kl_coef=0.1, kind="k3")
+    np.testing.assert_allclose(k3[0, 0], np.exp(-0.5) + 0.5 - 1, rtol=1e-6)
+
+
+def test_explained_variance():
+    r = jnp.array([[1.0, 2.0, 3.0, 100.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(explained_variance(r, r, mask), 1.0)
+    np.testing.assert_allclose(explained_variance(jnp.full_like(r, 7.0), r, mask), 0.0, atol=1e-6)
+    # V = R + noise: 1 - var(noise)/var(R) with var(R) = 2/3 over the masked entries
+    v = r + jnp.array([[0.5, -0.5, 0.0, 0.0]])
+    np.testing.assert_allclose(explained_variance(v, r, mask), 1 - (1 / 6) / (2 / 3), rtol=1e-6)

@@ -8,6 +8,14 @@ from jaxalign.models.config import (
     num_params,
     train_flops_per_token,
 )
+from jaxalign.models.heads import (
+    apply_scalar_head,
+    init_scalar_head,
+    init_scalar_model,
+    pool_scores,
+    sequence_scores,
+    token_scores,
+)
 from jaxalign.models.hf import load_hf_checkpoint, load_state_dict
 from jaxalign.models.llama2c import load_llama2c
 from jaxalign.models.load import load_pretrained
@@ -28,6 +36,12 @@ __all__ = [
     "RopeScaling",
     "Transformer",
     "TransformerConfig",
+    "apply_scalar_head",
+    "init_scalar_head",
+    "init_scalar_model",
+    "pool_scores",
+    "sequence_scores",
+    "token_scores",
     "forward",
     "forward_with_cache",
     "get_config",

@@ -8,12 +8,29 @@ from jaxalign.trainers.dpo import (
     reference_logps,
 )
 from jaxalign.trainers.grpo import grpo_batch_loss, make_grpo_step
+from jaxalign.trainers.ppo import adaptive_kl_coef, make_ppo_step, ppo_batch_loss, ppo_update
+from jaxalign.trainers.reward import (
+    evaluate_reward_model,
+    make_reward_eval_step,
+    make_reward_step,
+    pair_scores,
+    reward_batch_loss,
+)
 from jaxalign.trainers.loop import count_tokens, train_loop
 from jaxalign.trainers.sft import make_sft_eval_step, make_sft_step, sft_batch_loss
 from jaxalign.trainers.state import TrainState, create_train_state, make_train_step
 
 __all__ = [
     "TrainState",
+    "adaptive_kl_coef",
+    "evaluate_reward_model",
+    "make_ppo_step",
+    "make_reward_eval_step",
+    "make_reward_step",
+    "pair_scores",
+    "ppo_batch_loss",
+    "ppo_update",
+    "reward_batch_loss",
     "count_tokens",
     "create_train_state",
     "dpo_batch_loss",

@@ -1,0 +1,122 @@
+"""Reward-model training (Bradley–Terry on preference pairs) and evaluation.
+
+The batch is a preference batch from `jaxalign.data.collate_preference`: `chosen_tokens`,
+`rejected_tokens` int32 [B, T] right-padded, `chosen_mask`, `rejected_mask` float32 [B, T]
+(1.0 on response tokens incl. EOS), optionally `margin` float32 [B]. Both sides go through one
+[2B, T] forward pass; the params are `jaxalign.models.heads.init_scalar_model`'s
+`{"backbone", "head"}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxalign.losses.reward import pairwise_reward_loss
+from jaxalign.models.config import TransformerConfig
+from jaxalign.models.heads import sequence_scores
+from jaxalign.trainers.state import Batch, Metrics, make_train_step
+
+if TYPE_CHECKING:
+    from jaxalign.sharding import StepShardings
+
+
+def pair_scores(
+    params,
+    config: TransformerConfig,
+    batch: Batch,
+    dropout_rng: jax.Array | None = None,
+    *,
+    pool: Literal["last", "mean"] = "last",
+) -> tuple[jax.Array, jax.Array]:
+    """(chosen_rewards [B], rejected_rewards [B]) float32 from one [2B, T] forward pass."""
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])  # [2B,T]
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])  # [2B,T]
+    scores = sequence_scores(params, config, tokens, mask, pool=pool, dropout_rng=dropout_rng)  # [2B]
+    b = batch["chosen_tokens"].shape[0]
+    return scores[:b], scores[b:]
+
+
+def reward_batch_loss(
+    params,
+    config: TransformerConfig,
+    batch: Batch,
+    dropout_rng: jax.Array | None = None,
+    *,
+    pool: Literal["last", "mean"] = "last",
+    center_coef: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """`pairwise_reward_loss` of the reward model on a preference batch.
+
+    Filler rows of a static-shape batch (all-zero `chosen_mask`) are excluded; a `margin` [B] key
+    in the batch is passed on as Llama 2's margin.
+    """
+    chosen, rejected = pair_scores(params, config, batch, dropout_rng, pool=pool)
+    return pairwise_reward_loss(
+        chosen,
+        rejected,
+        margin=batch.get("margin"),
+        center_coef=center_coef,
+        where=jnp.sum(batch["chosen_mask"], axis=-1) > 0,
+    )
+
+
+def make_reward_step(
+    config: TransformerConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    pool: Literal["last", "mean"] = "last",
+    center_coef: float = 0.0,
+    grad_accum_steps: int = 1,
+    dropout: bool = True,
+    shardings: StepShardings | None = None,
+) -> Callable:
+    """jit-compiled `step(state, batch) -> (state, metrics)` minimising `reward_batch_loss`.
+
+    Metrics: loss, accuracy, margin, chosen/rejected_rewards, grad_norm, learning_rate.
+    """
+
+    def loss_fn(params, batch, dropout_rng):
+        rng = dropout_rng if dropout and config.dropout > 0 else None
+        return reward_batch_loss(params, config, batch, rng, pool=pool, center_coef=center_coef)
+
+    return make_train_step(loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings)
+
+
+def make_reward_eval_step(config: TransformerConfig, *, pool: Literal["last", "mean"] = "last") -> Callable:
+    """jit-compiled `eval_step(params, batch) -> metrics` (sums, for exact means over batches):
+    `pairs`, `correct` (r_c > r_r), `margin_sum`, `loss_sum` (−log σ(r_c − r_r))."""
+
+    @jax.jit
+    def eval_step(params, batch):
+        chosen, rejected = pair_scores(params, config, batch, pool=pool)
+        real = (jnp.sum(batch["chosen_mask"], axis=-1) > 0).astype(jnp.float32)  # [B]
+        diff = chosen - rejected
+        return {
+            "pairs": jnp.sum(real),
+            "correct": jnp.sum((diff > 0) * real),
+            "margin_sum": jnp.sum(diff * real),
+            "loss_sum": jnp.sum(-jax.nn.log_sigmoid(diff) * real),
+        }
+
+    return eval_step
+
+
+def evaluate_reward_model(eval_step: Callable, params, batches) -> dict[str, float]:
+    """Held-out `accuracy`, `margin` and `loss` (exact means over every real pair of `batches`)."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        for k, v in jax.device_get(eval_step(params, batch)).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    n = max(totals.get("pairs", 0.0), 1.0)
+    return {
+        "accuracy": totals["correct"] / n,
+        "margin": totals["margin_sum"] / n,
+        "loss": totals["loss_sum"] / n,
+        "pairs": totals["pairs"],
+    }

@@ -1,0 +1,129 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxalign.data as jd
+from jaxalign.advantages import gae, masked_whiten
+from jaxalign.models import get_config, init_params, init_scalar_model, sequence_scores
+from jaxalign.models.heads import apply_scalar_head
+from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.rollout import (
+    completion_hidden,
+    completion_logps,
+    init_actor_critic,
+    policy_and_values,
+    ppo_rollout,
+    reward_model_scorer,
+)
+from jaxalign.trainers import adaptive_kl_coef, create_train_state, make_ppo_step, ppo_update
+
+TOK = jd.byte_tokenizer()
+CONFIG = get_config("gpt2-tiny", vocab_size=TOK.vocab_size, max_seq_len=32)
+PROMPTS = ["ab", "hello", "x", "q: 1+1", "zz", "tell", "a story", "ok"]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return jax.tree.map(lambda x: x * 2, init_params(CONFIG, jax.random.key(0)))
+
+
+def count_a(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+    """Score: number of 'a' bytes in the response."""
+    return jnp.sum((completion_tokens == ord("a")) * completion_mask, axis=1)
+
+
+def make_rollout(params, ref, *, critic="shared", seed=1, **kw):
+    tokens, mask = jd.collate_prompts(PROMPTS, TOK)
+    return ppo_rollout(
+        params, CONFIG, tokens, mask, ref_params=ref, score_fn=count_a, rng=jax.random.key(seed),
+        max_new_tokens=8, eos_id=TOK.eos_id, pad_id=TOK.pad_id, critic=critic, **kw,
+    )
+
+
+def test_policy_and_values_shared_and_separate(policy):
+    tokens, mask = (jnp.asarray(x) for x in jd.collate_prompts(PROMPTS[:3], TOK))
+    completion = jax.random.randint(jax.random.key(2), (3, 5), 0, TOK.vocab_size)
+    shared = init_actor_critic(policy, config=CONFIG, rng=jax.random.key(3))
+    logits, values = policy_and_values(shared, CONFIG, tokens, mask, completion, critic="shared")
+    hidden = completion_hidden(policy, CONFIG, tokens, mask, completion)
+    np.testing.assert_allclose(values, apply_scalar_head(shared["value"]["head"], hidden), rtol=1e-5)
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    lp = jnp.take_along_axis(lp, completion[..., None], -1)[..., 0]
+    np.testing.assert_allclose(lp, completion_logps(policy, CONFIG, tokens, mask, completion), atol=1e-5)
+
+    critic = init_scalar_model(CONFIG, jax.random.key(4))
+    separate = init_actor_critic(policy, critic, config=CONFIG, rng=jax.random.key(3))
+    _, v2 = policy_and_values(separate, CONFIG, tokens, mask, completion, critic="separate")
+    np.testing.assert_allclose(
+        v2, apply_scalar_head(critic["head"], completion_hidden(critic["backbone"], CONFIG, tokens, mask, completion)), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="critic='separate' needs"):
+        policy_and_values(shared, CONFIG, tokens, mask, completion, critic="separate")
+
+
+def test_rollout_rewards_kl_and_gae(policy):
+    params = init_actor_critic(policy, config=CONFIG, rng=jax.random.key(3))
+    ref = jax.tree.map(lambda x: x * 0.9, policy)
+    ro, m = make_rollout(params, ref, kl_coef=0.2, missing_eos_penalty=1.0)
+    mask = np.asarray(ro.completion_mask)
+    kl = (np.asarray(ro.old_logps) - np.asarray(ro.ref_logps)) * mask  # k1
+    np.testing.assert_allclose(
+        ro.old_logps, completion_logps(policy, CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens) * mask, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ro.ref_logps, completion_logps(ref, CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens) * mask, atol=1e-5
+    )
+    # summed per-token rewards = score − β·ΣKL; the score sits on the last response token
+    np.testing.assert_allclose(np.sum(ro.rewards, 1), np.asarray(ro.scores) - 0.2 * kl.sum(1), rtol=1e-4, atol=1e-5)
+    raw = np.asarray(count_a(None, None, ro.completion_tokens, ro.completion_mask))
+    lengths = mask.sum(1).astype(int)
+    has_eos = np.array([row[n - 1] == TOK.eos_id for row, n in zip(np.asarray(ro.completion_tokens), lengths)])
+    np.testing.assert_allclose(ro.scores, raw - 1.0 * ~has_eos)
+    np.testing.assert_allclose(m["score"], np.mean(ro.scores), rtol=1e-6)
+    np.testing.assert_allclose(m["kl"], kl.sum(1).mean(), rtol=1e-4, atol=1e-6)
+    adv, ret = gae(ro.rewards, ro.old_values, ro.completion_mask, gamma=1.0, lam=0.95)
+    np.testing.assert_allclose(ro.returns, ret, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ro.advantages, masked_whiten(adv, ro.completion_mask), rtol=1e-4, atol=1e-5)
+
+
+def test_reward_model_scorer_equals_unpadded_score():
+    rm = init_scalar_model(CONFIG, jax.random.key(5))
+    tokens, mask = (jnp.asarray(x) for x in jd.collate_prompts(["ab", "hello"], TOK))
+    completion = jnp.array([[97, 98, TOK.eos_id, 0], [99, 100, 101, 102]])
+    cmask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.float32)
+    s = reward_model_scorer(rm, CONFIG)(tokens, mask, completion, cmask)
+    row0 = jnp.asarray([TOK.encode("ab") + [97, 98, TOK.eos_id]])
+    np.testing.assert_allclose(s[0], sequence_scores(rm, CONFIG, row0, jnp.ones_like(row0, jnp.float32)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_ppo_update_moves_policy_towards_advantage(policy, critic):
+    value = init_scalar_model(CONFIG, jax.random.key(4), jax.tree.map(jnp.copy, policy)) if critic == "separate" else None
+    params = init_actor_critic(jax.tree.map(jnp.copy, policy), value, config=CONFIG, rng=jax.random.key(3))
+    ref = jax.tree.map(jnp.copy, policy)
+    ro, _ = make_rollout(params, ref, critic=critic, kl_coef=0.05)
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=8, weight_decay=0.0))
+    step = make_ppo_step(CONFIG, tx, schedule, critic=critic)
+    state = create_train_state(params, tx, 0)
+    state, first = step(state, ro)  # the first step sees the rollout policy itself
+    np.testing.assert_allclose(first["ratio"], 1.0, atol=1e-5)
+    assert float(first["clip_fraction"]) == 0.0 and float(first["approx_kl"]) < 1e-9
+    state, m = ppo_update(step, state, ro, epochs=2, num_minibatches=2, seed=0)
+    assert step._cache_size() == 2  # whole batch and minibatch shapes, nothing more
+    new = completion_logps(state.params["policy"], CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens)
+    gain = float(jnp.sum(ro.advantages * (new - ro.old_logps) * ro.completion_mask))
+    assert gain > 0, gain  # the surrogate objective improved: positive-advantage tokens became likelier
+    assert np.isfinite(m["value_loss"]) and m["final_approx_kl"] > 0
+    _, after = step(state, ro)
+    assert float(after["value_loss"]) < float(first["value_loss"])
+    with pytest.raises(ValueError, match="num_minibatches=3"):
+        ppo_update(step, state, ro, epochs=1, num_minibatches=3, seed=0)
+
+
+def test_adaptive_kl_coef_hand_computed():
+    # KL 2x the target: error clipped to +0.2; β·(1 + 0.2·256/10000)
+    np.testing.assert_allclose(adaptive_kl_coef(0.1, 12.0, 256, target=6.0, horizon=10000), 0.1 * (1 + 0.2 * 0.0256))
+    np.testing.assert_allclose(adaptive_kl_coef(0.1, 5.4, 100, target=6.0, horizon=1000), 0.1 * (1 - 0.1 * 0.1))
+    with pytest.raises(ValueError, match="positive"):
+        adaptive_kl_coef(0.1, 1.0, 1, target=0.0, horizon=1.0)

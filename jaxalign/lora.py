@@ -33,10 +33,16 @@ wq [D, N, H] -> [D, N·H] and wo [N, H, D] -> [N·H, D]; `apply_lora` infers the
 lora_a's first dimension. Biases, norms and embeddings are never adapted.
 
 Design decisions:
-* Dropout on the adapter input (PEFT's `lora_dropout`) is NOT supported and has no config field:
-  it acts on activations (x -> dropout(x) · A · B), which a weight-space transformation cannot
-  express without hooks in the model. The model's own dropout (`TransformerConfig.dropout`) still
-  applies.
+* Dropout on the adapter input (PEFT's `lora_dropout`, `LoraConfig.dropout`) acts on activations,
+  y = x·W + b + s·dropout(x)·A·B with a fresh mask per token, which no single W' can express. So
+  while training with `dropout > 0` (and a dropout key), `make_lora_loss_fn` switches to PEFT's
+  unmerged form: the adapters ride in the params beside their kernels and a flax method
+  interceptor (`flax.linen.intercept_methods`, no change to the model) adds the adapter branch to
+  the output of every adapted `Dense`/`DenseGeneral`. For DoRA it adds PEFT's
+  (m/‖V‖_c − 1)·dropout(x)·W + (m/‖V‖_c)·s·dropout(x)·A·B (`peft.tuners.lora.dora`). A module
+  without adapter leaves, such as the reference model inside a DPO loss, is untouched. Without
+  dropout (and always in evaluation) the weight-space `apply_lora` is used. The model's own
+  dropout (`TransformerConfig.dropout`) applies either way.
 * DoRA's column norm ‖V‖_c is detached by default, i.e. treated as a constant in the backward
   pass, as DoRA §4.3 proposes and PEFT does (it saves the backward through the norm at a small
   cost in gradient fidelity; the magnitude's gradient is unaffected at B = 0); set
@@ -52,13 +58,14 @@ Design decisions:
   back to the base dtype for export.
 * Memory: because the merged kernel W' is an operand of the model's matmul, autodiff keeps W' of
   every targeted kernel alive for the backward pass (a transient copy of the targeted weights);
-  PEFT's unmerged x·W + s·(x·A)·B would instead keep the [B, T, r] product. See
-  `jaxalign.memory.estimate_memory`.
+  the unmerged form used with dropout keeps dropout(x) [B, T, in] and (x·A) [B, T, r] instead.
+  See `jaxalign.memory.estimate_memory`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -67,6 +74,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from flax import traverse_util
 
 from jaxalign.optim import OptimConfig, make_optimizer
@@ -99,17 +107,22 @@ class LoraConfig:
         and/or regular expressions, each `re.search`ed in the '/'-joined path of every leaf named
         "kernel" (e.g. "attn/wq" matches "layers_0/attn/wq/kernel"). Each must match at least one
         kernel of the params it is applied to.
+      dropout: rate of dropout on the adapter input while training (PEFT's `lora_dropout`; the
+        LoRA paper's GPT-2 runs use 0.1, Table 11). 0 keeps the weight-space path; see the module
+        docstring for how a rate > 0 is applied.
       dora: weight-decomposed adaptation (DoRA): also learn a magnitude m [out] per kernel.
       dora_detach_norm: treat ‖W + s·A·B‖_c as a constant in the backward pass (DoRA §4.3, PEFT).
       param_dtype: dtype of the adapter leaves (float32 keeps Adam updates exact even when the
         frozen base is stored in bfloat16).
 
-    There is no dropout field: adapter-input dropout is not supported (see the module docstring).
+    Raises:
+      ValueError: rank < 1, dropout outside [0, 1), targets a string or empty, a bad pattern.
     """
 
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("attention",)
+    dropout: float = 0.0
     dora: bool = False
     dora_detach_norm: bool = True
     param_dtype: Any = jnp.float32
@@ -117,6 +130,8 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.targets, str):
             raise ValueError(
                 f"LoraConfig.targets must be a tuple of patterns, got the string {self.targets!r}"
@@ -218,18 +233,28 @@ def _column_norm(v: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(v * v, axis=0))
 
 
-def _effective_kernel(w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig) -> jax.Array:
-    """W + s·A·B (or DoRA's m·V/‖V‖_c) in W's shape and the promoted dtype of (W, A)."""
+def _merged_matrix(w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig) -> jax.Array:
+    """V = W + s·A·B as a matrix [in, out] in the promoted dtype of (W, A)."""
     a, b = adapter[LORA_A], adapter[LORA_B]  # [in, r], [r, out]
     dtype = jnp.result_type(w.dtype, a.dtype)
     v = jnp.reshape(w, (a.shape[0], b.shape[1])).astype(dtype)  # [in, out]
     delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [in, out]
-    v = v + (config.scaling * delta).astype(dtype)
+    return v + (config.scaling * delta).astype(dtype)
+
+
+def _dora_scale(v: jax.Array, magnitude: jax.Array, config: LoraConfig) -> jax.Array:
+    """m / ‖V‖_c, float32 [out] (the norm detached if `config.dora_detach_norm`)."""
+    norm = _column_norm(v)  # [out]
+    if config.dora_detach_norm:
+        norm = jax.lax.stop_gradient(norm)
+    return magnitude.astype(jnp.float32) / norm
+
+
+def _effective_kernel(w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig) -> jax.Array:
+    """W + s·A·B (or DoRA's m·V/‖V‖_c) in W's shape and the promoted dtype of (W, A)."""
+    v = _merged_matrix(w, adapter, config)  # [in, out]
     if config.dora:
-        norm = _column_norm(v)  # [out]
-        if config.dora_detach_norm:
-            norm = jax.lax.stop_gradient(norm)
-        v = v * (adapter[MAGNITUDE].astype(jnp.float32) / norm).astype(dtype)  # [in, out]
+        v = v * _dora_scale(v, adapter[MAGNITUDE], config).astype(v.dtype)  # [in, out]
     return jnp.reshape(v, w.shape)
 
 
@@ -240,12 +265,29 @@ def _adapter_modules(adapters: Adapters) -> dict[tuple[str, ...], dict[str, jax.
     return modules
 
 
+def _checked_modules(
+    flat_params: Mapping[tuple[str, ...], jax.Array], adapters: Adapters, config: LoraConfig
+) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    """The adapters by module path, after checking each against the params and the config."""
+    modules = _adapter_modules(adapters)
+    for module, adapter in modules.items():
+        if module + ("kernel",) not in flat_params:
+            raise KeyError(f"adapter for {_path_str(module)!r}: params have no such kernel")
+        if (MAGNITUDE in adapter) != config.dora:
+            raise ValueError(
+                f"adapter {_path_str(module)!r}: LoraConfig.dora={config.dora} but the adapter "
+                f"{'has' if MAGNITUDE in adapter else 'lacks'} a magnitude"
+            )
+    return modules
+
+
 def apply_lora(params: Params, adapters: Adapters, config: LoraConfig) -> Params:
     """Effective parameters: every adapted kernel replaced by W + (α/r)·A·B (or the DoRA weight).
 
     Pure and jit-able; call it inside the loss so that gradients reach the adapters only:
     `forward(apply_lora(base, adapters, cfg), model_cfg, tokens)`. Leaves without adapters are
-    passed through unchanged (the same arrays).
+    passed through unchanged (the same arrays). `config.dropout` plays no part here (see
+    `make_lora_loss_fn`).
 
     Args:
       params: base parameter pytree (nested dicts, as from `init_params` / `load_hf_checkpoint`).
@@ -257,16 +299,74 @@ def apply_lora(params: Params, adapters: Adapters, config: LoraConfig) -> Params
       ValueError: DoRA config but adapters without magnitudes (or the reverse).
     """
     flat = traverse_util.flatten_dict(params)
-    for module, adapter in _adapter_modules(adapters).items():
+    for module, adapter in _checked_modules(flat, adapters, config).items():
         key = module + ("kernel",)
-        if key not in flat:
-            raise KeyError(f"adapter for {_path_str(module)!r}: params have no such kernel")
-        if (MAGNITUDE in adapter) != config.dora:
-            raise ValueError(
-                f"adapter {_path_str(module)!r}: LoraConfig.dora={config.dora} but the adapter "
-                f"{'has' if MAGNITUDE in adapter else 'lacks'} a magnitude"
-            )
         flat[key] = _effective_kernel(flat[key], adapter, config)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _unmerged_delta(
+    x: jax.Array,
+    module: Mapping[str, jax.Array],
+    path: tuple[str, ...],
+    config: LoraConfig,
+    rng: jax.Array,
+) -> jax.Array:
+    """The adapter branch of one adapted projection under adapter-input dropout (PEFT's forward).
+
+    Args:
+      x: the projection's input [..., in axes] (e.g. [B, T, D], or [B, T, N, H] for `wo`).
+      module: its params: "kernel" [in axes..., out axes...], "lora_a" [in, r], "lora_b" [r, out]
+        (+ "magnitude" [out] with DoRA).
+      path: its module path (which decides how many leading kernel axes are inputs).
+      config: the LoRA configuration (rate `config.dropout`).
+      rng: key of this call's dropout mask.
+
+    Returns:
+      [..., out axes] in the promoted dtype of (x, A), to add to x·W + b: s·x̃·A·B with x̃ =
+      dropout(x); with DoRA (m/‖V‖_c − 1)·x̃·W + (m/‖V‖_c)·s·x̃·A·B.
+    """
+    w, a, b = module["kernel"], module[LORA_A], module[LORA_B]
+    d_in, d_out = a.shape[0], b.shape[1]
+    n_in = _n_in_axes(path, w.ndim)
+    lead = x.shape[: x.ndim - n_in]
+    dtype = jnp.result_type(x.dtype, a.dtype)
+    x = jnp.reshape(x, (*lead, d_in)).astype(dtype)  # [..., in]
+    keep = 1.0 - config.dropout
+    x = jnp.where(jax.random.bernoulli(rng, keep, x.shape), x / keep, 0)  # dropout(x) [..., in]
+    out = config.scaling * ((x @ a.astype(dtype)) @ b.astype(dtype))  # [..., out]
+    if config.dora:
+        scale = _dora_scale(_merged_matrix(w, module, config), module[MAGNITUDE], config)  # [out]
+        scale = scale.astype(dtype)
+        base = x @ jnp.reshape(w, (d_in, d_out)).astype(dtype)  # [..., out]
+        out = (scale - 1) * base + scale * out
+    return jnp.reshape(out, (*lead, *w.shape[n_in:]))
+
+
+def _dropout_interceptor(config: LoraConfig, rng: jax.Array) -> Callable:
+    """A `flax.linen.intercept_methods` interceptor adding `_unmerged_delta` to the output of every
+    `Dense`/`DenseGeneral` whose params hold adapter leaves; each call draws its own mask."""
+    calls = itertools.count()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            return next_fun(*args, **kwargs)
+        params = module.variables.get("params", {})
+        if LORA_A not in params:
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)  # x·W + b with the frozen kernel
+        key = jax.random.fold_in(rng, next(calls))
+        return y + _unmerged_delta(args[0], params, tuple(module.path), config, key).astype(y.dtype)
+
+    return interceptor
+
+
+def _adapters_beside_kernels(params: Params, adapters: Adapters, config: LoraConfig) -> Params:
+    """The base params with each module's adapter leaves added next to its kernel."""
+    flat = traverse_util.flatten_dict(params)
+    for module, adapter in _checked_modules(flat, adapters, config).items():
+        flat.update({module + (name,): leaf for name, leaf in adapter.items()})
     return traverse_util.unflatten_dict(flat)
 
 
@@ -298,7 +398,7 @@ def unmerge_lora(merged: Params, adapters: Adapters, config: LoraConfig) -> Para
     return traverse_util.unflatten_dict(flat)
 
 
-def make_lora_loss_fn(loss_fn: Callable, config: LoraConfig) -> Callable:
+def make_lora_loss_fn(loss_fn: Callable, config: LoraConfig, *, dropout: bool = True) -> Callable:
     """Turns `loss_fn(params, batch, dropout_rng, *extra)` into
     `lora_loss_fn(adapters, batch, dropout_rng, base, *extra)`.
 
@@ -308,9 +408,26 @@ def make_lora_loss_fn(loss_fn: Callable, config: LoraConfig) -> Callable:
     base)` (or `step(state, batch, base, base)` for a DPO loss whose extra argument is the
     reference params: the base is the reference). The base is an ordinary, non-donated argument,
     so it is not baked into the compiled program and survives the step.
+
+    With `config.dropout > 0`, `dropout` and a `dropout_rng`, the loss instead runs
+    `loss_fn(base with the adapters beside its kernels, ...)` under a flax method interceptor
+    that adds the adapter branch on dropped-out inputs (see the module docstring); the masks come
+    from `fold_in(dropout_rng, 1)`, apart from the model's own dropout stream. Params without
+    adapter leaves (a reference passed in `extra`) run the plain model either way.
+
+    Args:
+      loss_fn: the full-model loss.
+      config: the LoRA configuration.
+      dropout: allow adapter dropout (trainers pass their own `dropout` switch; GRPO keeps it off).
     """
 
     def lora_loss_fn(adapters, batch, dropout_rng, base, *extra):
+        if config.dropout > 0 and dropout and dropout_rng is not None:
+            interceptor = _dropout_interceptor(config, jax.random.fold_in(dropout_rng, 1))
+            with nn.intercept_methods(interceptor):
+                return loss_fn(
+                    _adapters_beside_kernels(base, adapters, config), batch, dropout_rng, *extra
+                )
         return loss_fn(apply_lora(base, adapters, config), batch, dropout_rng, *extra)
 
     return lora_loss_fn

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import linen as nn
 
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.lora import (
@@ -19,13 +20,14 @@ from jaxalign.lora import (
     merge_lora,
     unmerge_lora,
 )
+from jaxalign.lora import _adapters_beside_kernels, _dropout_interceptor, _unmerged_delta
 from jaxalign.models import forward as _forward
 from jaxalign.models import get_config, init_params, load_hf_checkpoint
 from jaxalign.models.config import RopeScaling
 from jaxalign.models.hf_export import export_hf
 from jaxalign.optim import OptimConfig, make_optimizer, weight_decay_mask
 from jaxalign.trainers import create_train_state, make_train_step
-from jaxalign.trainers.dpo import dpo_batch_loss
+from jaxalign.trainers.dpo import dpo_batch_loss, make_pair_logps_fn
 from jaxalign.trainers.sft import sft_batch_loss
 from tests.conftest import compile_count
 
@@ -226,6 +228,100 @@ def test_dora_gradients_finite_magnitude_trains_and_detach(gpt2):
     assert not np.allclose(
         g1["layers_0"]["attn"]["wv"]["lora_b"], g2["layers_0"]["attn"]["wv"]["lora_b"], rtol=1e-3
     )
+
+
+# --- adapter-input dropout (the unmerged path) -------------------------------------------------
+
+
+def test_unmerged_delta_against_numpy_with_its_mask(llama):
+    """One projection: s·x̃·A·B (LoRA) and (m/‖V‖_c − 1)·x̃·W + (m/‖V‖_c)·s·x̃·A·B (DoRA, PEFT's
+    forward), x̃ = x·mask/(1−p), and E[s·x̃·A·B] = s·x·A·B over many masks."""
+    config, params = llama
+    n, h, d = config.n_heads, config.head_dim, config.d_model
+    x = jax.random.normal(jax.random.key(0), (3, 5, n, h))  # the input of wo [B,T,N,H]
+    key = jax.random.key(1)
+    keep = 0.7
+    mask = np.asarray(jax.random.bernoulli(key, keep, (3, 5, n * h)))
+    assert 0.5 < mask.mean() < 0.9
+    xd = np.asarray(x, np.float64).reshape(3, 5, n * h) * mask / keep
+    w = np.asarray(params["layers_0"]["attn"]["wo"]["kernel"], np.float64).reshape(n * h, d)
+    for dora in (False, True):
+        cfg = LoraConfig(rank=4, alpha=8.0, targets=("attn/wo",), dropout=1 - keep, dora=dora)
+        module = perturb(init_lora(params, cfg, jax.random.key(2)), 3)["layers_0"]["attn"]["wo"]
+        a, b = (np.asarray(module[k], np.float64) for k in ("lora_a", "lora_b"))
+        want = 2.0 * xd @ a @ b
+        if dora:
+            scale = np.asarray(module["magnitude"], np.float64) / np.linalg.norm(w + 2.0 * a @ b, axis=0)
+            want = (scale - 1) * (xd @ w) + scale * want
+        got = _unmerged_delta(
+            x, {**module, "kernel": params["layers_0"]["attn"]["wo"]["kernel"]},
+            ("layers_0", "attn", "wo"), cfg, key,
+        )
+        assert got.shape == (3, 5, d)
+        np.testing.assert_allclose(got, want.reshape(3, 5, d), rtol=1e-4, atol=1e-5)
+    # Unbiased: the mean over 4000 masks of the LoRA branch is s·x·A·B.
+    cfg = LoraConfig(rank=4, alpha=8.0, targets=("attn/wo",), dropout=0.3)
+    module = perturb(init_lora(params, cfg, jax.random.key(2)), 3)["layers_0"]["attn"]["wo"]
+    module = {**module, "kernel": params["layers_0"]["attn"]["wo"]["kernel"]}
+    x1 = x[:1, :1]
+    draws = jax.vmap(lambda k: _unmerged_delta(x1, module, ("layers_0", "attn", "wo"), cfg, k))(
+        jax.random.split(jax.random.key(4), 4000)
+    )  # [4000,1,1,D]
+    exact = 2.0 * np.asarray(x1).reshape(1, n * h) @ np.asarray(module["lora_a"]) @ np.asarray(module["lora_b"])
+    stderr = np.asarray(draws).std(0) / math.sqrt(4000)
+    assert np.all(np.abs(np.asarray(draws).mean(0).reshape(1, d) - exact) < 5 * stderr.reshape(1, d))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_unmerged_forward_equals_apply_lora_at_no_drop(llama, dora):
+    """The interceptor routes every adapted projection (q/k/v with GQA, wo's two input axes, the
+    SwiGLU MLP and an untied lm_head): with masks that keep everything it equals `apply_lora`."""
+    config, params = llama
+    cfg = LoraConfig(rank=4, targets=("all", "lm_head"), dora=dora, dropout=1e-30)  # keep = 1.0f
+    ad = perturb(init_lora(params, cfg, jax.random.key(2)), 3)
+    tokens = jnp.asarray(TOKENS)
+    want = forward(apply_lora(params, ad, cfg), config, tokens)
+    with nn.intercept_methods(_dropout_interceptor(cfg, jax.random.key(5))):
+        got = jax.jit(lambda p, t: _forward(p, config, t))(_adapters_beside_kernels(params, ad, cfg), tokens)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert not np.allclose(want, forward(params, config, tokens), atol=1e-2)
+
+
+def test_adapter_dropout_in_training_and_reference_untouched(gpt2):
+    """With dropout the DPO policy sees dropped-out adapter inputs, the reference (the base, no
+    adapter leaves) does not; `dropout=False` or no key gives the weight-space loss."""
+    config, params = gpt2
+    cfg = LoraConfig(rank=4, targets=("all",), dropout=0.5)
+    ad = perturb(init_lora(params, cfg, jax.random.key(0)), 1)
+    rng = np.random.RandomState(3)
+    mask = np.zeros((4, 12), np.float32)
+    mask[:, 6:] = 1
+    batch = {
+        "chosen_tokens": jnp.asarray(rng.randint(0, V, (4, 12)), jnp.int32),
+        "rejected_tokens": jnp.asarray(rng.randint(0, V, (4, 12)), jnp.int32),
+        "chosen_mask": jnp.asarray(mask),
+        "rejected_mask": jnp.asarray(mask),
+    }
+    dpo = lambda p, b, r, ref: dpo_batch_loss(p, config, b, None, ref, beta=0.5)
+    with_drop = jax.jit(make_lora_loss_fn(dpo, cfg))
+    no_drop = jax.jit(make_lora_loss_fn(dpo, cfg, dropout=False))
+    key = jax.random.PRNGKey(7)
+    loss, m = with_drop(ad, batch, key, params, params)
+    pair_fn = make_pair_logps_fn(config)
+    ref_c, ref_r = pair_fn(params, batch)
+    # rewards = β·(policy − reference): the reference part is the plain base model's log-probs
+    np.testing.assert_allclose(m["chosen_logps"] - m["chosen_rewards"] / 0.5, np.mean(ref_c), rtol=1e-5)
+    np.testing.assert_allclose(m["rejected_logps"] - m["rejected_rewards"] / 0.5, np.mean(ref_r), rtol=1e-5)
+    plain_loss, plain = no_drop(ad, batch, key, params, params)
+    c, _ = pair_fn(apply_lora(params, ad, cfg), batch)
+    np.testing.assert_allclose(plain["chosen_logps"], np.mean(c), rtol=1e-5)
+    assert abs(float(m["chosen_logps"]) - float(plain["chosen_logps"])) > 1e-3  # masks applied
+    other, _ = with_drop(ad, batch, jax.random.PRNGKey(8), params, params)
+    assert float(other) != float(loss)  # another key, other masks
+    np.testing.assert_array_equal(with_drop(ad, batch, key, params, params)[0], loss)  # same key
+    np.testing.assert_array_equal(with_drop(ad, batch, None, params, params)[0], plain_loss)
+    with pytest.raises(ValueError, match="dropout"):
+        LoraConfig(dropout=1.0)
 
 
 # --- training: only adapters change, optimizer state is adapter-sized ------------------------

@@ -132,7 +132,8 @@ def make_dpo_step(
     reward_margin, logits, chosen/rejected log-probs, grad_norm, learning_rate. With `lora`, the
     state's params are the adapters and the step is `step(state, batch, base_params, ref_params)`:
     pass the base itself as `ref_params` (adapters off = the reference, no second copy), or
-    precompute reference log-probs with `reference_logps(base_params, ...)`. `shardings`
+    precompute reference log-probs with `reference_logps(base_params, ...)`; `lora.dropout`
+    applies to the policy only (and not with `dropout=False`). `shardings`
     (`jaxalign.sharding.step_shardings(..., num_extra_params=1)` with `ref_params`) compiles
     the step for a device mesh.
     """
@@ -151,7 +152,7 @@ def make_dpo_step(
         )
 
     if lora is not None:  # train adapters only; the base params become an extra argument
-        loss_fn = make_lora_loss_fn(loss_fn, lora)
+        loss_fn = make_lora_loss_fn(loss_fn, lora, dropout=dropout)
     return make_train_step(
         loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings
     )

@@ -66,7 +66,8 @@ def make_sft_step(
     """jit-compiled SFT step `step(state, batch) -> (state, metrics)`.
 
     Metrics: loss, loss_sum, num_tokens, token_accuracy, grad_norm, learning_rate.
-    `dropout=False` trains deterministically even when config.dropout > 0. With `lora`, the
+    `dropout=False` trains deterministically even when config.dropout > 0 (or
+    `lora.dropout` > 0). With `lora`, the
     state's params are the adapters (`jaxalign.lora.init_lora`) and the step is
     `step(state, batch, base_params)`. `shardings` (`jaxalign.sharding.step_shardings`)
     compiles the step for a device mesh.
@@ -83,7 +84,7 @@ def make_sft_step(
         )
 
     if lora is not None:  # train adapters only; the base params become an extra argument
-        loss_fn = make_lora_loss_fn(loss_fn, lora)
+        loss_fn = make_lora_loss_fn(loss_fn, lora, dropout=dropout)
     return make_train_step(
         loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import jax
 import optax
 
+from jaxalign.lora import LoraConfig, make_lora_loss_fn
 from jaxalign.losses.grpo import grpo_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.rollout import Rollout, completion_logps
@@ -70,6 +71,7 @@ def make_grpo_step(
     schedule: optax.Schedule,
     *,
     dropout: bool = False,
+    lora: LoraConfig | None = None,
     shardings: StepShardings | None = None,
     **loss_kwargs,
 ) -> Callable:
@@ -80,10 +82,18 @@ def make_grpo_step(
     inner iteration's ratio differ from 1 (TRL disables it for the same reason). `shardings`
     (`jaxalign.sharding.step_shardings(config, tx, mesh)`) compiles the step for a device mesh:
     the rollout's rows are split over the batch axes and the loss stays the whole batch's.
+
+    With `lora`, the state's params are the adapters (`jaxalign.lora.init_lora`) and the step is
+    `step(state, rollout, base_params)`. Sample the rollout with the policy
+    `merge_lora(base_params, adapters, lora)` and `ref_params=base_params`: the base with the
+    adapters off is the reference, so there is no second copy of the weights. (`shardings` then
+    needs `num_extra_params=1` for the base.) Adapter dropout follows `dropout`.
     """
 
     def loss_fn(params, rollout, dropout_rng):
         rng = dropout_rng if dropout and config.dropout > 0 else None
         return grpo_batch_loss(params, config, rollout, rng, **loss_kwargs)
 
+    if lora is not None:  # train adapters only; the base params become an extra argument
+        loss_fn = make_lora_loss_fn(loss_fn, lora, dropout=dropout)
     return make_train_step(loss_fn, tx, schedule, shardings=shardings)

@@ -67,10 +67,9 @@ def make_sft_step(
 
     Metrics: loss, loss_sum, num_tokens, token_accuracy, grad_norm, learning_rate.
     `dropout=False` trains deterministically even when config.dropout > 0 (or
-    `lora.dropout` > 0). With `lora`, the
-    state's params are the adapters (`jaxalign.lora.init_lora`) and the step is
-    `step(state, batch, base_params)`. `shardings` (`jaxalign.sharding.step_shardings`)
-    compiles the step for a device mesh.
+    `lora.dropout` > 0). With `lora`, the state's params are the adapters
+    (`jaxalign.lora.init_lora`) and the step is `step(state, batch, base_params)`. `shardings`
+    (`jaxalign.sharding.step_shardings`) compiles the step for a device mesh.
     """
 
     def loss_fn(params, batch, dropout_rng):

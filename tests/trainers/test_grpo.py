@@ -5,7 +5,9 @@ import optax
 import pytest
 
 import jaxalign.data as jd
+from jaxalign.advantages import kl_penalty
 from jaxalign.decoding import generate
+from jaxalign.lora import LoraConfig, apply_lora, init_lora, merge_lora
 from jaxalign.models import get_config, init_params
 from jaxalign.rewards import exact_match_reward
 from jaxalign.rollout import completion_logps, grpo_rollout
@@ -72,3 +74,37 @@ def test_grpo_step_moves_logps_along_advantages(params):
     after = (completion_logps(state.params, CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens) * ro.completion_mask).sum(-1)
     delta = np.asarray(after - before)
     assert np.corrcoef(delta, np.asarray(adv))[0, 1] > 0.5
+
+
+def test_lora_grpo_step_trains_adapters_against_the_base_as_reference(params):
+    """With `lora=`, the step takes the base as an argument; the rollout's reference log-probs are
+    the base's (adapters off), so after one update the KL metric is the policy's k3 KL to the base."""
+    tokens, mask = jd.collate_prompts(["12+30=", "5+5=", "40+2="], TOK)
+    lora = LoraConfig(rank=4, targets=("all",))
+    adapters = init_lora(params, lora, jax.random.key(5))
+    ro, _, _ = grpo_rollout(
+        merge_lora(params, adapters, lora), CONFIG, tokens, mask, group_size=4,
+        reward_fn=exact_match_reward, decode=TOK.decode, rng=jax.random.key(3), max_new_tokens=4,
+        eos_id=TOK.eos_id, pad_id=TOK.pad_id, ref_params=params, columns={"answers": ["42", "10", "42"]},
+    )
+    np.testing.assert_allclose(ro.ref_logps, ro.old_logps, atol=1e-5)  # B = 0: policy == base
+    ro = ro.replace(advantages=jnp.asarray(np.random.RandomState(1).randn(12).astype(np.float32)))
+    tx = optax.adam(1e-2)
+    step = make_grpo_step(CONFIG, tx, lambda s: 1e-2, beta=0.1, max_length=4, lora=lora)
+    state = create_train_state(adapters, tx, 0)
+    base_before = jax.tree.map(np.array, params)
+    state, m0 = step(state, ro, params)
+    np.testing.assert_allclose(m0["kl"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(m0["ratio"], 1.0, atol=1e-5)
+    after_one = jax.tree.map(np.array, state.params)
+    state, m1 = step(state, ro, params)
+    logps = completion_logps(
+        apply_lora(params, after_one, lora), CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens
+    )
+    m = np.asarray(ro.completion_mask)
+    want = np.sum(np.asarray(kl_penalty(logps, ro.ref_logps, kind="k3")) * m) / m.sum()
+    assert float(m1["kl"]) > 1e-5
+    np.testing.assert_allclose(m1["kl"], want, rtol=1e-4)
+    for got, before in zip(jax.tree.leaves(params), jax.tree.leaves(base_before)):
+        np.testing.assert_array_equal(got, before)  # the base (the reference) never moves
+    assert jax.tree.structure(state.params) == jax.tree.structure(adapters)

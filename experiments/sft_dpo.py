@@ -11,6 +11,17 @@ Real data:
     --tokenizer ../shared/data/tokenizers/gpt2/gpt2.tiktoken [--init path/to/gpt2-hf-checkpoint]
 
 Writes into --output-dir: metrics.jsonl, summary.json, sft.png, dpo.png, checkpoints/{sft,dpo}/.
+
+LoRA (`--lora`, with --lora-rank/-alpha/-dropout/-targets and --dora): both stages train adapters
+only (`jaxalign.lora`), with optimizer state and checkpoints of adapter size. The recipe chosen
+for SFT -> DPO: SFT trains adapters on the frozen base; at the end of SFT they are merged into it
+(`merge_lora`), and that merged SFT model is both the frozen base of DPO's fresh adapters and,
+with the adapters off, DPO's reference. So the reference is the SFT model, as in full
+fine-tuning, and there is no second copy of the weights. (Stacking DPO adapters on the unmerged
+SFT adapters would need two adapter sets in the policy and a reference with only one of them.)
+The checkpoints hold the SFT and DPO adapters, not weights: the final model is
+`merge_lora(merge_lora(base, sft_adapters), dpo_adapters)` with the base rebuilt from --init or
+--model and --seed, which is what --resume does. summary.json records `trainable_params`.
 """
 
 from __future__ import annotations
@@ -22,19 +33,35 @@ import logging
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tyro
 
 import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
+from jaxalign.lora import (
+    LoraConfig,
+    apply_lora,
+    init_lora,
+    lora_targets,
+    make_lora_optimizer,
+    merge_lora,
+)
 from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics
-from jaxalign.models import TransformerConfig, get_config, init_params, load_hf_checkpoint
+from jaxalign.models import (
+    TransformerConfig,
+    get_config,
+    init_params,
+    load_hf_checkpoint,
+    num_params,
+)
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.trainers import (
     create_train_state,
@@ -101,6 +128,20 @@ class Config:
     resume: bool = False
     """Continue from the latest checkpoints in --output-dir."""
     progress: bool = True
+    lora: bool = False
+    """Train LoRA adapters instead of every weight (SFT adapters are merged after SFT; DPO trains
+    fresh adapters with the merged SFT model as base and reference)."""
+    lora_rank: int = 8
+    """r: inner dimension of the adapters."""
+    lora_alpha: float = 16.0
+    """α: the update is scaled by α / r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input while training (PEFT's lora_dropout)."""
+    lora_targets: tuple[str, ...] = ("attention",)
+    """Kernels to adapt: presets attention (wq wk wv wo), mlp, all, qv, and/or regular expressions
+    searched in paths such as layers_0/attn/wq/kernel."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA, arXiv 2402.09353); needs --lora."""
 
 
 @dataclasses.dataclass
@@ -165,6 +206,56 @@ def build_model(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[TransformerConfig
     return config, init_params(config, jax.random.key(cfg.seed))
 
 
+def lora_config(cfg: Config) -> LoraConfig | None:
+    """The `LoraConfig` of the --lora flags, or None without --lora.
+
+    Raises:
+      ValueError: --dora without --lora, or a bad --lora-* value (naming the flag).
+    """
+    if not cfg.lora:
+        if cfg.dora:
+            raise ValueError("--dora needs --lora")
+        return None
+    try:
+        return LoraConfig(
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            targets=tuple(cfg.lora_targets),
+            dropout=cfg.lora_dropout,
+            dora=cfg.dora,
+        )
+    except ValueError as err:  # LoraConfig names its field; the user typed the flag
+        raise ValueError(f"--lora-* flags: {err}") from err
+
+
+@dataclasses.dataclass
+class Trainable:
+    """What a stage optimises: all params, or adapters on a frozen base.
+
+    Attributes:
+      tx, schedule: the optimiser (`make_lora_optimizer` with adapters).
+      params: the initial trainable params (the model's params, or fresh adapters).
+      extra_args: step arguments after the batch (the frozen base with adapters, else none).
+      to_model: trainable params -> the model's params (`apply_lora` on the base, jit-compiled).
+    """
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    params: Any
+    extra_args: tuple
+    to_model: Callable[[Any], Any]
+
+
+def _trainable(lora: LoraConfig | None, base, optim: OptimConfig, seed: int) -> Trainable:
+    if lora is None:
+        tx, schedule = make_optimizer(optim)
+        return Trainable(tx, schedule, base, (), lambda p: p)
+    tx, schedule = make_lora_optimizer(optim)
+    effective = jax.jit(apply_lora, static_argnums=2)
+    adapters = init_lora(base, lora, jax.random.key(seed))
+    return Trainable(tx, schedule, adapters, (base,), lambda a: effective(base, a, lora))
+
+
 def _optim(cfg: Config, lr: float, steps: int) -> OptimConfig:
     updates = max(1, steps // cfg.grad_accum_steps)
     return OptimConfig(
@@ -199,8 +290,12 @@ def _train_metric(path: Path, stage: str, key: str, last_fraction: float = 0.2) 
     return float(np.mean(tail))
 
 
-def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path) -> tuple[dict, dict]:
-    """Supervised fine-tuning stage; returns (trained params, figures)."""
+def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path, lora=None) -> tuple[dict, dict]:
+    """Supervised fine-tuning stage; returns (the trained model's params, figures).
+
+    With `lora`, `params` is the frozen base, the stage trains adapters, and the returned params
+    are the base with the trained adapters merged in.
+    """
     collate = functools.partial(
         jd.collate_sft,
         batch_size=cfg.batch_size,
@@ -218,18 +313,23 @@ def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path) -> tuple[di
         return {"val_loss": total / max(count, 1.0)}
 
     before = evaluate(params)
-    tx, schedule = make_optimizer(_optim(cfg, cfg.sft_lr, cfg.sft_steps))
-    step = make_sft_step(config, tx, schedule, grad_accum_steps=cfg.grad_accum_steps)
+    train = _trainable(lora, params, _optim(cfg, cfg.sft_lr, cfg.sft_steps), cfg.seed)
+    step = make_sft_step(
+        config, train.tx, train.schedule, grad_accum_steps=cfg.grad_accum_steps, lora=lora
+    )
     manager = make_checkpoint_manager(
         ckpt_dir / "sft", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
     )
-    state = _resume_or_fresh(manager, create_train_state(params, tx, cfg.seed), cfg, writer, "sft")
+    fresh = create_train_state(train.params, train.tx, cfg.seed)
+    state = _resume_or_fresh(manager, fresh, cfg, writer, "sft")
     state, loop = train_loop(
         step, state, stream.batch_at, num_steps=cfg.sft_steps, stage="sft", writer=writer,
-        eval_fn=evaluate, eval_every=cfg.eval_every, log_every=cfg.log_every,
-        checkpoints=manager, progress=cfg.progress,
+        extra_args=train.extra_args, eval_fn=lambda p: evaluate(train.to_model(p)),
+        eval_every=cfg.eval_every, log_every=cfg.log_every, checkpoints=manager,
+        progress=cfg.progress,
     )
-    after = loop["final_eval"] or evaluate(state.params)
+    trained = state.params if lora is None else merge_lora(params, state.params, lora)
+    after = loop["final_eval"] or evaluate(trained)
     records = [r for r in read_metrics(writer.path) if r["stage"] == "sft"]
     figures = {
         "sft_val_loss_before": before["val_loss"],
@@ -237,12 +337,21 @@ def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path) -> tuple[di
         "sft_train_loss_first": records[0]["loss"] if records else float("nan"),
         "sft_train_loss_last": _train_metric(writer.path, "sft", "loss"),
         "sft_tokens_per_s": loop["tokens_per_s"],
+        "trainable_params": _count(state.params),
     }
-    return state.params, figures
+    return trained, figures
 
 
-def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path) -> dict:
-    """DPO stage from the SFT model, which is also the frozen reference; returns figures."""
+def _count(tree) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=None) -> dict:
+    """DPO stage from the SFT model, which is also the frozen reference; returns figures.
+
+    With `lora`, fresh adapters train on the frozen SFT model, which with the adapters off is the
+    reference: the same arrays serve as base and reference, no copy.
+    """
     collate_kw = dict(
         batch_size=cfg.batch_size,
         buckets=jd.default_buckets(cfg.max_length),
@@ -250,7 +359,10 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path) -> dict
     )
     collate = functools.partial(jd.collate_preference, **collate_kw)
     average = cfg.loss_type == "ipo"
-    ref_params = jax.tree.map(jnp.copy, sft_params)  # the train step donates the policy's buffers
+    if lora is None:
+        ref_params = jax.tree.map(jnp.copy, sft_params)  # the train step donates the policy's buffers
+    else:
+        ref_params = sft_params  # not donated: only the adapters are in the train state
 
     val_batches = list(jd.eval_batches(data.pref_val, batch_size=cfg.batch_size, collate=collate))
     val_ref_c, val_ref_r = reference_logps(ref_params, config, val_batches, average=average)
@@ -271,6 +383,9 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path) -> dict
         }
 
     before = evaluate(sft_params)
+    if lora is None:  # the policy starts as a copy of the SFT model (the step donates it)
+        sft_params = jax.tree.map(jnp.copy, sft_params)
+    train = _trainable(lora, sft_params, _optim(cfg, cfg.dpo_lr, cfg.dpo_steps), cfg.seed + 1)
     if cfg.reference == "precomputed":
         train_batches = jd.eval_batches(data.pref_train, batch_size=cfg.batch_size, collate=collate)
         train_c, train_r = reference_logps(ref_params, config, train_batches, average=average)
@@ -278,26 +393,26 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path) -> dict
         stream = jd.BatchStream(
             items, cfg.batch_size, cfg.seed, functools.partial(jd.collate_referenced, **collate_kw)
         )
-        extra_args: tuple = ()
+        extra_args = train.extra_args
     else:
         stream = jd.BatchStream(data.pref_train, cfg.batch_size, cfg.seed, collate)
-        extra_args = (ref_params,)
-    tx, schedule = make_optimizer(_optim(cfg, cfg.dpo_lr, cfg.dpo_steps))
+        extra_args = (*train.extra_args, ref_params)
     step = make_dpo_step(
-        config, tx, schedule, beta=cfg.beta, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing, grad_accum_steps=cfg.grad_accum_steps,
+        config, train.tx, train.schedule, beta=cfg.beta, loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing, grad_accum_steps=cfg.grad_accum_steps, lora=lora,
     )
     manager = make_checkpoint_manager(
         ckpt_dir / "dpo", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
     )
-    fresh = create_train_state(jax.tree.map(jnp.copy, sft_params), tx, cfg.seed + 1)
+    fresh = create_train_state(train.params, train.tx, cfg.seed + 1)
     state = _resume_or_fresh(manager, fresh, cfg, writer, "dpo")
     state, loop = train_loop(
         step, state, stream.batch_at, num_steps=cfg.dpo_steps, stage="dpo", writer=writer,
-        extra_args=extra_args, eval_fn=evaluate, eval_every=cfg.eval_every,
-        log_every=cfg.log_every, checkpoints=manager, progress=cfg.progress,
+        extra_args=extra_args, eval_fn=lambda p: evaluate(train.to_model(p)),
+        eval_every=cfg.eval_every, log_every=cfg.log_every, checkpoints=manager,
+        progress=cfg.progress,
     )
-    after = loop["final_eval"] or evaluate(state.params)
+    after = loop["final_eval"] or evaluate(train.to_model(state.params))
     return {
         **{f"dpo_{k}_before": v for k, v in before.items()},
         **{f"dpo_{k}_after": v for k, v in after.items()},
@@ -320,6 +435,8 @@ def format_table(summary: dict) -> str:
     lines += [
         f"{'SFT train tokens/s':<40}{summary['sft_tokens_per_s']:>24.0f}",
         f"{'DPO train tokens/s':<40}{summary['dpo_tokens_per_s']:>24.0f}",
+        f"{'trainable params / model params':<40}"
+        f"{summary['trainable_params']:>12,}{summary['model_params']:>12,}",
     ]
     return "\n".join(lines)
 
@@ -339,19 +456,26 @@ def run(cfg: Config) -> dict:
         )
     if not cfg.resume and (out / "metrics.jsonl").exists():
         shutil.move(out / "metrics.jsonl", out / "metrics.previous.jsonl")
+    lora = lora_config(cfg)
     data = load_data(cfg)  # all validation happens here, before any compute
     log.info(
         "data: %d/%d SFT and %d/%d preference examples (train/val)",
         len(data.sft_train), len(data.sft_val), len(data.pref_train), len(data.pref_val),
     )
     config, params = build_model(cfg, data.tokenizer)
+    if lora is not None:
+        try:
+            lora_targets(params, lora)
+        except ValueError as err:
+            raise ValueError(f"--lora-targets: {err}") from err
     writer = MetricsWriter(out)
     try:
-        sft_params, sft_figures = run_sft(cfg, data, config, params, writer, ckpt_dir)
-        dpo_figures = run_dpo(cfg, data, config, sft_params, writer, ckpt_dir)
+        sft_params, sft_figures = run_sft(cfg, data, config, params, writer, ckpt_dir, lora)
+        del params  # with LoRA the merged SFT model replaces the base
+        dpo_figures = run_dpo(cfg, data, config, sft_params, writer, ckpt_dir, lora)
     finally:
         writer.close()
-    summary = {**sft_figures, **dpo_figures}
+    summary = {**sft_figures, **dpo_figures, "model_params": num_params(config)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(writer.path, out / "sft.png", [("sft", "loss"), ("sft_eval", "val_loss"), ("sft", "learning_rate")], title="SFT")
     plot_metrics(

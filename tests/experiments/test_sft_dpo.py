@@ -1,7 +1,10 @@
 """End-to-end runs of experiments/sft_dpo.py (tiny sizes) that assert the objectives moved."""
 
 import json
+import math
 
+import jax
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments.sft_dpo import Config, main, run
@@ -57,6 +60,50 @@ def test_default_task_runs_and_resumes(tmp_path):
     assert resumed["sft_val_loss_after"] == pytest.approx(first["sft_val_loss_after"], rel=1e-6)
 
 
+def _checkpoint_tree(stage_dir):
+    """{path: shape} of the latest checkpoint in a stage's directory, from orbax's metadata."""
+    step = max(int(p.name) for p in stage_dir.iterdir() if p.name.isdigit())
+    meta = ocp.StandardCheckpointer().metadata(stage_dir / str(step) / "default").item_metadata
+    return step, {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(meta.tree)[0]}
+
+
+@pytest.mark.slow
+def test_lora_sft_then_dpo_checkpoints_adapters_only_and_resumes(tmp_path):
+    """--lora: SFT loss falls, DPO reward accuracy rises from the reference's 0, both stages
+    checkpoint adapters (+ their Adam moments) only, and --resume continues DPO."""
+    args = [
+        "--output-dir", str(tmp_path), "--model", "gpt2-tiny", "--synthetic-examples", "160",
+        "--sft-steps", "20", "--checkpoint-every", "5", "--sft-lr", "1e-2", "--dpo-lr", "2e-2",
+        "--eval-every", "1000", "--log-every", "5", "--no-progress",
+        "--lora", "--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "attention", "mlp/up",
+    ]
+    first = main([*args, "--dpo-steps", "10"])
+    # rank 8 on wq wk wv wo ([64, 64]) and up ([64, 256]) of 2 layers: 2·(4·(64+64) + 64+256)·8
+    assert first["trainable_params"] == 2 * (4 * 128 + 320) * 8 == 13_312
+    assert first["trainable_params"] < 0.11 * first["model_params"]
+    assert first["sft_train_loss_last"] < first["sft_train_loss_first"] - 0.1
+    assert first["sft_val_loss_after"] < first["sft_val_loss_before"] - 0.1
+    assert first["dpo_val_reward_margin_before"] == 0.0  # adapters at B = 0: policy == reference
+    assert first["dpo_val_reward_accuracy_after"] > first["dpo_val_reward_accuracy_before"] + 0.5
+    assert first["dpo_val_reward_margin_after"] > 0
+    for stage in ("sft", "dpo"):
+        step, tree = _checkpoint_tree(tmp_path / "checkpoints" / stage)
+        params = {k: v for k, v in tree.items() if k.startswith("['params']")}
+        assert {k.rsplit("[", 1)[1] for k in params} == {"'lora_a']", "'lora_b']"}
+        assert len(params) == 2 * 2 * 5 and "['params']['layers_1']['mlp']['up']['lora_b']" in params
+        assert sum(math.prod(s) for s in params.values()) == first["trainable_params"]
+        # the whole checkpoint: adapters, two Adam moments of them, counters and the PRNG key
+        assert sum(math.prod(s) for s in tree.values()) < 3 * first["trainable_params"] + 10
+
+    resumed = main([*args, "--dpo-steps", "16", "--resume"])
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["stage"] == "sft"] == [5, 10, 15, 20]
+    assert [r["step"] for r in records if r["stage"] == "dpo"] == [5, 10, 15, 16]
+    assert resumed["sft_val_loss_after"] == pytest.approx(first["sft_val_loss_after"], rel=1e-6)
+    assert _checkpoint_tree(tmp_path / "checkpoints" / "dpo")[0] == 16
+    assert resumed["dpo_val_reward_accuracy_after"] > 0.5
+
+
 def test_bad_row_is_reported_before_any_compute(tmp_path):
     bad = tmp_path / "prefs.json"
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "p", "chosen": " ", "rejected": "b"}]
@@ -65,3 +112,13 @@ def test_bad_row_is_reported_before_any_compute(tmp_path):
     with pytest.raises(ValueError, match=r"prefs.json.*row 3.*chosen"):
         run(Config(output_dir=out, pref_data=str(bad), **TINY))
     assert not (out / "checkpoints").exists()
+
+
+def test_bad_lora_flags_fail_before_any_training(tmp_path):
+    with pytest.raises(ValueError, match="--dora needs --lora"):
+        run(Config(output_dir=tmp_path, dora=True, **TINY))
+    with pytest.raises(ValueError, match="--lora-\\* flags: LoraConfig.dropout"):
+        run(Config(output_dir=tmp_path, lora=True, lora_dropout=1.0, **TINY))
+    with pytest.raises(ValueError, match="--lora-targets: LoRA target 'attn/w_q' matches no kernel"):
+        run(Config(output_dir=tmp_path, lora=True, lora_targets=("attn/w_q",), synthetic_examples=20, **TINY))
+    assert not (tmp_path / "checkpoints").exists()

@@ -21,27 +21,29 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.decoding import generate
 from jaxalign.metrics import MetricsWriter, plot_metrics
 from jaxalign.models import get_config, init_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import exact_match_reward
-from jaxalign.rollout import grpo_rollout
-from jaxalign.trainers import create_train_state, make_grpo_step, make_sft_step, train_loop
+from jaxalign.trainers import create_train_state, make_sft_step, train_loop
+from jaxalign.trainers.rl_loop import evaluate_policy
+
+try:  # run as a script (`python experiments/grpo_arithmetic.py`): experiments/ itself is on sys.path
+    from _grpo import GRPOConfig, train_grpo
+except ImportError:  # imported as `experiments.grpo_arithmetic`
+    from experiments._grpo import GRPOConfig, train_grpo
 
 log = logging.getLogger("grpo_arithmetic")
 
 
 @dataclasses.dataclass
-class Config:
+class Config(GRPOConfig):
     """Cold-start SFT, then GRPO, on generated addition problems."""
 
     output_dir: Path = Path("runs/grpo_arithmetic")
@@ -50,28 +52,11 @@ class Config:
     """Operands have up to this many digits."""
     train_problems: int = 2000
     eval_problems: int = 200
-    seed: int = 0
     batch_size: int = 32
     sft_steps: int = 800
     sft_lr: float = 3e-3
-    grpo_iterations: int = 60
-    prompts_per_iteration: int = 32
-    group_size: int = 8
-    inner_steps: int = 1
-    """μ: optimisation steps per rollout."""
-    grpo_lr: float = 1e-4
-    beta: float = 0.04
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
-    importance_level: Literal["token", "sequence", "sequence_token"] = "token"
-    scale: Literal["group", "batch", "none"] = "group"
-    filter_zero_variance: bool = True
-    temperature: float = 1.0
     eval_samples: int = 4
     """Samples per held-out problem for the sampled accuracy (at --temperature)."""
-    eval_every: int = 10
-    progress: bool = True
 
 
 def make_problems(n: int, *, digits: int, seed: int) -> list[tuple[str, str]]:
@@ -88,19 +73,14 @@ def evaluate(params, config, tokenizer, problems, *, max_new_tokens: int, temper
              samples: int = 1, seed: int = 0) -> float:
     """Held-out exact-match accuracy: greedy (temperature 0), or the mean over `samples` draws at
     `temperature` (pass@1 of the sampling policy, the quantity GRPO maximises)."""
-    prompts = [p for p, _ in problems for _ in range(samples)]
-    tokens, mask = jd.collate_prompts(prompts, tokenizer)
-    gen = generate(
-        params, config, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new_tokens,
-        rng=jax.random.key(seed), temperature=temperature, eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
+    tokens, mask = jd.collate_prompts([p for p, _ in problems], tokenizer)
+    scored = evaluate_policy(
+        params, config, tokens, mask, reward_fn=exact_match_reward, decode=tokenizer.decode,
+        rng=jax.random.key(seed), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id, temperature=temperature, samples=samples,
+        columns={"answers": [a for _, a in problems]},
     )
-    toks, lengths = jax.device_get((gen.tokens, gen.lengths))
-    completions = [
-        tokenizer.decode([t for t in row[:n].tolist() if t != tokenizer.eos_id]) for row, n in zip(toks, lengths)
-    ]
-    answers = [a for _, a in problems for _ in range(samples)]
-    return float(exact_match_reward(completions, answers=answers).mean())
+    return float(scored.rewards.mean())
 
 
 def run(cfg: Config) -> dict:
@@ -140,39 +120,25 @@ def run(cfg: Config) -> dict:
     writer.write(0, acc_sft, stage="grpo_eval")
 
     # --- GRPO against the exact-match reward, the SFT model as reference
-    ref_params = jax.tree.map(jnp.copy, sft_params)
-    updates = cfg.grpo_iterations * cfg.inner_steps
-    tx, schedule = make_optimizer(
-        OptimConfig(learning_rate=cfg.grpo_lr, total_steps=updates, end_learning_rate=cfg.grpo_lr, weight_decay=0.0)
-    )
-    step = make_grpo_step(
-        config, tx, schedule, beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-        loss_agg=cfg.loss_agg, importance_level=cfg.importance_level, max_length=max_new,
-    )
-    state = create_train_state(jax.tree.map(jnp.copy, sft_params), tx, cfg.seed + 1)
-    rng = jax.random.key(cfg.seed + 2)
     order = np.random.default_rng(cfg.seed + 3)
-    rewards_seen, acc_grpo, t0 = [], acc_sft, time.perf_counter()
-    for it in range(1, cfg.grpo_iterations + 1):
+
+    def prompts_at(it):
         batch = [train[i] for i in order.choice(len(train), cfg.prompts_per_iteration, replace=False)]
         tokens, mask = jd.collate_prompts([p for p, _ in batch], tokenizer)
-        rng, key = jax.random.split(rng)
-        rollout, roll_metrics, _ = grpo_rollout(
-            state.params, config, tokens, mask, group_size=cfg.group_size, reward_fn=exact_match_reward,
-            decode=tokenizer.decode, rng=key, max_new_tokens=max_new, eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id, temperature=cfg.temperature,
-            ref_params=ref_params if cfg.beta else None, columns={"answers": [a for _, a in batch]},
-            scale=cfg.scale, filter_zero_variance=cfg.filter_zero_variance,
-        )
-        for _ in range(cfg.inner_steps):
-            state, metrics = step(state, rollout)
-        rewards_seen.append(roll_metrics["reward_mean"])
-        writer.write(it, {**jax.device_get(metrics), **roll_metrics}, stage="grpo")
-        if it % cfg.eval_every == 0 or it == cfg.grpo_iterations:
-            acc_grpo = held_out_accuracy(state.params)
-            writer.write(it, acc_grpo, stage="grpo_eval")
-            log.info("iteration %d: reward %.3f, held-out %s", it, roll_metrics["reward_mean"], acc_grpo)
+        return tokens, mask, {"answers": [a for _, a in batch]}
+
+    def eval_fn(p):
+        acc = held_out_accuracy(p)
+        log.info("held-out %s", acc)
+        return acc
+
+    t0 = time.perf_counter()
+    _, result = train_grpo(
+        cfg, config, sft_params, prompts_at, reward_fn=exact_match_reward, tokenizer=tokenizer,
+        max_new_tokens=max_new, writer=writer, eval_fn=eval_fn,
+    )
     writer.close()
+    rewards_seen, acc_grpo = result["reward_mean"], result["final_eval"]
     k = max(1, len(rewards_seen) // 5)
     summary = {
         **{f"heldout_{k}_sft": v for k, v in acc_sft.items()},

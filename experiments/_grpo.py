@@ -1,0 +1,96 @@
+"""What the GRPO experiments share: their common flags and the optimiser/step/loop set-up.
+
+Each experiment (grpo_arithmetic, grpo_gsm8k, grpo_stories) subclasses `GRPOConfig` with its own
+data and model flags and defaults, then calls `train_grpo` with its prompts, reward and
+evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxalign.data import Tokenizer
+from jaxalign.metrics import MetricsWriter
+from jaxalign.models import TransformerConfig
+from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.rewards import RewardFn
+from jaxalign.trainers import TrainState, create_train_state, make_grpo_step
+from jaxalign.trainers.rl_loop import PromptsAt, grpo_loop
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """GRPO hyperparameters (names as in DeepSeekMath / DAPO / TRL's GRPOConfig)."""
+
+    output_dir: Path = Path("runs/grpo")
+    seed: int = 0
+    grpo_iterations: int = 60
+    prompts_per_iteration: int = 32
+    group_size: int = 8
+    """G: completions sampled per prompt."""
+    inner_steps: int = 1
+    """μ: optimisation steps per rollout."""
+    grpo_lr: float = 1e-4
+    beta: float = 0.04
+    """KL coefficient β (k3 estimator) to the reference model; 0 drops the reference."""
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    """ε_high of DAPO's clip-higher (0.28 there); None: = clip_eps."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
+    importance_level: Literal["token", "sequence", "sequence_token"] = "token"
+    scale: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: group std (GRPO), batch std, none (Dr. GRPO)."""
+    filter_zero_variance: bool = True
+    """Drop groups whose rewards are all equal from the loss (DAPO dynamic sampling)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (and of the sampled evaluation)."""
+    top_p: float | None = None
+    eval_every: int = 10
+    progress: bool = True
+
+
+def train_grpo(
+    cfg: GRPOConfig,
+    config: TransformerConfig,
+    params,
+    prompts_at: PromptsAt,
+    *,
+    reward_fn: RewardFn,
+    tokenizer: Tokenizer,
+    max_new_tokens: int,
+    writer: MetricsWriter,
+    eval_fn=None,
+    checkpoints: ocp.CheckpointManager | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
+    """GRPO from `params` (which also become the frozen reference when β > 0): a constant
+    learning rate AdamW without weight decay, `make_grpo_step` with `cfg`'s loss options, and
+    `grpo_loop` with `cfg`'s rollout options. `params` themselves are never donated.
+
+    Returns:
+      `grpo_loop`'s (state, summary).
+    """
+    ref_params = jax.tree.map(jnp.copy, params) if cfg.beta else None
+    updates = cfg.grpo_iterations * cfg.inner_steps
+    tx, schedule = make_optimizer(
+        OptimConfig(learning_rate=cfg.grpo_lr, total_steps=updates, end_learning_rate=cfg.grpo_lr, weight_decay=0.0)
+    )
+    step = make_grpo_step(
+        config, tx, schedule, beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+        loss_agg=cfg.loss_agg, importance_level=cfg.importance_level, max_length=max_new_tokens,
+    )
+    state = create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed + 1)
+    return grpo_loop(
+        step, state, prompts_at, config=config, num_iterations=cfg.grpo_iterations,
+        rng=jax.random.key(cfg.seed + 2), writer=writer, ref_params=ref_params,
+        inner_steps=cfg.inner_steps, eval_fn=eval_fn, eval_every=cfg.eval_every,
+        checkpoints=checkpoints, progress=cfg.progress, group_size=cfg.group_size,
+        reward_fn=reward_fn, decode=tokenizer.decode, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=cfg.temperature,
+        top_p=cfg.top_p, scale=cfg.scale, filter_zero_variance=cfg.filter_zero_variance,
+    )

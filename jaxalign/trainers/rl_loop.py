@@ -1,0 +1,199 @@
+"""The RL outer loop and its evaluation: sample from the policy, score, optimise, repeat.
+
+`grpo_loop` runs GRPO iterations (DeepSeekMath arXiv 2402.03300, Alg. 1): a `grpo_rollout` with
+the current parameters, then μ calls of a `make_grpo_step` step on that rollout, logging each
+iteration and evaluating every few. `evaluate_policy` samples completions of held-out prompts and
+returns their rewards and, given a reference model, each completion's KL estimate, the two
+numbers an RL-from-rules run reports before and after training.
+
+Shapes: B prompts, S samples per prompt, P prompt length, N completion length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from jaxalign.checkpoint import save_checkpoint
+from jaxalign.decoding import generate
+from jaxalign.metrics import MetricsWriter
+from jaxalign.models.config import TransformerConfig
+from jaxalign.rollout import _jitted_completion_logps, grpo_rollout
+from jaxalign.trainers.state import TrainState
+
+# prompts_at(iteration) -> (prompt_tokens int32 [B,P] left-padded, prompt_mask [B,P], columns)
+PromptsAt = Callable[[int], tuple[np.ndarray, np.ndarray, Mapping[str, Sequence[Any]]]]
+
+
+class PolicySamples(NamedTuple):
+    """Completions sampled from a policy, scored (host arrays, prompt-major: the S samples of
+    prompt b are rows b·S … b·S + S − 1).
+
+    Attributes:
+      completions: B·S decoded completions (EOS dropped).
+      rewards: float32 [B·S] from the reward function.
+      kl: float32 [B·S] Σ_t (log π − log π_ref) over each completion (the k1 estimate of
+        KL(π‖π_ref) of the whole sequence, in nats), or None without a reference.
+      tokens: int32 [B·S, N] completion tokens (padding after EOS).
+      lengths: int32 [B·S] completion lengths, EOS included.
+    """
+
+    completions: list[str]
+    rewards: np.ndarray
+    kl: np.ndarray | None
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+
+def evaluate_policy(
+    params,
+    config: TransformerConfig,
+    prompt_tokens: np.ndarray,
+    prompt_mask: np.ndarray,
+    *,
+    reward_fn: Callable[..., np.ndarray],
+    decode: Callable[[Sequence[int]], str],
+    rng: jax.Array,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    samples: int = 1,
+    columns: Mapping[str, Sequence[Any]] | None = None,
+    ref_params=None,
+) -> PolicySamples:
+    """Samples S completions per prompt, scores them, and measures their KL to a reference.
+
+    With temperature 0 (greedy) use S = 1; at temperature > 0 the mean reward over S draws is the
+    policy's expected reward (pass@1 for a 0/1 reward), what GRPO maximises. The KL is sampled
+    from the policy itself, so it is an unbiased estimate of KL(π‖π_ref) only at temperature 1
+    without top-k / top-p (otherwise it is the log-ratio under the truncated sampler).
+
+    Args:
+      params, config: the policy.
+      prompt_tokens, prompt_mask: [B, P] left-padded prompts (`jaxalign.data.collate_prompts`).
+      reward_fn: `reward_fn(completions, **columns) -> float32 [B·S]` (`jaxalign.rewards`).
+      decode: token ids -> text.
+      rng: PRNG key for sampling.
+      max_new_tokens, eos_id, pad_id, temperature, top_k, top_p: as `generate`.
+      samples: S >= 1.
+      columns: per-prompt data (length B), repeated S times for the reward function.
+      ref_params: the reference model (same config) for `kl`; None skips it.
+
+    Returns:
+      `PolicySamples`.
+
+    Raises:
+      ValueError: S < 1, or a reward of the wrong shape (and what `generate` raises).
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    b = prompt_tokens.shape[0]
+    prompts = jnp.asarray(np.repeat(prompt_tokens, samples, axis=0))  # [B·S,P]
+    masks = jnp.asarray(np.repeat(prompt_mask, samples, axis=0))  # [B·S,P]
+    gen = generate(
+        params, config, prompts, masks, max_new_tokens=max_new_tokens, rng=rng,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
+    )
+    tokens, lengths = jax.device_get((gen.tokens, gen.lengths))
+    completions = [decode([t for t in row[:n].tolist() if t != eos_id]) for row, n in zip(tokens, lengths)]
+    repeated = {k: [v for v in vals for _ in range(samples)] for k, vals in (columns or {}).items()}
+    rewards = np.asarray(reward_fn(completions, **repeated), np.float32)
+    if rewards.shape != (b * samples,):
+        raise ValueError(f"reward_fn returned shape {rewards.shape}, expected ({b * samples},)")
+    kl = None
+    if ref_params is not None:
+        ref_logps = _jitted_completion_logps(config)(
+            ref_params, prompt_tokens=prompts, prompt_mask=masks, completion_tokens=gen.tokens
+        )  # [B·S,N]
+        kl = np.asarray(jnp.sum((gen.model_logps - ref_logps) * gen.mask, axis=-1), np.float32)
+    return PolicySamples(completions, rewards, kl, np.asarray(tokens), np.asarray(lengths))
+
+
+def grpo_loop(
+    step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
+    state: TrainState,
+    prompts_at: PromptsAt,
+    *,
+    config: TransformerConfig,
+    num_iterations: int,
+    rng: jax.Array,
+    writer: MetricsWriter,
+    ref_params=None,
+    inner_steps: int = 1,
+    eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
+    eval_every: int = 0,
+    checkpoints: ocp.CheckpointManager | None = None,
+    progress: bool = True,
+    **rollout_kwargs,
+) -> tuple[TrainState, dict[str, Any]]:
+    """Runs `num_iterations` GRPO iterations: rollout with the current params, μ optimiser steps.
+
+    Iteration `it` (1-based) samples with the key of the `it`-th `jax.random.split` of `rng`
+    (`rng, key = split(rng)`), so two runs with the same arguments see the same samples.
+
+    Args:
+      step_fn: `make_grpo_step(...)`'s `step(state, rollout) -> (state, metrics)`.
+      state: the policy's `TrainState` (its params are donated to the step).
+      prompts_at: `prompts_at(it) -> (prompt_tokens [B, P], prompt_mask [B, P], columns)`, the
+        prompts of iteration it and their reward columns (e.g. {"answers": [...]}, length B).
+      config: the policy's config.
+      num_iterations: rollouts to take.
+      rng: PRNG key for sampling.
+      writer: records stage "grpo" (the last inner step's metrics plus the rollout's
+        `reward_mean`, `reward_std`, `zero_variance_fraction`, `completion_length`, and
+        `rollout_seconds`, `update_seconds`) at step it, and "grpo_eval" records.
+      ref_params: the frozen reference for the KL term (None when β = 0). Must not share buffers
+        with `state.params` (the step donates them): pass a copy.
+      inner_steps: μ, optimiser steps per rollout.
+      eval_fn: `eval_fn(params) -> dict of floats`, every `eval_every` iterations and at the end.
+      eval_every: 0 evaluates only at the end.
+      checkpoints: an orbax manager; the state is offered to it after each iteration (step = it)
+        and saved at the end.
+      progress: show a tqdm bar.
+      **rollout_kwargs: `grpo_rollout`'s options (group_size, reward_fn, decode, max_new_tokens,
+        eos_id, pad_id, temperature, top_k, top_p, scale, filter_zero_variance).
+
+    Returns:
+      (state, summary): summary `reward_mean` (per iteration, list), `final_eval` (the last
+      `eval_fn` record, {} without one), `rollout_seconds` and `update_seconds` (totals).
+    """
+    rewards, final_eval, seconds = [], {}, {"rollout_seconds": 0.0, "update_seconds": 0.0}
+    bar = tqdm(total=num_iterations, desc="grpo", disable=not progress, leave=False)
+    for it in range(1, num_iterations + 1):
+        tokens, mask, columns = prompts_at(it)
+        rng, key = jax.random.split(rng)
+        t0 = time.perf_counter()
+        rollout, roll_metrics, _ = grpo_rollout(
+            state.params, config, tokens, mask, rng=key, ref_params=ref_params, columns=columns,
+            **rollout_kwargs,
+        )
+        t1 = time.perf_counter()
+        for _ in range(inner_steps):
+            state, metrics = step_fn(state, rollout)
+        record = {**jax.device_get(metrics), **roll_metrics}
+        timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
+        for k, v in timing.items():
+            seconds[k] += v
+        rewards.append(roll_metrics["reward_mean"])
+        writer.write(it, {**record, **timing}, stage="grpo")
+        if eval_fn is not None and ((eval_every and it % eval_every == 0) or it == num_iterations):
+            final_eval = dict(eval_fn(state.params))
+            writer.write(it, final_eval, stage="grpo_eval")
+        if checkpoints is not None:
+            save_checkpoint(checkpoints, it, state, force=it == num_iterations)
+        bar.set_postfix(reward=f"{roll_metrics['reward_mean']:.3f}")
+        bar.update(1)
+    bar.close()
+    if checkpoints is not None:
+        checkpoints.wait_until_finished()
+    return state, {"reward_mean": rewards, "final_eval": final_eval, **seconds}

@@ -26,6 +26,7 @@ from jaxalign.data.datasets import (
     sft_view,
     stack_exchange_prompt,
 )
+from jaxalign.data.gsm8k import R1_TEMPLATE, gsm8k_final_answer, load_gsm8k, r1_completion, r1_prompt
 from jaxalign.data.synthetic import sorting_task
 from jaxalign.data.tokenizers import (
     SentencePieceTokenizer,
@@ -41,6 +42,7 @@ __all__ = [
     "BatchStream",
     "Example",
     "PreferenceExample",
+    "R1_TEMPLATE",
     "ReferencedPair",
     "SentencePieceTokenizer",
     "TiktokenTokenizer",
@@ -55,11 +57,15 @@ __all__ = [
     "default_buckets",
     "eval_batches",
     "gpt2_tokenizer",
+    "gsm8k_final_answer",
+    "load_gsm8k",
     "load_preference_dataset",
     "load_records",
     "load_sft_dataset",
     "load_tokenizer",
     "messages_prompt",
+    "r1_completion",
+    "r1_prompt",
     "sentencepiece_tokenizer",
     "sft_view",
     "sorting_task",

@@ -8,6 +8,8 @@ evaluation.
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,12 +18,16 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxalign.data import Tokenizer
-from jaxalign.metrics import MetricsWriter
+from jaxalign.metrics import MetricsWriter, plot_metrics
 from jaxalign.models import TransformerConfig
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import RewardFn
 from jaxalign.trainers import TrainState, create_train_state, make_grpo_step
 from jaxalign.trainers.rl_loop import PromptsAt, grpo_loop
+
+# The rollout reward of training is reported as the mean over this fraction of the first and of
+# the last iterations (one iteration's mean is noisy).
+_TREND_FRACTION = 0.2
 
 
 @dataclasses.dataclass
@@ -73,7 +79,8 @@ def train_grpo(
     `grpo_loop` with `cfg`'s rollout options. `params` themselves are never donated.
 
     Returns:
-      `grpo_loop`'s (state, summary).
+      `grpo_loop`'s (state, summary), the summary with `grpo_seconds` (wall time of the loop,
+      its evaluations included) added.
     """
     ref_params = jax.tree.map(jnp.copy, params) if cfg.beta else None
     updates = cfg.grpo_iterations * cfg.inner_steps
@@ -85,7 +92,8 @@ def train_grpo(
         loss_agg=cfg.loss_agg, importance_level=cfg.importance_level, max_length=max_new_tokens,
     )
     state = create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed + 1)
-    return grpo_loop(
+    t0 = time.perf_counter()
+    state, summary = grpo_loop(
         step, state, prompts_at, config=config, num_iterations=cfg.grpo_iterations,
         rng=jax.random.key(cfg.seed + 2), writer=writer, ref_params=ref_params,
         inner_steps=cfg.inner_steps, eval_fn=eval_fn, eval_every=cfg.eval_every,
@@ -94,3 +102,22 @@ def train_grpo(
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=cfg.temperature,
         top_p=cfg.top_p, scale=cfg.scale, filter_zero_variance=cfg.filter_zero_variance,
     )
+    return state, {**summary, "grpo_seconds": time.perf_counter() - t0}
+
+
+def training_figures(result: dict[str, Any]) -> dict[str, float]:
+    """`train_grpo`'s summary as the figures every GRPO experiment reports: the mean rollout
+    reward over the first and the last 20% of iterations, and the time spent."""
+    rewards = result["reward_mean"]
+    k = max(1, int(len(rewards) * _TREND_FRACTION))
+    return {
+        "train_reward_first": float(sum(rewards[:k]) / k),
+        "train_reward_last": float(sum(rewards[-k:]) / k),
+        **{name: result[name] for name in ("grpo_seconds", "rollout_seconds", "update_seconds")},
+    }
+
+
+def write_outputs(output_dir: Path, metrics_path: Path, summary: dict, curves, *, title: str) -> None:
+    """`summary.json` and `grpo.png` (the `(stage, metric)` curves of `metrics.jsonl`)."""
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_metrics(metrics_path, output_dir / "grpo.png", curves, title=title)

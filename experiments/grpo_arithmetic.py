@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,7 +25,7 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.metrics import MetricsWriter, plot_metrics
+from jaxalign.metrics import MetricsWriter
 from jaxalign.models import get_config, init_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import exact_match_reward
@@ -35,9 +33,9 @@ from jaxalign.trainers import create_train_state, make_sft_step, train_loop
 from jaxalign.trainers.rl_loop import evaluate_policy
 
 try:  # run as a script (`python experiments/grpo_arithmetic.py`): experiments/ itself is on sys.path
-    from _grpo import GRPOConfig, train_grpo
+    from _grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 except ImportError:  # imported as `experiments.grpo_arithmetic`
-    from experiments._grpo import GRPOConfig, train_grpo
+    from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_arithmetic")
 
@@ -132,24 +130,18 @@ def run(cfg: Config) -> dict:
         log.info("held-out %s", acc)
         return acc
 
-    t0 = time.perf_counter()
     _, result = train_grpo(
         cfg, config, sft_params, prompts_at, reward_fn=exact_match_reward, tokenizer=tokenizer,
         max_new_tokens=max_new, writer=writer, eval_fn=eval_fn,
     )
     writer.close()
-    rewards_seen, acc_grpo = result["reward_mean"], result["final_eval"]
-    k = max(1, len(rewards_seen) // 5)
     summary = {
         **{f"heldout_{k}_sft": v for k, v in acc_sft.items()},
-        **{f"heldout_{k}_grpo": v for k, v in acc_grpo.items()},
-        "train_reward_first": float(np.mean(rewards_seen[:k])),
-        "train_reward_last": float(np.mean(rewards_seen[-k:])),
-        "grpo_seconds": time.perf_counter() - t0,
+        **{f"heldout_{k}_grpo": v for k, v in result["final_eval"].items()},
+        **training_figures(result),
     }
-    (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_metrics(
-        writer.path, cfg.output_dir / "grpo.png",
+    write_outputs(
+        cfg.output_dir, writer.path, summary,
         [("grpo", "reward_mean"), ("grpo_eval", "accuracy_sampled"), ("grpo_eval", "accuracy_greedy"), ("grpo", "kl")],
         title="GRPO on addition",
     )

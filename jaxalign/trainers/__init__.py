@@ -17,10 +17,12 @@ from jaxalign.trainers.reward import (
     reward_batch_loss,
 )
 from jaxalign.trainers.loop import count_tokens, train_loop
+from jaxalign.trainers.rl_loop import PolicySamples, evaluate_policy, grpo_loop
 from jaxalign.trainers.sft import make_sft_eval_step, make_sft_step, sft_batch_loss
 from jaxalign.trainers.state import TrainState, create_train_state, make_train_step
 
 __all__ = [
+    "PolicySamples",
     "TrainState",
     "adaptive_kl_coef",
     "evaluate_reward_model",
@@ -34,7 +36,9 @@ __all__ = [
     "count_tokens",
     "create_train_state",
     "dpo_batch_loss",
+    "evaluate_policy",
     "grpo_batch_loss",
+    "grpo_loop",
     "make_dpo_step",
     "make_grpo_step",
     "make_pair_logps_fn",

@@ -1,0 +1,44 @@
+"""GSM8K through the GRPO pipeline: the reward on the real test set, and one GRPO iteration end
+to end (a tiny model cannot learn GSM8K, so this checks the pipeline, not learning)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jaxalign.data as jd
+from experiments.grpo_gsm8k import gsm8k_reward, main
+
+
+def test_reward_scores_gold_completions_in_the_template(shared_data):
+    test = jd.load_gsm8k(shared_data / "gsm8k/test.jsonl")
+    answers = test["answer"]
+    gold = [jd.r1_completion(r, a) for r, a in zip(test["reasoning"], answers)]
+    wrong = [jd.r1_completion(r, str(float(a) + 1)) for r, a in zip(test["reasoning"], answers)]
+    reward = gsm8k_reward(accuracy_weight=1.0, format_weight=0.2)
+    accuracy_only = gsm8k_reward(accuracy_weight=1.0, format_weight=0.0)
+    np.testing.assert_array_equal(accuracy_only(gold, answers=answers), np.ones(1319))
+    np.testing.assert_array_equal(accuracy_only(wrong, answers=answers), np.zeros(1319))
+    np.testing.assert_allclose(reward(gold, answers=answers), np.full(1319, 1.2))
+    np.testing.assert_allclose(reward(wrong, answers=answers), np.full(1319, 0.2))  # format only
+    # right number outside the template: accuracy but no format; wrong number, no template: 0
+    bare = [f"The answer is {a}." for a in answers[:5]]
+    np.testing.assert_allclose(reward(bare, answers=answers[:5]), np.ones(5))
+    np.testing.assert_allclose(reward(["I do not know."] * 5, answers=answers[:5]), np.zeros(5))
+
+
+@pytest.mark.slow
+def test_one_grpo_iteration_end_to_end_writes_outputs(shared_data, tmp_path):
+    summary = main(["--output-dir", str(tmp_path), "--no-progress", "--grpo-iterations", "1",
+                    "--eval-problems", "4", "--max-new-tokens", "16"])
+    assert summary["test_problems"] == 4 and summary["train_problems"] == 6117  # of 7473 fit 448 tokens
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in records if r["stage"] == "grpo"]
+    assert len(grpo) == 1 and [r["step"] for r in records if r["stage"] == "grpo_eval"] == [0, 1]
+    assert 0 < grpo[0]["completion_length"] <= 16 and np.isfinite(grpo[0]["loss"])
+    # stories260K earns no reward on GSM8K: every group has zero variance and is filtered out
+    assert grpo[0]["reward_mean"] == 0.0 and grpo[0]["zero_variance_fraction"] == 1.0
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["answer"] for s in samples] == ["18", "3", "70000", "540"]  # the first test problems
+    assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy_after"] == summary["test_accuracy_after"]
+    assert (tmp_path / "checkpoints" / "1").is_dir() and (tmp_path / "grpo.png").stat().st_size > 0

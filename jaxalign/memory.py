@@ -55,6 +55,14 @@ than its storage dtype, the cast copy lives until the backward pass (c bytes per
 the tied embedding included); with LoRA the merged kernels W' = W + s·A·B of the targeted modules
 are such operands too (c bytes per targeted value, plus a float32 copy of V per value for DoRA).
 
+LoRA with adapter dropout (`LoraConfig.dropout > 0`) trains through the unmerged branch instead
+(see `jaxalign.lora`): no merged kernels, but per adapted projection with inputs x [B,T,in] it
+keeps x (c), dropout(x) (a = the itemsize of the (x, A) promotion, float32 for float32 adapters),
+the 1-byte mask, and x̃·A [B,T,r] (a), i.e. B·T·(in·(c + a + 1) + r·a); DoRA adds x̃·W and
+x̃·A·B [B,T,out] (2·a per output) for the magnitude's gradient, and V (the exact norm gradient
+only). On XLA:CPU x is kept next to x̃, as counted; a backend that fuses the mask into the
+matmul's operand could keep less.
+
 Validation (tests/test_memory.py): params, grads and optimizer-state bytes equal the live buffers
 of a real `make_sft_step` state exactly; the total (state + activations) is compared with
 `compiled.memory_analysis()` (argument + temp bytes). XLA:CPU fuses elementwise work and reuses
@@ -87,18 +95,32 @@ def _abstract_params(config: TransformerConfig, param_dtype) -> Any:
 
 
 def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.float32) -> dict[str, int]:
-    """Element counts of a LoRA setup: `adapters` (trainable values) and `targeted` (values of the
-    base kernels that get adapters), from abstract shapes (nothing is allocated)."""
+    """Element counts of a LoRA setup, from abstract shapes (nothing is allocated).
+
+    Returns:
+      `adapters` (trainable values), `targeted` (values of the base kernels that get adapters),
+      `targeted_in` / `targeted_out` (the input / output widths summed over the adapted kernels,
+      so B·T·targeted_in is the size of all their inputs) and `rank_sum` (r summed over them).
+    """
     params = _abstract_params(config, param_dtype)
     adapters = jax.eval_shape(lambda p: init_lora(p, lora, jax.random.key(0)), params)
-    targeted = 0
-    for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+    targeted = targeted_in = targeted_out = rank_sum = 0
+    for path, a in jax.tree_util.tree_flatten_with_path(adapters)[0]:
         if str(getattr(path[-1], "key", path[-1])) == "lora_a":
             module = params
             for key in path[:-1]:
                 module = module[key.key]
             targeted += module["kernel"].size
-    return {"adapters": sum(x.size for x in jax.tree.leaves(adapters)), "targeted": targeted}
+            targeted_in += a.shape[0]
+            targeted_out += module["kernel"].size // a.shape[0]
+            rank_sum += a.shape[1]
+    return {
+        "adapters": sum(x.size for x in jax.tree.leaves(adapters)),
+        "targeted": targeted,
+        "targeted_in": targeted_in,
+        "targeted_out": targeted_out,
+        "rank_sum": rank_sum,
+    }
 
 
 def activation_bytes_per_layer(
@@ -152,7 +174,8 @@ def estimate_memory(
       compute_dtype: activation / matmul dtype.
       optimizer: "adamw"/"adam" (two moments + counts, as `jaxalign.optim.make_optimizer`) or
         "sgd" (no momentum).
-      lora: train LoRA/DoRA adapters instead of the full model (base frozen, an argument).
+      lora: train LoRA/DoRA adapters instead of the full model (base frozen, an argument);
+        with `lora.dropout > 0` the activations of the unmerged adapter branch are counted.
       remat: per-block rematerialisation (planning only; see the module docstring).
       grad_accum_steps: > 1 adds optax.MultiSteps' gradient accumulator.
       attention: "xla" (what the model runs now) or "flash" (a fused kernel without [T, T]).
@@ -171,6 +194,7 @@ def estimate_memory(
     p_size, c = _itemsize(param_dtype), _itemsize(compute_dtype)
     n_params = num_params(config)
     base_bytes = n_params * p_size
+    sizes = None
     if lora is None:
         trainable_count, trainable_size, targeted = n_params, p_size, 0
         params_bytes = base_bytes
@@ -205,10 +229,19 @@ def estimate_memory(
     weight_copies = 0
     if c != p_size:
         weight_copies += (matmul - targeted) * c
-    if lora is not None:
+    if lora is not None and lora.dropout == 0:  # weight space: the merged W' are matmul operands
         weight_copies += targeted * c
         if lora.dora:
             weight_copies += targeted * max(p_size, _itemsize(lora.param_dtype))
+    elif lora is not None:  # unmerged: the adapter branch keeps activations instead
+        a_size = max(c, _itemsize(lora.param_dtype))  # x̃ is computed in the dtype of (x, A)
+        if c != p_size:
+            weight_copies += targeted * c  # the base kernels cast for the base matmul
+        if lora.dora and not lora.dora_detach_norm:
+            weight_copies += targeted * max(p_size, _itemsize(lora.param_dtype))  # V for ∂‖V‖_c
+        layers += b * t * (sizes["targeted_in"] * (c + a_size + 1) + sizes["rank_sum"] * a_size)
+        if lora.dora:
+            layers += 2 * b * t * sizes["targeted_out"] * a_size
 
     activations = layers + head + weight_copies
     inputs = b * (t + 1) * 8 + 12

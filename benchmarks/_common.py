@@ -11,6 +11,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +67,27 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_1m": os.getloadavg()[0],
     }
+
+
+class RunClock:
+    """One benchmark run's span: `env` (the `environment()` at the start), the wall clock and the
+    CPU times, read again by `stop`."""
+
+    def __init__(self):
+        self.start, self.cpu_start = time.perf_counter(), cpu_times()
+        self.env = environment()
+
+    def stop(self) -> float:
+        """Adds the end load average and the run's contention to `env`; returns the run's seconds."""
+        self.env["load_average_1m_end"] = os.getloadavg()[0]
+        seconds = time.perf_counter() - self.start
+        self.env.update(contention(self.cpu_start, cpu_times()))
+        return seconds
+
+
+def config_record(cfg: Any) -> dict[str, Any]:
+    """A benchmark's flags (a dataclass) as JSON-ready values, for its --json report."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}
 
 
 def environment_lines(env: dict[str, Any], seconds: float) -> list[str]:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import statistics
 import sys
 import time
@@ -74,9 +73,9 @@ from jaxalign.models import (
 )
 
 try:  # run as a script (`python benchmarks/decode.py`): benchmarks/ itself is on sys.path
-    from _common import contention, cpu_times, environment, environment_lines, run_cli, time_call
+    from _common import RunClock, config_record, environment_lines, run_cli, time_call
 except ImportError:  # imported as `benchmarks.decode`
-    from benchmarks._common import contention, cpu_times, environment, environment_lines, run_cli, time_call
+    from benchmarks._common import RunClock, config_record, environment_lines, run_cli, time_call
 
 STORIES = "stories260K"
 DEFAULT_STORIES_PATH = (
@@ -513,8 +512,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"--reps and --prompt-len must be >= 1, got {cfg.reps}, {cfg.prompt_len}")
     cases = [parse_case(spec) for spec in cfg.cases]  # bad flags fail before compute
     models = list(dict.fromkeys(c.model for c in cases))
-    start, cpu_start = time.perf_counter(), cpu_times()
-    env = environment()
+    clock = RunClock()
     results, skipped, compiles = [], [], []
     for name in models:
         mine = [c for c in cases if c.model == name]
@@ -530,12 +528,10 @@ def run(cfg: Config) -> dict[str, Any]:
         if cfg.compile_check and not compiles:
             compiles = compile_count_check(config, params, cfg.prompt_len)
         del params
-    env["load_average_1m_end"] = os.getloadavg()[0]
-    seconds = time.perf_counter() - start
-    env.update(contention(cpu_start, cpu_times()))
+    seconds, env = clock.stop(), clock.env
     print(format_report(env, cfg.prompt_len, results, compiles, skipped, seconds))
     return {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+        "config": config_record(cfg),
         "environment": env,
         "results": [dataclasses.asdict(r) for r in results],
         "compile_counts": compiles,

@@ -20,7 +20,6 @@ See benchmarks/README.md for the counting conventions and measured figures.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -50,9 +49,9 @@ from jaxalign.trainers import (
 )
 
 try:  # run as a script (`python benchmarks/train_step.py`): benchmarks/ itself is on sys.path
-    from _common import contention, cpu_times, environment, environment_lines, run_cli, time_call
+    from _common import RunClock, config_record, environment_lines, run_cli, time_call
 except ImportError:  # imported as `benchmarks.train_step`
-    from benchmarks._common import contention, cpu_times, environment, environment_lines, run_cli, time_call
+    from benchmarks._common import RunClock, config_record, environment_lines, run_cli, time_call
 
 Batch = dict[str, jax.Array]
 Trainer = Literal["sft", "dpo"]
@@ -403,8 +402,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {cfg.steps}, {cfg.warmup}")
     cases = [parse_case(spec) for spec in cfg.cases]
     configs = [model_config(case, cfg.dtype) for case in cases]  # bad flags fail before compute
-    start, cpu_start = time.perf_counter(), cpu_times()
-    env = environment()
+    clock = RunClock()
     peaks = measure_peaks(cfg, "start")
     results = []
     for case, config in zip(cases, configs):
@@ -423,12 +421,10 @@ def run(cfg: Config) -> dict[str, Any]:
     results = [
         dataclasses.replace(r, mfu=r.model_flops_per_step / r.step_s / peak) for r in results
     ]
-    env["load_average_1m_end"] = os.getloadavg()[0]
-    seconds = time.perf_counter() - start
-    env.update(contention(cpu_start, cpu_times()))
+    seconds, env = clock.stop(), clock.env
     print(format_report(env, peaks, results, seconds))
     return {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+        "config": config_record(cfg),
         "environment": env,
         "peaks": peaks,
         "mfu_peak_flops_per_s": peak,

@@ -68,6 +68,19 @@ def sft_batch(seed=0, b=4, t=17):
     return {"tokens": jnp.asarray(rng.randint(0, V, (b, t)), jnp.int32), "mask": jnp.asarray(mask)}
 
 
+def pair_batch(b, t=12, seed=3):
+    """A random preference batch [b, t], completions on the second half."""
+    rng = np.random.RandomState(seed)
+    mask = np.zeros((b, t), np.float32)
+    mask[:, t // 2 :] = 1.0
+    return {
+        "chosen_tokens": jnp.asarray(rng.randint(0, V, (b, t)), jnp.int32),
+        "rejected_tokens": jnp.asarray(rng.randint(0, V, (b, t)), jnp.int32),
+        "chosen_mask": jnp.asarray(mask),
+        "rejected_mask": jnp.asarray(mask),
+    }
+
+
 # --- targets and shapes ----------------------------------------------------------------------
 
 
@@ -293,15 +306,7 @@ def test_adapter_dropout_in_training_and_reference_untouched(gpt2):
     config, params = gpt2
     cfg = LoraConfig(rank=4, targets=("all",), dropout=0.5)
     ad = perturb(init_lora(params, cfg, jax.random.key(0)), 1)
-    rng = np.random.RandomState(3)
-    mask = np.zeros((4, 12), np.float32)
-    mask[:, 6:] = 1
-    batch = {
-        "chosen_tokens": jnp.asarray(rng.randint(0, V, (4, 12)), jnp.int32),
-        "rejected_tokens": jnp.asarray(rng.randint(0, V, (4, 12)), jnp.int32),
-        "chosen_mask": jnp.asarray(mask),
-        "rejected_mask": jnp.asarray(mask),
-    }
+    batch = pair_batch(b=4)
     dpo = lambda p, b, r, ref: dpo_batch_loss(p, config, b, None, ref, beta=0.5)
     with_drop = jax.jit(make_lora_loss_fn(dpo, cfg))
     no_drop = jax.jit(make_lora_loss_fn(dpo, cfg, dropout=False))
@@ -382,15 +387,7 @@ def test_reference_is_the_base_for_dpo(gpt2):
     """DPO with adapters: the reference is the base (adapters off), no copy of the weights."""
     config, params = gpt2
     cfg = LoraConfig(rank=4, targets=("all",))
-    rng = np.random.RandomState(3)
-    mask = np.zeros((2, 12), np.float32)
-    mask[:, 6:] = 1
-    batch = {
-        "chosen_tokens": jnp.asarray(rng.randint(0, V, (2, 12)), jnp.int32),
-        "rejected_tokens": jnp.asarray(rng.randint(0, V, (2, 12)), jnp.int32),
-        "chosen_mask": jnp.asarray(mask),
-        "rejected_mask": jnp.asarray(mask),
-    }
+    batch = pair_batch(b=2)
     loss_fn = make_lora_loss_fn(lambda p, b, r, ref: dpo_batch_loss(p, config, b, r, ref), cfg)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=5e-3, total_steps=10))
     step = make_train_step(loss_fn, tx, schedule)

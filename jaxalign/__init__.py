@@ -65,6 +65,13 @@ from jaxalign.sharding import (
     shard_state,
     step_shardings,
 )
+from jaxalign.rewards import (
+    exact_match_reward,
+    format_reward,
+    keyword_reward,
+    overlong_penalty,
+    weighted_sum,
+)
 from jaxalign.rollout import (
     PPORollout,
     Rollout,
@@ -78,6 +85,8 @@ from jaxalign.trainers import (
     TrainState,
     adaptive_kl_coef,
     create_train_state,
+    evaluate_policy,
+    grpo_loop,
     make_grpo_step,
     make_ppo_step,
     make_reward_step,
@@ -94,6 +103,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MeshConfig",
+    "evaluate_policy",
+    "exact_match_reward",
+    "format_reward",
+    "grpo_loop",
+    "keyword_reward",
+    "overlong_penalty",
+    "weighted_sum",
     "PPORollout",
     "Rollout",
     "adaptive_kl_coef",

@@ -398,13 +398,66 @@ def step_shardings(
     the state sharded by `rules`, the batch over the batch axes, and `num_extra_params` extra
     arguments (e.g. DPO's reference params) sharded like the params."""
     params = param_shardings(config, mesh, rules)
-    state = jax.eval_shape(lambda p: create_train_state(p, tx, 0), abstract_params(config))
+    return params_step_shardings(
+        abstract_params(config), params, tx, mesh, rules=rules, extra=(params,) * num_extra_params
+    )
+
+
+def params_step_shardings(
+    abstract_params_tree,
+    params_shardings,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    rules: LogicalRules = DEFAULT_RULES,
+    extra: tuple = (),
+) -> StepShardings:
+    """`StepShardings` of a train step over any params tree (a reward model, PPO's actor-critic).
+
+    Args:
+      abstract_params_tree: `ShapeDtypeStruct` tree of the trained params (`jax.eval_shape`).
+      params_shardings: same-structure tree of `NamedSharding`s (`scalar_model_shardings`,
+        `actor_critic_shardings`).
+      tx: the optimizer; its state follows the params.
+      mesh, rules: as `step_shardings`.
+      extra: sharding trees of the step's extra arguments (e.g. `param_shardings` of a frozen
+        reference).
+    """
+    state = jax.eval_shape(lambda p: create_train_state(p, tx, 0), abstract_params_tree)
     return StepShardings(
         mesh=mesh,
-        state=train_state_shardings(state, tx, params, mesh),
-        extra=(params,) * num_extra_params,
+        state=train_state_shardings(state, tx, params_shardings, mesh),
+        extra=tuple(extra),
         rules=tuple(rules),
     )
+
+
+def scalar_head_shardings(config: TransformerConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """Shardings of a scalar head `{"kernel": [D], "bias": []}`: the kernel's D as "embed"."""
+    spec, _ = logical_to_spec(("embed",), (config.d_model,), mesh, rules)
+    return {"kernel": NamedSharding(mesh, spec), "bias": NamedSharding(mesh, PartitionSpec())}
+
+
+def scalar_model_shardings(config: TransformerConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """Shardings of a reward / value model `{"backbone", "head"}` (`init_scalar_model`)."""
+    return {"backbone": param_shardings(config, mesh, rules), "head": scalar_head_shardings(config, mesh, rules)}
+
+
+def actor_critic_shardings(
+    config: TransformerConfig,
+    mesh: Mesh,
+    *,
+    critic: str = "shared",
+    value_config: TransformerConfig | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+):
+    """Shardings of PPO's `{"policy", "value"}` (`jaxalign.rollout.init_actor_critic`): a value
+    head on the policy trunk (critic="shared") or a separate `{"backbone", "head"}` critic."""
+    if critic == "shared":
+        value = {"head": scalar_head_shardings(config, mesh, rules)}
+    else:
+        value = scalar_model_shardings(value_config or config, mesh, rules)
+    return {"policy": param_shardings(config, mesh, rules), "value": value}
 
 
 def _shard_bytes(shape: Sequence[int], dtype, spec: PartitionSpec, mesh_shape: dict[str, int]) -> int:
@@ -493,6 +546,7 @@ __all__ = [
     "abstract_params",
     "abstract_state",
     "activation_sharding",
+    "actor_critic_shardings",
     "batch_axes",
     "batch_sharding",
     "logical_to_spec",
@@ -500,8 +554,11 @@ __all__ = [
     "opt_state_like_params",
     "param_shardings",
     "param_specs",
+    "params_step_shardings",
     "partition_specs",
     "per_device_memory",
+    "scalar_head_shardings",
+    "scalar_model_shardings",
     "shard_batch",
     "shard_state",
     "sharding_fallbacks",

@@ -24,8 +24,10 @@ from jaxalign.data.datasets import (
     load_sft_dataset,
     messages_prompt,
     sft_view,
+    split_transcripts,
     stack_exchange_prompt,
 )
+from jaxalign.data.ranking import ranked_pairs
 from jaxalign.data.gsm8k import R1_TEMPLATE, gsm8k_final_answer, load_gsm8k, r1_completion, r1_prompt
 from jaxalign.data.synthetic import sorting_task
 from jaxalign.data.tokenizers import (
@@ -39,6 +41,8 @@ from jaxalign.data.tokenizers import (
 )
 
 __all__ = [
+    "ranked_pairs",
+    "split_transcripts",
     "BatchStream",
     "Example",
     "PreferenceExample",

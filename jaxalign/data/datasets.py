@@ -27,6 +27,7 @@ __all__ = [
     "load_sft_dataset",
     "load_preference_dataset",
     "sft_view",
+    "split_transcripts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,33 @@ def _alpaca_prompts(batch: Batch) -> list[str]:
     return [alpaca_prompt(i, x or "") for i, x in zip(batch["instruction"], inputs)]
 
 
+_HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic HH-RLHF rows hold two whole transcripts that share every turn but the last
+    assistant reply: ``(prompt, chosen_reply, rejected_reply)``, the prompt running up to and
+    including the last ``"\n\nAssistant:"`` header they share (TRL's hh-rlhf preprocessing).
+
+    Raises:
+        ValueError: the transcripts share no ``"\n\nAssistant:"`` turn.
+    """
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(_HH_ASSISTANT, 0, n)  # the last header lying wholly in the shared prefix
+    if cut < 0:
+        raise ValueError(f"transcripts share no {_HH_ASSISTANT!r} turn: {chosen[:60]!r} / {rejected[:60]!r}")
+    end = cut + len(_HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _split_transcripts(batch: Batch) -> Batch:
+    rows = [split_transcripts(c, r) for c, r in zip(batch["chosen"], batch["rejected"])]
+    return {key: [row[i] for row in rows] for i, key in enumerate(("prompt", "chosen", "rejected"))}
+
+
 def _pair(batch: Batch, chosen: str, rejected: str) -> Batch:
     """``{chosen, rejected}`` output columns copied from columns ``chosen`` / ``rejected``."""
     return {"chosen": batch[chosen], "rejected": batch[rejected]}
@@ -235,6 +263,10 @@ _PREFERENCE_FORMATS = (
             "prompt": [stack_exchange_prompt(q) for q in b["question"]],
             **_pair(b, "response_j", "response_k"),
         },
+    ),
+    _Format(  # Anthropic/hh-rlhf: two whole transcripts, split at the last shared assistant turn
+        required=_texts("chosen", "rejected"),
+        convert=_split_transcripts,
     ),
 )
 
@@ -338,7 +370,9 @@ def load_preference_dataset(
       (b) ``instruction``, ``input`` (optional), ``chosen``, ``rejected`` -> Alpaca prompt (e.g.
           LLMs-from-scratch ``instruction-data-with-preference.json``; its ``output`` is dropped);
       (c) ``question``, ``response_j``, ``response_k`` (stack-exchange-paired; ``response_j`` is
-          preferred) -> prompt ``"Question: {question}\\n\\nAnswer: "`` as in TRL's stack-llama.
+          preferred) -> prompt ``"Question: {question}\\n\\nAnswer: "`` as in TRL's stack-llama;
+      (d) only ``chosen``, ``rejected`` as whole ``Human: … Assistant: …`` transcripts
+          (Anthropic hh-rlhf) -> split by ``split_transcripts`` (prompt = the shared turns).
     Pairs with ``chosen == rejected`` carry no preference signal: they are dropped, and their
     count is logged as a warning.
 

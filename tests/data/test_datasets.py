@@ -16,6 +16,7 @@ from jaxalign.data import (
     load_records,
     load_sft_dataset,
     sft_view,
+    split_transcripts,
 )
 
 PREAMBLE = (
@@ -125,6 +126,29 @@ def test_preference_stack_exchange_paired(tmp_path):
     assert ds.to_list() == [
         {"prompt": "Question: Why?\n\nAnswer: ", "chosen": "Because.", "rejected": "No."}
     ]
+
+
+def test_preference_hh_rlhf_transcripts(tmp_path):
+    h = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Help me?\n\nAssistant:"
+    rows = [{"chosen": h + " Sure.", "rejected": h + " Sorry, no."}]
+    ds = load_preference_dataset(write_jsonl(tmp_path / "hh.jsonl.gz", rows))
+    assert ds.to_list() == [{"prompt": h, "chosen": " Sure.", "rejected": " Sorry, no."}]
+    # replies sharing their first words still split at the last shared assistant header
+    assert split_transcripts(h + " I can.", h + " I cannot.") == (h, " I can.", " I cannot.")
+    with pytest.raises(ValueError, match="share no"):
+        split_transcripts("\n\nHuman: a", "\n\nHuman: b")
+
+
+def test_real_hh_rlhf_file(shared_file):
+    path = shared_file("hh-rlhf/harmless-base-test.jsonl.gz")
+    ds = load_preference_dataset(path)
+    assert len(ds) == 2312
+    with gzip.open(path, "rt") as f:
+        first = json.loads(f.readline())
+    row = ds[0]
+    assert row["prompt"].endswith("\n\nAssistant:") and row["prompt"].startswith("\n\nHuman:")
+    assert row["prompt"] + row["chosen"] == first["chosen"]
+    assert row["prompt"] + row["rejected"] == first["rejected"]
 
 
 def test_parquet_round_trip(tmp_path):

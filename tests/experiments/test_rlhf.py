@@ -1,0 +1,40 @@
+"""Tiny end-to-end RLHF runs: a reward model on real human pairs, and RM -> PPO on stories260K."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import reward_model, rlhf_stories
+
+
+def test_gold_score_counts_capped_lexicon_words():
+    texts = ["She was happy and smiled. Her friend was happy too.", "He was sad and cried.",
+             "happy happy happy happy happy", "The box was red."]
+    np.testing.assert_allclose(rlhf_stories.gold_score(texts), [3.0, -2.0, 3.0, 0.0])
+
+
+@pytest.mark.slow
+def test_ppo_raises_gold_score_with_bounded_kl(shared_data, tmp_path):
+    summary = rlhf_stories.main([
+        "--output-dir", str(tmp_path), "--no-progress", "--rm-rounds", "1", "--rm-steps", "80",
+        "--ppo-iterations", "8", "--eval-samples", "2",
+    ])
+    assert summary["rm_heldout_pairs"] > 50
+    assert summary["gold_after"] > summary["gold_before"] + 0.2
+    assert summary["rm_score_after"] > summary["rm_score_before"]
+    assert 0 < summary["kl_after"] < 20  # nats per 48-token response
+    assert (tmp_path / "rlhf.png").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["gold_after"] == pytest.approx(summary["gold_after"])
+
+
+@pytest.mark.slow
+def test_reward_model_on_hh_rlhf_runs_and_learns(shared_data, tmp_path):
+    summary = reward_model.main([
+        "--output-dir", str(tmp_path), "--no-progress", "--model", "gpt2-tiny", "--max-examples", "400",
+        "--max-length", "96", "--steps", "40", "--eval-every", "0",
+    ])
+    assert summary["heldout_pairs"] == 80 and summary["train_pairs"] == 320
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"] + 0.05
+    assert 0.0 <= summary["shorter_reply_wins_accuracy"] <= 1.0
+    assert (tmp_path / "checkpoints").is_dir()

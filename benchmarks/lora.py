@@ -68,6 +68,8 @@ class Config:
     """LoRA α (the update is scaled by α / r)."""
     targets: tuple[str, ...] = ("attention",)
     """LoraConfig.targets: presets (attention, mlp, all, qv) or regular expressions."""
+    dropout: float = 0.0
+    """LoraConfig.dropout: > 0 trains through the unmerged adapter branch."""
     steps: int = 10
     """Timed calls per step; the median is reported."""
     warmup: int = 1
@@ -114,7 +116,10 @@ def lora_config(variant: Variant, cfg: Config) -> LoraConfig | None:
     """None for full fine-tuning, else the LoRA/DoRA config of the flags."""
     if variant == "full":
         return None
-    return LoraConfig(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, dora=variant == "dora")
+    return LoraConfig(
+        rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, dropout=cfg.dropout,
+        dora=variant == "dora",
+    )
 
 
 def benchmark_variant(
@@ -189,7 +194,8 @@ def format_report(env: dict[str, Any], cfg: Config, results: list[VariantResult]
     """The printed report: environment, the per-variant table, and the ratios to full."""
     lines = environment_lines(env, seconds)
     lines.append(
-        f"adapters: rank {cfg.rank}, alpha {cfg.alpha}, targets {' '.join(cfg.targets)}; "
+        f"adapters: rank {cfg.rank}, alpha {cfg.alpha}, targets {' '.join(cfg.targets)}"
+        f"{f', dropout {cfg.dropout}' if cfg.dropout else ''}; "
         f"ratios are against the full fine-tune of the same case in this run"
     )
     header = ("model", "trainer", "variant", "B", "T", "trainable", "% of model", "opt state MB",

@@ -52,7 +52,7 @@ from jaxalign.trainers import (
     make_reward_step,
     ppo_update,
 )
-from jaxalign.trainers.rl_loop import evaluate_policy
+from jaxalign.trainers.rl_loop import PolicySamples, evaluate_policy
 
 log = logging.getLogger("rlhf_stories")
 
@@ -65,6 +65,9 @@ NEGATIVE = ("sad", "cry", "cried", "crying", "angry", "scared", "afraid", "hurt"
             "upset", "sorry", "lost", "broke", "broken", "mean", "ouch", "fell", "sick", "alone",
             "worried", "tears", "frown", "frowned", "shout", "shouted")
 CAP = 3
+PROMPT_WIDTH = 32
+"""Prompt tokens, left-padded, so that every batch has one shape (BOS + the longest opening is 26
+tok512 tokens; a longer prompt would keep its last 32)."""
 
 gold_score = weighted_sum(
     (functools.partial(keyword_reward, keywords=POSITIVE, cap=CAP), float(CAP)),
@@ -146,17 +149,43 @@ def _examples(prompt_ids: list[int], tokens: np.ndarray, length: int) -> jd.Exam
     return jd.Example(ids, mask)
 
 
+def sample(params, config, tok, prompts, *, samples: int, cfg: Config, rng: jax.Array, ref_params=None):
+    """`evaluate_policy` (gold rewards) over `prompts` in chunks of exactly `cfg.ppo_batch` rows,
+    prompts padded to one width: every generation of the run then has one shape and compiles
+    once. Returns (PolicySamples of all rows, prompt tokens [rows, P], prompt mask [rows, P]).
+
+    Raises:
+      ValueError: the prompts do not fill whole chunks of ppo_batch // samples prompts.
+    """
+    per_chunk = cfg.ppo_batch // samples
+    if cfg.ppo_batch % samples or len(prompts) % per_chunk:
+        raise ValueError(f"{len(prompts)} prompts × {samples} samples do not fill chunks of ppo_batch={cfg.ppo_batch} rows")
+    tokens, mask = jd.collate_prompts(prompts, tok, length=PROMPT_WIDTH)
+    parts = []
+    for start in range(0, len(prompts), per_chunk):
+        rng, key = jax.random.split(rng)
+        parts.append(evaluate_policy(
+            params, config, tokens[start:start + per_chunk], mask[start:start + per_chunk],
+            reward_fn=gold_score, decode=tok.decode, rng=key, max_new_tokens=cfg.max_new_tokens,
+            eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.temperature, samples=samples,
+            ref_params=ref_params,
+        ))
+    joined = PolicySamples(
+        completions=[c for part in parts for c in part.completions],
+        rewards=np.concatenate([part.rewards for part in parts]),
+        kl=None if ref_params is None else np.concatenate([part.kl for part in parts]),
+        tokens=np.concatenate([part.tokens for part in parts]),
+        lengths=np.concatenate([part.lengths for part in parts]),
+    )
+    return joined, np.repeat(tokens, samples, axis=0), np.repeat(mask, samples, axis=0)
+
+
 def preference_pairs(params, config, tok, prompts, *, cfg: Config, rng: jax.Array, seed: int):
     """Samples K answers per prompt, ranks them by gold and returns PreferenceExamples, with the
     share of tied pairs and the mean gold of the samples."""
     examples, ties, golds = [], 0, []
     order = np.random.default_rng(seed)
-    tokens, mask = jd.collate_prompts(prompts, tok)
-    samples = evaluate_policy(
-        params, config, tokens, mask, reward_fn=gold_score, decode=tok.decode, rng=rng,
-        max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-        temperature=cfg.temperature, samples=cfg.rm_samples,
-    )
+    samples, _, _ = sample(params, config, tok, prompts, samples=cfg.rm_samples, cfg=cfg, rng=rng)
     k = cfg.rm_samples
     for b, prompt in enumerate(prompts):
         prompt_ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
@@ -178,7 +207,8 @@ def run(cfg: Config) -> dict:
     writer = MetricsWriter(cfg.output_dir)
     prompts = make_prompts()
     held_out, train_prompts = prompts[: cfg.eval_prompts], prompts[cfg.eval_prompts:]
-    n_val = max(1, int(len(train_prompts) * cfg.rm_val_fraction))
+    per_chunk = cfg.ppo_batch // cfg.rm_samples  # whole sampling chunks on both sides of the split
+    n_val = max(1, round(len(train_prompts) * cfg.rm_val_fraction / per_chunk)) * per_chunk
     rm_val_prompts, rm_train_prompts = train_prompts[:n_val], train_prompts[n_val:]
     rng = jax.random.key(cfg.seed)
 
@@ -218,18 +248,17 @@ def run(cfg: Config) -> dict:
     score_fn = reward_model_scorer(rm_params, config)
 
     # --- evaluation on held-out prompts: gold, RM score, KL to the reference
-    eval_tokens, eval_mask = jd.collate_prompts(held_out, tok)
-
     def policy_eval(policy) -> tuple[dict, list[str]]:
-        s = evaluate_policy(
-            policy, config, eval_tokens, eval_mask, reward_fn=gold_score, decode=tok.decode,
-            rng=jax.random.key(cfg.seed + 7), max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
-            pad_id=tok.pad_id, temperature=cfg.temperature, samples=cfg.eval_samples, ref_params=sft_params,
+        s, prompt_tokens, prompt_mask = sample(
+            policy, config, tok, held_out, samples=cfg.eval_samples, cfg=cfg,
+            rng=jax.random.key(cfg.seed + 7), ref_params=sft_params,
         )
         reps = cfg.eval_samples
         cmask = (np.arange(s.tokens.shape[1])[None] < s.lengths[:, None]).astype(np.float32)
-        rm = score_fn(jnp.asarray(np.repeat(eval_tokens, reps, 0)), jnp.asarray(np.repeat(eval_mask, reps, 0)),
-                      jnp.asarray(s.tokens), jnp.asarray(cmask))
+        rm = np.concatenate([  # the RM in ppo_batch-row chunks too (one compiled shape)
+            score_fn(*(jnp.asarray(x[i:i + cfg.ppo_batch]) for x in (prompt_tokens, prompt_mask, s.tokens, cmask)))
+            for i in range(0, len(cmask), cfg.ppo_batch)
+        ])
         texts = [f"{held_out[i // reps]} {s.completions[i]}" for i in range(0, 3 * reps, reps)]
         return {"gold": float(s.rewards.mean()), "rm_score": float(np.mean(rm)), "kl": float(s.kl.mean()),
                 "length": float(s.lengths.mean())}, texts
@@ -254,7 +283,7 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     for it in range(1, cfg.ppo_iterations + 1):
         idx = np.random.default_rng(cfg.seed + it).choice(len(train_prompts), cfg.ppo_batch, replace=False)
-        tokens, mask = jd.collate_prompts([train_prompts[i] for i in idx], tok)
+        tokens, mask = jd.collate_prompts([train_prompts[i] for i in idx], tok, length=PROMPT_WIDTH)
         rng, key = jax.random.split(rng)
         rollout, roll = ppo_rollout(
             state.params, config, tokens, mask, ref_params=sft_params, score_fn=score_fn, rng=key,

@@ -42,7 +42,7 @@ from jaxalign.metrics import MetricsWriter, plot_metrics
 from jaxalign.models import init_scalar_model, load_pretrained
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import keyword_reward, weighted_sum
-from jaxalign.rollout import init_actor_critic, ppo_rollout, reward_model_scorer
+from jaxalign.rollout import decode_completions, init_actor_critic, ppo_rollout, reward_model_scorer
 from jaxalign.trainers import (
     adaptive_kl_coef,
     create_train_state,
@@ -290,8 +290,9 @@ def run(cfg: Config) -> dict:
             max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
             temperature=cfg.temperature, kl_coef=kl_coef, critic=cfg.critic,
         )
-        texts = [tok.decode([t for t in row[:n] if t != tok.eos_id]) for row, n in zip(
-            np.asarray(rollout.completion_tokens).tolist(), np.asarray(rollout.completion_mask).sum(1).astype(int))]
+        texts = decode_completions(
+            rollout.completion_tokens, rollout.completion_mask.sum(1).astype(jnp.int32), tok.decode, tok.eos_id
+        )
         gold = float(gold_score(texts).mean())
         state, upd = ppo_update(step, state, rollout, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches, seed=it)
         scores.append(roll["score"])

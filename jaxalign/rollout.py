@@ -1,7 +1,9 @@
-"""RL rollouts: generate G completions per prompt, score them, and turn scores into advantages.
+"""RL rollouts: sample completions, score them, and turn scores into advantages.
 
-No optimiser here (DESIGN.md): a trainer calls `grpo_rollout`, then optimises on the `Rollout`
-it returns. Layout is prompt-major: the G samples of prompt p are rows p·G … p·G + G − 1.
+No optimiser here (DESIGN.md): a trainer calls `grpo_rollout` (G samples per prompt,
+group-relative advantages; layout prompt-major: the G samples of prompt p are rows
+p·G … p·G + G − 1) or `ppo_rollout` (one sample per prompt, a critic, per-token KL-penalised
+rewards and GAE), then optimises on the `Rollout` / `PPORollout` it returns.
 Shapes: B prompts, G samples per prompt, P prompt length, N completion length.
 """
 
@@ -87,6 +89,15 @@ def completion_logps(
     return token_logps(logits, completion_tokens, chunk_size=chunk_size)
 
 
+def decode_completions(
+    tokens: np.ndarray, lengths: np.ndarray, decode: Callable[[Sequence[int]], str], eos_id: int | None
+) -> list[str]:
+    """Text of each generated completion: `tokens` int [B, N] cut at `lengths` [B] (EOS included,
+    as `generate` counts them), with the EOS id dropped."""
+    rows, ns = np.asarray(tokens).tolist(), np.asarray(lengths).tolist()
+    return [decode([t for t in row[:n] if t != eos_id]) for row, n in zip(rows, ns)]
+
+
 @flax.struct.dataclass
 class Rollout:
     """One batch of scored samples, ready for the policy loss (arrays are [B·G, ...]).
@@ -168,9 +179,7 @@ def grpo_rollout(
         temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
     )
     tokens, mask, lengths = jax.device_get((gen.tokens, gen.mask, gen.lengths))
-    completions = [
-        decode([t for t in row[:n].tolist() if t != eos_id]) for row, n in zip(tokens, lengths)
-    ]
+    completions = decode_completions(tokens, lengths, decode, eos_id)
     repeated = {k: [v for v in vals for _ in range(group_size)] for k, vals in (columns or {}).items()}
     rewards = np.asarray(reward_fn(completions, **repeated), np.float32)
     if rewards.shape != (b * group_size,):

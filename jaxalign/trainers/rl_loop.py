@@ -25,7 +25,7 @@ from jaxalign.checkpoint import save_checkpoint
 from jaxalign.decoding import generate
 from jaxalign.metrics import MetricsWriter
 from jaxalign.models.config import TransformerConfig
-from jaxalign.rollout import _jitted_completion_logps, grpo_rollout
+from jaxalign.rollout import _jitted_completion_logps, decode_completions, grpo_rollout
 from jaxalign.trainers.state import TrainState
 
 # prompts_at(iteration) -> (prompt_tokens int32 [B,P] left-padded, prompt_mask [B,P], columns)
@@ -105,7 +105,7 @@ def evaluate_policy(
         temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
     )
     tokens, lengths = jax.device_get((gen.tokens, gen.lengths))
-    completions = [decode([t for t in row[:n].tolist() if t != eos_id]) for row, n in zip(tokens, lengths)]
+    completions = decode_completions(tokens, lengths, decode, eos_id)
     repeated = {k: [v for v in vals for _ in range(samples)] for k, vals in (columns or {}).items()}
     rewards = np.asarray(reward_fn(completions, **repeated), np.float32)
     if rewards.shape != (b * samples,):

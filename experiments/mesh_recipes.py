@@ -40,10 +40,10 @@ RECIPES = [
     ("GPT-2 124M", "H100", "8 (1 host)", MeshConfig(8, 1, 1), False),
     ("Llama-3.2-1B", "TPU v5e", "8 (1 host)", MeshConfig(1, 8, 1), False),
     ("Llama-3.2-1B", "H100", "8 (1 host)", MeshConfig(8, 1, 1), False),
-    ("Llama-3.1-8B", "TPU v5e", "32 (8 × 4)", MeshConfig(1, 32, 1), False),
+    ("Llama-3.1-8B", "TPU v5e", "32 (8 × 4)", MeshConfig(1, 32, 1), True),
     ("Llama-3.1-8B", "H100", "8 (1 host)", MeshConfig(1, 8, 1), False),
     ("Llama-3.1-70B", "TPU v5e", "256 (64 × 4)", MeshConfig(1, 64, 4), True),
-    ("Llama-3.1-70B", "H100", "32 (4 × 8)", MeshConfig(1, 4, 8), False),
+    ("Llama-3.1-70B", "H100", "32 (4 × 8)", MeshConfig(1, 4, 8), True),
     ("Llama-3.1-70B", "H100", "16 (2 × 8)", MeshConfig(1, 2, 8), True),
 ]
 

@@ -23,37 +23,48 @@ mixed-precision Adam in ZeRO, Rajbhandari et al. 2019, arXiv 1910.02054 §3.1, i
 LoRA the frozen base pays its storage only and the adapters pay the rest.
 
 Activations (saved by the forward pass for the backward pass), per layer, in the compute dtype
-c = itemsize(compute_dtype), following the tensor-by-tensor count of Korthikanti et al. 2022
-("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198, §4.1, which
-gives sbh(34 + 5as/h) bytes for 16-bit GPT with dropout), adapted to this model (no dropout
-masks unless `config.dropout > 0`, SwiGLU for Llama, grouped-query K/V, and the attention that
-`jax.nn.dot_product_attention` actually runs):
+c = itemsize(compute_dtype). Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", arXiv 2205.05198, §4.1) count sbh(34 + 5as/h) bytes for 16-bit GPT
+with Megatron's fused kernels; a `jax.grad` of this model compiled by XLA keeps more, and the
+count below is what XLA keeps: it was read off the peak of XLA's live-range report
+(`--xla_dump_to`, `*-live-range.txt`, "Stack trace breakdown for peak usage") for GPT-2 and
+Llama blocks, each buffer attributed to the op that made it:
 
-    norms       2 · (input + output)                       4·B·T·D·c
-    q, k, v     inputs of the score and value einsums      B·T·(N + 2K)·H·c
-    attn out    input of wo                                B·T·D·c
-    mlp         GPT-2: up output, gelu output              2·B·T·F·c
-                Llama: gate, up, silu(gate)·up             3·B·T·F·c
-    scores      "xla" (the default of dot_product_attention on every backend, which jaxalign's
-                model calls with implementation=None): the float32 masked logits, exp and
-                softmax [B,N,T,T] plus the bool mask, plus the probabilities cast to c when
-                c != 4                                     B·N·T²·(13 + [c != 4]·c)
-                "flash" (cuDNN / Pallas kernels): float32 log-sum-exp only   4·B·N·T
-    dropout     1-byte masks on the attention and MLP outputs (if dropout > 0)   2·B·T·D
+    norms        3 per norm (LayerNorm: x - mean and the normalised x, then the affine output;
+                 RMSNorm: x·rsqrt, the output and the product with the scale)   6·B·T·D·c
+    residuals    the two residual sums of the block                             2·B·T·D·c
+    q, k, v      after the projections (and RoPE)                               B·T·(N + 2K)·H·c
+    attn out     input of wo                                                    B·T·N·H·c
+    mlp          GPT-2: up output, tanh and the GELU product                    3·B·T·F·c
+                 Llama: gate, up, sigmoid, silu(gate) and silu(gate)·up         5·B·T·F·c
+    scores       "xla" (what `jax.nn.dot_product_attention` runs with implementation=None on
+                 every backend): the float32 softmax's max-subtracted logits, exp and
+                 probabilities [B,N,T,T], plus the probabilities cast to c when c != 4
+                                                                               B·N·T²·(12 + [c != 4]·c)
+                 "flash" (cuDNN / Pallas kernels): float32 log-sum-exp only     4·B·N·T
+    dropout      on the attention and MLP outputs (if dropout > 0): XLA keeps the random
+                 bits of `jax.random.bernoulli` (two uint32 words per element from threefry)
+                 and recomputes the mask in the backward pass                   2·8·B·T·D
 
-(GPT-2 with F = 4D and c = 2: 2·(4 + 1 + 3 + 1 + 8)·BTD = 34·BTD minus Korthikanti's dropout
-bytes, the same count.) With `remat=True` (one `jax.checkpoint` per block, which the current
-`Transformer` does not apply: an estimate for planning), a layer keeps only its input B·T·D·c and
-one layer's full set is live again during its backward pass.
+With `remat=True` (one `jax.checkpoint` per block, which the current `Transformer` does not
+apply: an estimate for planning), a layer keeps only its input B·T·D·c and one layer's full set
+is live again during its backward pass.
 
-Head and loss: the final norm (2·B·T·D·c), the logits [B,T,V] in c, and the loss's float32 work:
-`jaxalign.losses.sft_loss` keeps exp(z - max) [B,T,V] in float32 for the backward pass, and the
-backward pass materialises the float32 gradient [B,T,V] of the logits:  B·T·V·(c + 8).
+Head and loss: the embedding output and the final norm (4·B·T·D·c), the logits [B,T,V] in c
+when c != 4 (in float32 they are consumed by the loss's fusion), and the loss's float32 work:
+`jaxalign.losses.sft_loss` keeps exp(z - max) [B,T,V] for the backward pass, which materialises
+the float32 gradient of the logits [B,T,V] next to it:  B·T·V·(8 + [c != 4]·c).
 
 Weight operands: a matmul saves its operands, so when the kernel is cast to a compute dtype other
 than its storage dtype, the cast copy lives until the backward pass (c bytes per matmul weight,
 the tied embedding included); with LoRA the merged kernels W' = W + s·A·B of the targeted modules
 are such operands too (c bytes per targeted value, plus a float32 copy of V per value for DoRA).
+
+Frozen base (LoRA): a frozen kernel's backward pass needs dx = dy·Wᵀ, not its input, so the
+inputs only frozen kernels read are not kept (the down projection's [F] where it has no adapter,
+wo's [N·H] likewise); norms with frozen parameters keep 2 tensors instead of 3 (RMSNorm: 1 when
+only frozen kernels read its output, the final norm included), and the embedding's output is not
+kept (see `_frozen_base_savings`).
 
 LoRA with adapter dropout (`LoraConfig.dropout > 0`) trains through the unmerged branch instead
 (see `jaxalign.lora`): no merged kernels, but per adapted projection with inputs x [B,T,in] it
@@ -63,11 +74,25 @@ x̃·A·B [B,T,out] (2·a per output) for the magnitude's gradient, and V (the e
 only). On XLA:CPU x is kept next to x̃, as counted; a backend that fuses the mask into the
 matmul's operand could keep less.
 
+Peak. Activations and gradients do not peak together: the backward pass frees a layer's saved
+tensors as it produces that layer's gradients, so live memory falls from "all activations" at
+the start of the backward pass to "all gradients" at its end, and then the optimizer update
+holds the gradients plus one more trainable-sized temporary (the clipped gradients: every leaf
+waits for the global norm; measured on XLA:CPU: temp = exactly 2 × gradient bytes when the
+activations are negligible). So
+
+    temporaries = max(activations, grads + optimizer_work)     total = params + optimizer_state
+                                                                       + inputs + temporaries
+
 Validation (tests/test_memory.py): params, grads and optimizer-state bytes equal the live buffers
-of a real `make_sft_step` state exactly; the total (state + activations) is compared with
-`compiled.memory_analysis()` (argument + temp bytes). XLA:CPU fuses elementwise work and reuses
-buffers, so its activation bytes differ from the count above; the measured ratios are in the
-test file.
+of a real `make_sft_step` state exactly; `total` is within 10% of `compiled.memory_analysis()`
+(argument + temp bytes) of real SFT and LoRA/DoRA steps in float32 (GPT-2 and Llama blocks, with
+and without dropout; measured 0.99-1.04, GPT-2 124M at B=4, T=512 1.02), and one block's count
+is XLA's increment from one layer to two within 5%. Not within 10%: the smallest activations
+(B·T = 256 with LoRA on the tiny Llama presets, 0.84-0.90: XLA:CPU then keeps two of the three
+[B,N,T,T] softmax tensors), and bfloat16 compute on XLA:CPU (1.1-1.3): its bf16 normalisation
+computes elementwise ops in float32 and keeps those copies, which GPUs and TPUs, with native
+bf16, do not; on those backends the bf16 figures here are the intended count, not a measured one.
 """
 
 from __future__ import annotations
@@ -78,7 +103,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.lora import LoraConfig, init_lora
+from jaxalign.lora import LoraConfig, init_lora, lora_targets
 from jaxalign.models.config import TransformerConfig, num_params
 from jaxalign.models.transformer import init_params
 
@@ -100,7 +125,10 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
     Returns:
       `adapters` (trainable values), `targeted` (values of the base kernels that get adapters),
       `targeted_in` / `targeted_out` (the input / output widths summed over the adapted kernels,
-      so B·T·targeted_in is the size of all their inputs) and `rank_sum` (r summed over them).
+      so B·T·targeted_in is the size of all their inputs), `rank_sum` (r summed over them), and
+      the layers whose MLP down projection (`frozen_down`) / attention output projection
+      (`frozen_wo`) has no adapter, and `norms_feeding_frozen`: the norms (final norm included)
+      whose output only frozen kernels read.
     """
     params = _abstract_params(config, param_dtype)
     adapters = jax.eval_shape(lambda p: init_lora(p, lora, jax.random.key(0)), params)
@@ -114,12 +142,25 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
             targeted_in += a.shape[0]
             targeted_out += module["kernel"].size // a.shape[0]
             rank_sum += a.shape[1]
+    # Saved inputs that only a frozen kernel's weight gradient would read (dx = dy·Wᵀ needs W,
+    # not x): the MLP's down input [F] and wo's input [N·H], per layer; and the norms whose
+    # output feeds only frozen kernels (q/k/v, up/gate, and always the output head).
+    targeted_modules = set(lora_targets(params, lora))
+    frozen_down = frozen_wo = norms_feeding_frozen = 0
+    for layer in range(config.n_layers):
+        hit = lambda *names: any(f"layers_{layer}/{name}" in targeted_modules for name in names)
+        frozen_down += not hit("mlp/down")
+        frozen_wo += not hit("attn/wo")
+        norms_feeding_frozen += (not hit("attn/wq", "attn/wk", "attn/wv")) + (not hit("mlp/up", "mlp/gate"))
     return {
         "adapters": sum(x.size for x in jax.tree.leaves(adapters)),
         "targeted": targeted,
         "targeted_in": targeted_in,
         "targeted_out": targeted_out,
         "rank_sum": rank_sum,
+        "frozen_down": frozen_down,
+        "frozen_wo": frozen_wo,
+        "norms_feeding_frozen": norms_feeding_frozen + 1,
     }
 
 
@@ -136,18 +177,19 @@ def activation_bytes_per_layer(
     n, k, h = config.n_heads, config.kv_heads, config.head_dim
     c = _itemsize(compute_dtype)
     btd = b * t * d
-    total = 4 * btd * c  # two norms: input and output
+    total = 6 * btd * c  # two norms, three tensors each
+    total += 2 * btd * c  # the two residual sums
     total += b * t * (n + 2 * k) * h * c  # q, k, v
-    total += btd * c  # attention output (input of wo)
-    total += (2 if config.family == "gpt2" else 3) * b * t * f * c
+    total += b * t * n * h * c  # attention output (input of wo)
+    total += (3 if config.family == "gpt2" else 5) * b * t * f * c
     if attention == "xla":
-        total += b * n * t * t * (13 + (c if c != 4 else 0))
+        total += b * n * t * t * (12 + (c if c != 4 else 0))
     elif attention == "flash":
         total += 4 * b * n * t
     else:
         raise ValueError(f"attention must be 'xla' or 'flash', got {attention!r}")
     if config.dropout > 0:
-        total += 2 * btd
+        total += 2 * 8 * btd  # two dropout sites, the random bits kept as two uint32 words
     return total
 
 
@@ -184,8 +226,10 @@ def estimate_memory(
       dict of int bytes: `params` (all resident parameters), `trainable` (the subset that is
       trained), `grads`, `optimizer_state`, `activations` (= `layers` + `head` + `weight_copies`),
       `layers`, `head` (final norm, logits, loss work), `weight_copies` (cast / merged kernel
-      operands), `inputs` (batch arrays + TrainState step/rng), and `total` (the sum of params,
-      grads, optimizer_state, activations and inputs).
+      operands), `inputs` (batch arrays + TrainState step/rng), `optimizer_work` (the clipped
+      gradients of the update), `temporaries` (the step's peak beyond its arguments:
+      max(activations, grads + optimizer_work)) and `total` (params + optimizer_state + inputs +
+      temporaries: the step's peak memory).
     """
     if optimizer not in ("adamw", "adam", "sgd"):
         raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {optimizer!r}")
@@ -219,9 +263,9 @@ def estimate_memory(
         layers = config.n_layers * b * t * d * c + per_layer
     else:
         layers = config.n_layers * per_layer
-    head = 2 * b * t * d * c + b * t * v * (c + 8)
-    if config.dropout > 0:
-        head += b * t * d  # embedding dropout mask
+    head = 4 * b * t * d * c + b * t * v * (8 + (c if c != 4 else 0))
+    if lora is not None:
+        layers, head = layers - _frozen_base_savings(config, sizes, b, t, c), head - b * t * d * c
 
     # Matmul weight operands that are not the stored parameters themselves.
     norm_and_bias = _norm_and_bias_count(config)
@@ -245,7 +289,9 @@ def estimate_memory(
 
     activations = layers + head + weight_copies
     inputs = b * (t + 1) * 8 + 12
-    total = params_bytes + trainable + opt + activations + inputs
+    optimizer_work = trainable  # the clipped gradients, next to the gradients
+    temporaries = max(activations, trainable + optimizer_work)
+    total = params_bytes + opt + inputs + temporaries
     return {
         "params": int(params_bytes),
         "trainable": int(trainable),
@@ -256,8 +302,27 @@ def estimate_memory(
         "head": int(head),
         "weight_copies": int(weight_copies),
         "inputs": int(inputs),
+        "optimizer_work": int(optimizer_work),
+        "temporaries": int(temporaries),
         "total": int(total),
     }
+
+
+def _frozen_base_savings(config: TransformerConfig, sizes: dict[str, int], b: int, t: int, c: int) -> int:
+    """Activation bytes a frozen base does not keep (LoRA), against the full fine-tune's count.
+
+    Read off XLA's live-range report like the per-layer count: an input that only a frozen
+    kernel's weight gradient would read is not kept (the down projection's input, wo's input);
+    a norm with frozen parameters keeps 2 tensors instead of 3 (LayerNorm: x - mean and the
+    normalised x; RMSNorm: the normalised x and, when a trained kernel reads it, the output); the
+    embedding lookup's output is not kept (returned separately by `estimate_memory`'s head term).
+    """
+    d, f, nh = config.d_model, config.ff_dim, config.n_heads * config.head_dim
+    norms = 2 * config.n_layers + 1
+    saved = sizes["frozen_down"] * f + sizes["frozen_wo"] * nh + norms * d
+    if config.family != "gpt2":
+        saved += sizes["norms_feeding_frozen"] * d
+    return b * t * saved * c
 
 
 def _norm_and_bias_count(config: TransformerConfig) -> int:

@@ -499,7 +499,9 @@ def per_device_memory(
         figures: the model runs XLA attention and no rematerialisation today).
 
     Returns:
-      dict of int bytes per device: params, grads, optimizer_state, activations, inputs, total.
+      dict of int bytes per device: params, grads, optimizer_state, activations, inputs,
+      temporaries = max(activations, 2 × grads) and total = params + optimizer_state + inputs +
+      temporaries (see `jaxalign.memory` for why gradients and activations do not add up).
 
     Raises:
       ValueError: `batch` not divisible by the batch shards.
@@ -532,8 +534,11 @@ def per_device_memory(
         "optimizer_state": optimizer_state,
         "activations": local["activations"],
         "inputs": local["inputs"],
+        # the step's peak beyond its arguments, as `estimate_memory`: activations at the start
+        # of the backward pass, or the gradients and the clipped gradients at the update
+        "temporaries": max(local["activations"], 2 * params),
     }
-    out["total"] = sum(out.values())
+    out["total"] = params + optimizer_state + out["inputs"] + out["temporaries"]
     return {k: int(v) for k, v in out.items()}
 
 

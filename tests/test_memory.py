@@ -1,30 +1,29 @@
 """`estimate_memory` against JAX: exact state bytes, and the compiled step's memory analysis.
 
-Measured on XLA:CPU (jax 0.10.2), estimate total vs `argument + temp` bytes of the compiled SFT
-step, float32, vocab 512 (ratio = measured / estimated):
+The reference is XLA's own account of a real `make_sft_step` / LoRA train step:
+`compiled.memory_analysis()`, `argument_size_in_bytes + temp_size_in_bytes` (the state, the
+batch and the frozen base, plus everything the step allocates: gradients, saved activations,
+work space). Steps are compiled from abstract shapes, so nothing but the compiler runs.
 
-    model       adapters         B=4,T=64   B=8,T=256
-    gpt2-tiny   none               0.98       1.02
-    gpt2-tiny   LoRA attention     0.85       0.93
-    gpt2-tiny   DoRA all           0.95       0.99
-    gpt2-mini   none               1.02       1.11
-    gpt2-mini   LoRA attention     0.96       0.99
-    gpt2-mini   DoRA all           1.07       1.09
-    llama-tiny  none               1.00       1.03
-    llama-tiny  LoRA attention     0.86       0.94
-    llama-tiny  DoRA all           0.94       0.98
+Measured on XLA:CPU (jax 0.10.2), float32, ratio = XLA's bytes / `estimate_memory`'s total
+(`python` loop over `CASES` below; B=8, T=128, vocab 512 unless stated):
 
-and at B=8, T=128 (the cases asserted below): gpt2-tiny 1.05, gpt2-tiny + LoRA 0.93, gpt2-mini
-1.15, gpt2-mini + DoRA 1.14, gpt2-mini + DoRA with adapter dropout 0.1 (the unmerged path) 1.07;
-gpt2-tiny + LoRA attention with dropout 0.1: 0.92.
+    model        adapters / setting            ratio      model       setting          ratio
+    gpt2-tiny    none                          1.019      gpt2 124M   B=2 T=256         1.030
+    gpt2-mini    none                          1.025      gpt2 124M   B=4 T=512         1.021
+    gpt2-mini    LoRA attention                1.015      gpt2 124M   LoRA, B=4 T=512   0.995
+    gpt2-mini    DoRA all                      1.037      gpt2 124M   DoRA, B=4 T=512   0.996
+    gpt2-mini    DoRA all, adapter dropout     1.020      gpt2-small-cpu B=8 T=256      1.006
+    gpt2-mini    model dropout 0.1             1.031      stories260K B=8 T=256         1.005
+    llama-tiny   none                          1.018      stories260K LoRA B=8 T=128    1.000
+    llama-tiny   LoRA attention                0.994
+    llama-tiny   model dropout 0.1             1.032
 
-Argument bytes (params + optimizer state + batch + step/rng) agree exactly. The activation part
-is an operand count; XLA:CPU fuses elementwise chains and packs buffers by size-dependent
-heuristics (per-layer fits give 14·BTD + 3·BNT² float32 values for gpt2-tiny and 22·BTD +
-2·BNT² for gpt2-mini, against the formula's 16·BTD + 3.25·BNT²), hence the tolerance of 20%.
-With a bfloat16 compute dtype the ratios on XLA:CPU are 0.90-1.52 (the largest at small T, where
-XLA:CPU's extra float32 temporaries around bf16 ops dominate; not investigated further, not
-asserted here).
+Outside the 10%: the smallest activations (B=4, T=64 with LoRA on the tiny Llama configs,
+0.84-0.90), where XLA:CPU keeps two of the three [B,N,T,T] softmax tensors instead of three; and
+a bfloat16 compute dtype on XLA:CPU (1.1-1.3 for gpt2-mini), whose bf16 normalisation pass
+computes elementwise ops in float32 and keeps those copies, which a GPU or TPU does not do. Both
+are documented in `jaxalign.memory`, not asserted here.
 """
 
 import jax
@@ -41,64 +40,104 @@ from jaxalign.trainers.sft import sft_batch_loss
 
 
 def nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def sft_step(config, lora, b, t, *, abstract):
+    """(compiled step, state, batch, extra args, base params, trainable) of a real SFT step."""
+    make = (lambda f, *a: jax.eval_shape(f, *a)) if abstract else (lambda f, *a: f(*a))
+    params = make(lambda: init_params(config, jax.random.key(0)))
+    tx, schedule = make_optimizer(OptimConfig(total_steps=10))
+    if abstract:
+        batch = {
+            "tokens": jax.ShapeDtypeStruct((b, t + 1), jnp.int32),
+            "mask": jax.ShapeDtypeStruct((b, t + 1), jnp.float32),
+        }
+    else:
+        rng = np.random.RandomState(0)
+        batch = {
+            "tokens": jnp.asarray(rng.randint(0, config.vocab_size, (b, t + 1)), jnp.int32),
+            "mask": jnp.ones((b, t + 1), jnp.float32),
+        }
+    if lora is None:
+        trainable, step, extra = params, make_sft_step(config, tx, schedule), ()
+    else:
+        trainable = make(lambda p: init_lora(p, lora, jax.random.key(1)), params)
+        lora_loss = make_lora_loss_fn(lambda p, bt, r: sft_batch_loss(p, config, bt, r), lora)
+        step, extra = make_train_step(lora_loss, tx, schedule), (params,)
+    state = make(lambda tr: create_train_state(tr, tx, 0), trainable)
+    compiled = step.lower(state, batch, *extra).compile()
+    return compiled, state, batch, extra, params, trainable
 
 
 CASES = {
-    "gpt2-tiny": ("gpt2-tiny", None),
-    "gpt2-tiny-lora": ("gpt2-tiny", LoraConfig(rank=8, targets=("attention",))),
-    "gpt2-mini": ("gpt2-mini", None),
-    "gpt2-mini-dora": ("gpt2-mini", LoraConfig(rank=8, targets=("all",), dora=True)),
-    # adapter dropout: the unmerged branch keeps activations instead of merged kernels (the
-    # weight-space count would put this case at 2.08)
+    "gpt2-tiny": ("gpt2-tiny", {}, None),
+    "gpt2-mini": ("gpt2-mini", {}, None),
+    "gpt2-mini-lora": ("gpt2-mini", {}, LoraConfig(rank=8, targets=("attention",))),
+    "gpt2-mini-dora": ("gpt2-mini", {}, LoraConfig(rank=8, targets=("all",), dora=True)),
+    # adapter dropout: the unmerged branch keeps activations instead of merged kernels
     "gpt2-mini-dora-dropout": (
-        "gpt2-mini", LoraConfig(rank=8, targets=("all",), dora=True, dropout=0.1)
+        "gpt2-mini", {}, LoraConfig(rank=8, targets=("all",), dora=True, dropout=0.1)
     ),
+    "gpt2-mini-model-dropout": ("gpt2-mini", {"dropout": 0.1}, None),
+    "llama-tiny": ("llama-tiny", {}, None),
+    "llama-tiny-lora": ("llama-tiny", {}, LoraConfig(rank=8, targets=("attention",))),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sft_step_state_exact_and_total_close(case):
-    preset, lora = CASES[case]
+def test_total_within_10_percent_of_xla(case):
+    preset, overrides, lora = CASES[case]
     b, t = 8, 128
-    config = get_config(preset, vocab_size=512)
-    params = init_params(config, jax.random.key(0))
-    tx, schedule = make_optimizer(OptimConfig(total_steps=10))
-    rng = np.random.RandomState(0)
-    batch = {
-        "tokens": jnp.asarray(rng.randint(0, 512, (b, t + 1)), jnp.int32),
-        "mask": jnp.ones((b, t + 1), jnp.float32),
-    }
-    if lora is None:
-        trainable = params
-        step = make_sft_step(config, tx, schedule)
-        loss_fn = lambda p, bt: sft_batch_loss(p, config, bt)[0]
-        extra = ()
-    else:
-        trainable = init_lora(params, lora, jax.random.key(1))
-        lora_loss = make_lora_loss_fn(lambda p, bt, r: sft_batch_loss(p, config, bt, r), lora)
-        step = make_train_step(lora_loss, tx, schedule)
-        loss_fn = lambda a, bt: lora_loss(a, bt, None, params)[0]
-        extra = (params,)
-    est = estimate_memory(config, batch=b, seq_len=t, lora=lora)
-    state = create_train_state(trainable, tx, 0)
-    compiled = step.lower(state, batch, *extra).compile()
+    config = get_config(preset, vocab_size=512, **overrides)
+    compiled, *_ = sft_step(config, lora, b, t, abstract=True)
     analysis = compiled.memory_analysis()
-
-    # Live buffers of the real step, exactly.
-    state, _ = compiled(state, batch, *extra)
-    assert nbytes(state.params) == est["trainable"]
-    assert nbytes(state.opt_state) == est["optimizer_state"]
-    assert nbytes(jax.eval_shape(jax.grad(loss_fn), state.params, batch)) == est["grads"]
-    assert nbytes(params) + (0 if lora is None else nbytes(trainable)) == est["params"]
+    est = estimate_memory(config, batch=b, seq_len=t, lora=lora)
     assert analysis.argument_size_in_bytes == est["params"] + est["optimizer_state"] + est["inputs"]
+    ratio = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / est["total"]
+    assert 0.9 < ratio < 1.1, (case, ratio, est)
+    # The step's own allocations against the estimate's peak beyond the arguments.
+    assert 0.9 < analysis.temp_size_in_bytes / est["temporaries"] < 1.1
+    assert est["temporaries"] == est["activations"]  # activations dominate at this size
 
-    # Whole step: arguments (state, batch, base) + XLA temporaries (grads, activations, work).
-    measured = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-    ratio = measured / est["total"]
-    assert 0.8 < ratio < 1.2, (case, ratio, est)
-    activations = analysis.temp_size_in_bytes - est["grads"]
-    assert 0.75 < activations / est["activations"] < 1.25
+
+def test_gradient_phase_peak_when_activations_are_small():
+    """One token row of a full-vocabulary model: the peak is the optimizer update's, gradients
+    plus the clipped gradients (2 × the trainable bytes), not gradients + activations."""
+    config = get_config("gpt2-tiny")  # vocab 50257: 3.3M parameters
+    compiled, *_ = sft_step(config, None, 1, 8, abstract=True)
+    est = estimate_memory(config, batch=1, seq_len=8)
+    assert est["temporaries"] == est["grads"] + est["optimizer_work"] == 2 * est["trainable"]
+    assert est["activations"] < est["grads"] / 3
+    assert compiled.memory_analysis().temp_size_in_bytes / est["temporaries"] == pytest.approx(1, abs=0.01)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_per_layer_count_equals_xla_layer_increment(preset):
+    """temp(L=2) - temp(L=1) is one block's saved activations (plus its gradients, which are
+    not live at the start of the backward pass): the per-layer count, within 5%."""
+    b, t = 8, 128
+    temps = []
+    for n_layers in (1, 2):
+        config = get_config(preset, vocab_size=512, n_layers=n_layers)
+        compiled, *_ = sft_step(config, None, b, t, abstract=True)
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    per_layer = activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=jnp.float32)
+    assert (temps[1] - temps[0]) / per_layer == pytest.approx(1, abs=0.05)
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(rank=8, targets=("all",), dora=True)])
+def test_state_bytes_equal_live_buffers(lora):
+    config = get_config("gpt2-tiny", vocab_size=512)
+    compiled, state, batch, extra, params, trainable = sft_step(config, lora, 2, 16, abstract=False)
+    est = estimate_memory(config, batch=2, seq_len=16, lora=lora)
+    state, _ = compiled(state, batch, *extra)
+    assert nbytes(state.params) == est["trainable"] == est["grads"] == est["optimizer_work"]
+    assert nbytes(state.opt_state) == est["optimizer_state"]
+    assert nbytes(params) + (0 if lora is None else nbytes(trainable)) == est["params"]
+    if lora is None:
+        grads = jax.eval_shape(jax.grad(lambda p: sft_batch_loss(p, config, batch)[0]), state.params)
+        assert nbytes(grads) == est["grads"]
 
 
 def test_optimizer_state_variants_exact():
@@ -124,41 +163,56 @@ def test_gpt2_124m_figures_and_rule_of_thumb():
     config = get_config("gpt2")
     n = num_params(config)
     assert n == 124_439_808
-    full = estimate_memory(config, batch=8, seq_len=1024)
+    b, t, d, v, h = 8, 1024, 768, 50257, 12
+    full = estimate_memory(config, batch=b, seq_len=t)
     assert full["params"] == 4 * n and full["grads"] == 4 * n
     assert full["optimizer_state"] == 8 * n + 8  # two float32 moments + two int32 counts
     # bf16 weights + two float32 Adam moments: the (2 + 8) bytes/param rule of thumb's state part
     # needs float32 moments; optax keeps them in the param dtype, so bf16 params give 2+2+4.
     bf16 = estimate_memory(
-        config, batch=8, seq_len=1024, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16
+        config, batch=b, seq_len=t, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16
     )
     assert bf16["params"] + bf16["optimizer_state"] - 8 == (2 + 4) * n
     # LoRA r=8 on q/k/v/o: 12 layers x 4 kernels x (768·8 + 8·768) values.
-    lora = estimate_memory(config, batch=8, seq_len=1024, lora=LoraConfig(rank=8, targets=("attention",)))
+    lora = estimate_memory(config, batch=b, seq_len=t, lora=LoraConfig(rank=8, targets=("attention",)))
     assert lora["trainable"] == 4 * 12 * 4 * 2 * 768 * 8
     assert lora["optimizer_state"] == 2 * lora["trainable"] + 8
     assert lora["params"] == 4 * n + lora["trainable"]
     # The merged kernels of the targeted modules are saved for the backward pass.
     assert lora["weight_copies"] == 4 * 12 * 4 * 768 * 768
+    # The frozen MLP does not keep its down input [F = 4D]; each of the 2 norms per block and the
+    # final norm keeps 2 tensors of 3; the embedding's output is not kept.
+    frozen = (12 * (4 * d + 2 * d) + d + d) * 4 * b * t
+    assert full["layers"] + full["head"] - lora["layers"] - lora["head"] == frozen
     # Remat keeps one block's activations plus every block's input; flash attention drops T².
-    remat = estimate_memory(config, batch=8, seq_len=1024, remat=True)
+    remat = estimate_memory(config, batch=b, seq_len=t, remat=True)
     assert remat["layers"] < full["layers"] / 6
-    flash = estimate_memory(config, batch=8, seq_len=1024, attention="flash")
-    assert full["layers"] - flash["layers"] == 12 * (8 * 12 * 1024 * 1024 * 13 - 4 * 8 * 12 * 1024)
-    # Logits [B,T,V] in float32 plus the loss's two float32 [B,T,V] buffers.
-    assert full["head"] == 2 * 8 * 1024 * 768 * 4 + 8 * 1024 * 50257 * 12
+    flash = estimate_memory(config, batch=b, seq_len=t, attention="flash")
+    assert full["layers"] - flash["layers"] == 12 * (b * h * t * t * 12 - 4 * b * h * t)
+    # Embedding output and final norm, plus the loss's exp(z - max) and d(logits) in float32.
+    assert full["head"] == 4 * b * t * d * 4 + b * t * v * 8
+    # Activations dominate: the peak is the start of the backward pass.
+    assert full["temporaries"] == full["activations"] > 2 * full["grads"]
+    assert full["total"] == full["params"] + full["optimizer_state"] + full["inputs"] + full["activations"]
 
 
-def test_per_layer_formula_is_korthikanti_for_gpt2():
-    """34·s·b·h bytes per layer for 16-bit GPT with dropout (Korthikanti et al. 2022, Eq. 1),
-    once the attention-score term (5·a·s²·b there) is replaced by a fused kernel's statistics."""
+def test_per_layer_formula_terms_and_errors():
+    """One GPT-2 block, bf16, dropout 0.1, term by term (see the `jaxalign.memory` docstring)."""
     config = get_config("gpt2", dropout=0.1)
     b, t, d, n = 4, 512, 768, 12
-    got = activation_bytes_per_layer(
+    btd = b * t * d
+    flash = activation_bytes_per_layer(
         config, batch=b, seq_len=t, compute_dtype=jnp.bfloat16, attention="flash"
     )
-    assert got == 34 * b * t * d + 4 * b * n * t
+    # norms 6 + residuals 2 + q, k, v 3 + attn out 1 + GELU MLP 3·4 (all × 2 bytes), dropout 16
+    assert flash == (6 + 2 + 3 + 1 + 12) * btd * 2 + 16 * btd + 4 * b * n * t
     xla = activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=jnp.bfloat16)
-    assert xla - got == b * n * t * t * (13 + 2) - 4 * b * n * t
-    with pytest.raises(ValueError):
+    assert xla - flash == b * n * t * t * (12 + 2) - 4 * b * n * t
+    llama = get_config("llama-tiny")
+    f, k, h = llama.ff_dim, llama.kv_heads, llama.head_dim
+    got = activation_bytes_per_layer(llama, batch=1, seq_len=8, compute_dtype=jnp.float32, attention="flash")
+    assert got == 4 * 8 * ((6 + 2) * 64 + (4 + 2 * k) * h + 4 * h + 5 * f) + 4 * 4 * 8
+    with pytest.raises(ValueError, match="optimizer"):
         estimate_memory(config, batch=1, seq_len=8, optimizer="lion")
+    with pytest.raises(ValueError, match="attention"):
+        activation_bytes_per_layer(config, batch=1, seq_len=8, compute_dtype=jnp.float32, attention="ring")

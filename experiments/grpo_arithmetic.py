@@ -25,7 +25,7 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.metrics import MetricsWriter
+from jaxalign.metrics import MetricsWriter, setup_logging
 from jaxalign.models import get_config, init_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import exact_match_reward
@@ -150,7 +150,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     summary = run(tyro.cli(Config, args=argv))
     print(f"{'held-out accuracy':<36}{'after SFT':>10}{'after GRPO':>12}")
     for kind in ("sampled", "greedy"):

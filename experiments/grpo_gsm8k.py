@@ -43,7 +43,7 @@ import tyro
 
 import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager
-from jaxalign.metrics import MetricsWriter
+from jaxalign.metrics import MetricsWriter, setup_logging
 from jaxalign.models import PRESETS, get_config, init_params, load_pretrained
 from jaxalign.rewards import exact_match_reward, format_reward, weighted_sum
 from jaxalign.trainers.rl_loop import evaluate_policy
@@ -209,7 +209,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: runs and prints the before/after table."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     summary = run(tyro.cli(Config, args=argv))
     print(f"{'GSM8K test (' + str(summary['test_problems']) + ' problems, greedy)':<40}{'before':>10}{'after':>10}")
     for name in ("accuracy", "format", "reward"):

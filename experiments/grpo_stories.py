@@ -41,7 +41,7 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.metrics import MetricsWriter
+from jaxalign.metrics import MetricsWriter, setup_logging
 from jaxalign.models import load_pretrained
 from jaxalign.rewards import keyword_reward
 from jaxalign.trainers.rl_loop import evaluate_policy
@@ -188,7 +188,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: runs, prints the before/after table and sample texts."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     summary = run(tyro.cli(Config, args=argv))
     print(f"{'held-out openings':<40}{'before':>10}{'after':>10}")
     print(f"{'  reward (mentions target word)':<40}{summary['reward_before']:>10.3f}{summary['reward_after']:>10.3f}")

@@ -34,7 +34,7 @@ import tyro
 
 import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager
-from jaxalign.metrics import MetricsWriter, plot_metrics
+from jaxalign.metrics import MetricsWriter, plot_metrics, setup_logging
 from jaxalign.models import get_config, init_scalar_model, load_pretrained
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.trainers import (
@@ -146,7 +146,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: prints the held-out table."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     s = run(tyro.cli(Config, args=argv))
     print(f"{s['train_pairs']} train pairs, {s['heldout_pairs']} held-out pairs")
     print(f"{'held-out':<30}{'before':>10}{'after':>10}")

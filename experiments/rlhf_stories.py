@@ -38,7 +38,7 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.metrics import MetricsWriter, plot_metrics
+from jaxalign.metrics import MetricsWriter, plot_metrics, setup_logging
 from jaxalign.models import init_scalar_model, load_pretrained
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import keyword_reward, weighted_sum
@@ -336,7 +336,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: prints the before/after table."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     s = run(tyro.cli(Config, args=argv))
     print(f"reward model: {s['rm_train_pairs']} train pairs, held-out pairwise accuracy vs gold "
           f"{s['rm_heldout_accuracy_before']:.3f} -> {s['rm_heldout_accuracy']:.3f} ({s['rm_heldout_pairs']} pairs)")

@@ -54,7 +54,7 @@ from jaxalign.lora import (
     make_lora_optimizer,
     merge_lora,
 )
-from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics
+from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics, setup_logging
 from jaxalign.models import (
     TransformerConfig,
     get_config,
@@ -488,7 +488,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: parses flags into `Config`, runs, prints the table."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     cfg = tyro.cli(Config, args=argv)
     summary = run(cfg)
     print(format_table(summary))

@@ -4,6 +4,7 @@ and PNG plots drawn with matplotlib from the JSONL file."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -65,6 +66,17 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def setup_logging(level: int = logging.INFO, fmt: str = "%(name)s: %(message)s") -> None:
+    """For scripts: the root logger at `level` with one stderr handler in `fmt`.
+
+    A plain `logging.basicConfig(level=INFO)` is a no-op once any handler exists, and one always
+    does after `import orbax.checkpoint`: orbax logs through absl at import, and Python's
+    `logging.log` then installs a WARNING-level root handler itself, so the scripts' `log.info`
+    progress lines never printed. `force=True` replaces it. The library never calls this.
+    """
+    logging.basicConfig(level=level, format=fmt, force=True)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

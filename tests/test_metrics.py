@@ -1,0 +1,38 @@
+"""Run logging: the JSONL writer's records and resume truncation, and `setup_logging`."""
+
+import logging
+
+import numpy as np
+import orbax.checkpoint  # noqa: F401  (installs a WARNING root handler through absl, see below)
+
+from jaxalign.metrics import MetricsWriter, read_metrics, setup_logging
+
+
+def test_writer_records_truncate_and_reopen(tmp_path):
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 5):
+        writer.write(step, {"loss": np.float32(1.0 / step), "acc": np.asarray([0.5])})
+    writer.write(2, {"loss": 0.25}, stage="eval")
+    writer.truncate_after(2, stage="train")  # a resumed run re-logs train steps 3 and 4
+    writer.write(3, {"loss": 0.3})
+    writer.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["stage"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3)]
+    assert records[1]["loss"] == np.float32(0.5) and records[0]["acc"] == 0.5
+    assert isinstance(records[0]["loss"], float)
+
+
+def test_setup_logging_prints_info_after_orbax_import(capsys):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logging.basicConfig(level=logging.INFO)  # what the experiments did: a no-op here
+        if root.level != logging.INFO:  # orbax's import left a handler, so nothing changed
+            logging.getLogger("experiment").info("lost")
+            assert "lost" not in capsys.readouterr().err
+        setup_logging()
+        logging.getLogger("experiment").info("step 10: loss 1.25")
+        assert "experiment: step 10: loss 1.25" in capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

@@ -68,8 +68,11 @@ class MetricsWriter:
             self._tb.close()
 
 
-def setup_logging(level: int = logging.INFO, fmt: str = "%(name)s: %(message)s") -> None:
-    """For scripts: the root logger at `level` with one stderr handler in `fmt`.
+def setup_logging(
+    level: int = logging.INFO, fmt: str = "%(name)s: %(message)s", quiet: tuple[str, ...] = ("absl",)
+) -> None:
+    """For scripts: the root logger at `level` with one stderr handler in `fmt`; the loggers in
+    `quiet` (default: absl, through which orbax reports every checkpoint step) at WARNING.
 
     A plain `logging.basicConfig(level=INFO)` is a no-op once any handler exists, and one always
     does after `import orbax.checkpoint`: orbax logs through absl at import, and Python's
@@ -77,6 +80,8 @@ def setup_logging(level: int = logging.INFO, fmt: str = "%(name)s: %(message)s")
     progress lines never printed. `force=True` replaces it. The library never calls this.
     """
     logging.basicConfig(level=level, format=fmt, force=True)
+    for name in quiet:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -265,7 +265,9 @@ def estimate_memory(
         layers = config.n_layers * per_layer
     head = 4 * b * t * d * c + b * t * v * (8 + (c if c != 4 else 0))
     if lora is not None:
-        layers, head = layers - _frozen_base_savings(config, sizes, b, t, c), head - b * t * d * c
+        saved = _frozen_base_savings(config, sizes, b, t, c)  # summed over the layers
+        layers -= saved // config.n_layers if remat else saved  # remat: one layer's full set
+        head -= b * t * d * c
 
     # Matmul weight operands that are not the stored parameters themselves.
     norm_and_bias = _norm_and_bias_count(config)

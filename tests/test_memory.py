@@ -187,6 +187,9 @@ def test_gpt2_124m_figures_and_rule_of_thumb():
     # Remat keeps one block's activations plus every block's input; flash attention drops T².
     remat = estimate_memory(config, batch=b, seq_len=t, remat=True)
     assert remat["layers"] < full["layers"] / 6
+    remat_lora = estimate_memory(config, batch=b, seq_len=t, remat=True, lora=LoraConfig(rank=8))
+    one_layer_saved = (full["layers"] - lora["layers"]) // 12
+    assert remat["layers"] - remat_lora["layers"] == one_layer_saved > 0
     flash = estimate_memory(config, batch=b, seq_len=t, attention="flash")
     assert full["layers"] - flash["layers"] == 12 * (b * h * t * t * 12 - 4 * b * h * t)
     # Embedding output and final norm, plus the loss's exp(z - max) and d(logits) in float32.

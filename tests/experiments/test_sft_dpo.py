@@ -122,3 +122,30 @@ def test_bad_lora_flags_fail_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="--lora-targets: LoRA target 'attn/w_q' matches no kernel"):
         run(Config(output_dir=tmp_path, lora=True, lora_targets=("attn/w_q",), synthetic_examples=20, **TINY))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_init_from_hf_checkpoint_trains_that_model(tmp_path):
+    """--init: the run starts from a Hugging Face GPT-2 directory (its shapes, its weights) and
+    both objectives move; a tokenizer larger than the checkpoint's vocabulary is refused first."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=257, n_positions=128, n_embd=48, n_layer=2, n_head=4)
+    hf = transformers.GPT2LMHeadModel(hf_config)
+    hf.save_pretrained(tmp_path / "hf")  # config.json + model.safetensors
+    hf_params = sum(p.numel() for p in hf.parameters())  # tied head counted once
+    cfg = Config(output_dir=tmp_path / "run", init=str(tmp_path / "hf"), tokenizer="bytes",
+                 synthetic_examples=160, max_length=64, sft_steps=20, dpo_steps=10,
+                 checkpoint_every=10, sft_lr=3e-3, dpo_lr=1e-3, **{**TINY, "model": "gpt2-mini"})
+    summary = run(cfg)
+    assert summary["model_params"] == hf_params  # not the --model preset's size
+    assert summary["sft_val_loss_before"] == pytest.approx(math.log(257), abs=0.3)  # HF's N(0, 0.02) init
+    assert summary["sft_val_loss_after"] < summary["sft_val_loss_before"] - 0.5
+    assert summary["dpo_val_reward_margin_after"] > summary["dpo_val_reward_margin_before"] == 0.0
+
+    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=200, n_positions=128, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="257 ids but --init"):
+        run(Config(**{**cfg.__dict__, "init": str(tmp_path / "small"), "output_dir": tmp_path / "run2"}))

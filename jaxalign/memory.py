@@ -103,7 +103,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.lora import LoraConfig, init_lora, lora_targets
+from jaxalign.lora import LoraConfig, init_lora
 from jaxalign.models.config import TransformerConfig, num_params
 from jaxalign.models.transformer import init_params
 
@@ -127,12 +127,13 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
       `targeted_in` / `targeted_out` (the input / output widths summed over the adapted kernels,
       so B·T·targeted_in is the size of all their inputs), `rank_sum` (r summed over them), and
       the layers whose MLP down projection (`frozen_down`) / attention output projection
-      (`frozen_wo`) has no adapter, and `norms_feeding_frozen`: the norms (final norm included)
-      whose output only frozen kernels read.
+      (`frozen_wo`) has no adapter, and `norms_feeding_frozen`: the block norms whose output
+      only frozen kernels read (the final norm always feeds the frozen output head).
     """
     params = _abstract_params(config, param_dtype)
     adapters = jax.eval_shape(lambda p: init_lora(p, lora, jax.random.key(0)), params)
     targeted = targeted_in = targeted_out = rank_sum = 0
+    targeted_modules = set()
     for path, a in jax.tree_util.tree_flatten_with_path(adapters)[0]:
         if str(getattr(path[-1], "key", path[-1])) == "lora_a":
             module = params
@@ -142,10 +143,10 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
             targeted_in += a.shape[0]
             targeted_out += module["kernel"].size // a.shape[0]
             rank_sum += a.shape[1]
+            targeted_modules.add("/".join(str(key.key) for key in path[:-1]))
     # Saved inputs that only a frozen kernel's weight gradient would read (dx = dy·Wᵀ needs W,
-    # not x): the MLP's down input [F] and wo's input [N·H], per layer; and the norms whose
-    # output feeds only frozen kernels (q/k/v, up/gate, and always the output head).
-    targeted_modules = set(lora_targets(params, lora))
+    # not x): the MLP's down input [F] and wo's input [N·H], per layer; and the block norms whose
+    # output feeds only frozen kernels (q/k/v, up/gate).
     frozen_down = frozen_wo = norms_feeding_frozen = 0
     for layer in range(config.n_layers):
         hit = lambda *names: any(f"layers_{layer}/{name}" in targeted_modules for name in names)
@@ -160,7 +161,7 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
         "rank_sum": rank_sum,
         "frozen_down": frozen_down,
         "frozen_wo": frozen_wo,
-        "norms_feeding_frozen": norms_feeding_frozen + 1,
+        "norms_feeding_frozen": norms_feeding_frozen,
     }
 
 
@@ -191,6 +192,13 @@ def activation_bytes_per_layer(
     if config.dropout > 0:
         total += 2 * 8 * btd  # two dropout sites, the random bits kept as two uint32 words
     return total
+
+
+def peak_temporaries(activations: int, grads: int) -> int:
+    """A train step's peak bytes beyond its arguments: the saved activations at the start of the
+    backward pass, or at the update the gradients plus the clipped gradients (one more
+    gradient-sized buffer), whichever is larger (see the module docstring's "Peak")."""
+    return max(activations, 2 * grads)
 
 
 def estimate_memory(
@@ -265,9 +273,9 @@ def estimate_memory(
         layers = config.n_layers * per_layer
     head = 4 * b * t * d * c + b * t * v * (8 + (c if c != 4 else 0))
     if lora is not None:
-        saved = _frozen_base_savings(config, sizes, b, t, c)  # summed over the layers
-        layers -= saved // config.n_layers if remat else saved  # remat: one layer's full set
-        head -= b * t * d * c
+        layers_saved, head_saved = _frozen_base_savings(config, sizes, b, t, c)
+        layers -= layers_saved // config.n_layers if remat else layers_saved  # remat: one block's set
+        head -= head_saved
 
     # Matmul weight operands that are not the stored parameters themselves.
     norm_and_bias = _norm_and_bias_count(config)
@@ -292,7 +300,7 @@ def estimate_memory(
     activations = layers + head + weight_copies
     inputs = b * (t + 1) * 8 + 12
     optimizer_work = trainable  # the clipped gradients, next to the gradients
-    temporaries = max(activations, trainable + optimizer_work)
+    temporaries = peak_temporaries(activations, trainable)
     total = params_bytes + opt + inputs + temporaries
     return {
         "params": int(params_bytes),
@@ -310,21 +318,24 @@ def estimate_memory(
     }
 
 
-def _frozen_base_savings(config: TransformerConfig, sizes: dict[str, int], b: int, t: int, c: int) -> int:
-    """Activation bytes a frozen base does not keep (LoRA), against the full fine-tune's count.
+def _frozen_base_savings(
+    config: TransformerConfig, sizes: dict[str, int], b: int, t: int, c: int
+) -> tuple[int, int]:
+    """Activation bytes a frozen base does not keep (LoRA), against the full fine-tune's count:
+    (summed over the blocks, in the head).
 
     Read off XLA's live-range report like the per-layer count: an input that only a frozen
     kernel's weight gradient would read is not kept (the down projection's input, wo's input);
     a norm with frozen parameters keeps 2 tensors instead of 3 (LayerNorm: x - mean and the
-    normalised x; RMSNorm: the normalised x and, when a trained kernel reads it, the output); the
-    embedding lookup's output is not kept (returned separately by `estimate_memory`'s head term).
+    normalised x; RMSNorm: the normalised x and, when a trained kernel reads it, the output; the
+    final norm feeds the frozen output head); the embedding lookup's output is not kept.
     """
     d, f, nh = config.d_model, config.ff_dim, config.n_heads * config.head_dim
-    norms = 2 * config.n_layers + 1
-    saved = sizes["frozen_down"] * f + sizes["frozen_wo"] * nh + norms * d
-    if config.family != "gpt2":
-        saved += sizes["norms_feeding_frozen"] * d
-    return b * t * saved * c
+    rms = config.family != "gpt2"
+    blocks = sizes["frozen_down"] * f + sizes["frozen_wo"] * nh + 2 * config.n_layers * d
+    blocks += sizes["norms_feeding_frozen"] * d if rms else 0
+    head = (2 if rms else 1) * d + d  # the final norm, the embedding output
+    return b * t * blocks * c, b * t * head * c
 
 
 def _norm_and_bias_count(config: TransformerConfig) -> int:

@@ -57,7 +57,7 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxalign.memory import estimate_memory
+from jaxalign.memory import estimate_memory, peak_temporaries
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import ACTIVATION_BATCH_AXES, init_params, param_logical_axes
 from jaxalign.optim import OptimConfig, make_optimizer
@@ -534,9 +534,7 @@ def per_device_memory(
         "optimizer_state": optimizer_state,
         "activations": local["activations"],
         "inputs": local["inputs"],
-        # the step's peak beyond its arguments, as `estimate_memory`: activations at the start
-        # of the backward pass, or the gradients and the clipped gradients at the update
-        "temporaries": max(local["activations"], 2 * params),
+        "temporaries": peak_temporaries(local["activations"], params),  # grads are laid out as params
     }
     out["total"] = params + optimizer_state + out["inputs"] + out["temporaries"]
     return {k: int(v) for k, v in out.items()}

@@ -6,11 +6,10 @@ from jaxalign.advantages import (
     gae,
     group_advantages,
     kl_penalty,
-    last_token_index,
-    masked_whiten,
     ppo_token_rewards,
     rloo_advantages,
 )
+from jaxalign.ops import last_token_index, masked_mean, masked_sum, masked_whiten
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.lora import (
     LoraConfig,
@@ -177,6 +176,8 @@ __all__ = [
     "make_sft_eval_step",
     "make_sft_step",
     "make_train_step",
+    "masked_mean",
+    "masked_sum",
     "masked_whiten",
     "num_params",
     "param_logical_axes",

@@ -12,6 +12,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxalign.ops import last_token_index, masked_var, masked_whiten, select
+
+__all__ = [  # masked_whiten and last_token_index live in jaxalign.ops; re-exported for one release
+    "explained_variance", "gae", "group_advantages", "kl_penalty", "last_token_index",
+    "masked_whiten", "ppo_token_rewards", "rloo_advantages",
+]
+
 
 def gae(
     rewards: jax.Array,
@@ -41,43 +48,23 @@ def gae(
     """
     chex.assert_rank(rewards, 2)
     chex.assert_equal_shape((rewards, values, mask))
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    rewards, values, mask = f32(rewards), f32(values), f32(mask)
-    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)  # [B,T]
-    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1) * next_mask
+    # Select, then compute: padding may hold anything (NaN included) and must not reach the scan.
+    rewards, values = select(mask, rewards.astype(jnp.float32)), select(mask, values.astype(jnp.float32))
+    counts = mask.astype(bool)
+    next_mask = jnp.concatenate([counts[:, 1:], jnp.zeros_like(counts[:, :1])], axis=1)  # [B,T]
+    next_values = select(next_mask, jnp.concatenate([values[:, 1:], values[:, :1]], axis=1))  # [B,T]
     deltas = rewards + gamma * next_values - values  # [B,T]
 
     def step(carry, xs):
-        delta, m_next = xs  # [B], [B]
-        advantage = delta + gamma * lam * m_next * carry
+        delta, m_next = xs  # [B], [B] bool
+        advantage = delta + gamma * lam * jnp.where(m_next, carry, 0.0)
         return advantage, advantage
 
     _, advantages = jax.lax.scan(
         step, jnp.zeros(rewards.shape[0], jnp.float32), (deltas.T, next_mask.T), reverse=True
     )
-    advantages = advantages.T * mask  # [B,T]
-    return advantages, (advantages + values) * mask
-
-
-def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
-    """(x − mean) / std over the masked entries (PPO advantage whitening; TRL `masked_whiten`,
-    which uses the unbiased variance). With `shift_mean=False` the mean is added back.
-
-    Args:
-      x: float [...]; mask: same shape, 1.0 on entries that count.
-
-    Returns:
-      float32, same shape; masked-out entries are 0.
-    """
-    chex.assert_equal_shape((x, mask))
-    mask = mask.astype(jnp.float32)
-    n = jnp.sum(mask)
-    mean = jnp.sum(x * mask) / jnp.maximum(n, 1.0)
-    var = jnp.sum(jnp.square(x - mean) * mask) / jnp.maximum(n - 1.0, 1.0)
-    out = (x - mean) * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    advantages = select(mask, advantages.T)  # [B,T]
+    return advantages, select(mask, advantages + values)
 
 
 def kl_penalty(
@@ -171,13 +158,6 @@ def rloo_advantages(rewards: jax.Array, *, group_size: int) -> jax.Array:
     return centred * (group_size / (group_size - 1))
 
 
-def last_token_index(mask: jax.Array) -> jax.Array:
-    """Index of the last nonzero entry of each row of mask [B, T]: int32 [B], −1 for an empty row."""
-    chex.assert_rank(mask, 2)
-    idx = jnp.arange(mask.shape[1], dtype=jnp.int32)
-    return jnp.max(jnp.where(mask > 0, idx, -1), axis=1)
-
-
 def ppo_token_rewards(
     scores: jax.Array,
     logps: jax.Array,
@@ -206,11 +186,10 @@ def ppo_token_rewards(
     """
     chex.assert_rank(scores, 1)
     chex.assert_equal_shape((logps, ref_logps, mask))
-    mask = mask.astype(jnp.float32)
-    kl = kl_penalty(logps, ref_logps, kind=kind) * mask  # [B,T]
+    kl = select(mask, kl_penalty(select(mask, logps), select(mask, ref_logps), kind=kind))  # [B,T]
     last = last_token_index(mask)  # [B], -1: empty row
-    at_last = (jnp.arange(mask.shape[1])[None, :] == last[:, None]).astype(jnp.float32)  # [B,T]
-    rewards = -kl_coef * kl + scores.astype(jnp.float32)[:, None] * at_last
+    at_last = jnp.arange(mask.shape[1])[None, :] == last[:, None]  # [B,T]
+    rewards = -kl_coef * kl + select(at_last, jnp.broadcast_to(scores.astype(jnp.float32)[:, None], kl.shape))
     return rewards, kl
 
 
@@ -225,12 +204,6 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
       float32 scalar (NaN when the returns have zero variance).
     """
     chex.assert_equal_shape((values, returns, mask))
-    m = mask.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(m), 1.0)
-
-    def var(x):
-        mean = jnp.sum(x * m) / n
-        return jnp.sum(jnp.square(x - mean) * m) / n
-
-    returns = returns.astype(jnp.float32)
-    return 1.0 - var(returns - values.astype(jnp.float32)) / var(returns)
+    returns = select(mask, returns.astype(jnp.float32))
+    residuals = returns - select(mask, values.astype(jnp.float32))
+    return 1.0 - masked_var(residuals, mask, unbiased=False) / masked_var(returns, mask, unbiased=False)

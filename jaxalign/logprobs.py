@@ -16,6 +16,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxalign.ops import masked_mean, masked_sum
+
 
 def _over_sequence_chunks(
     fn: Callable[..., jax.Array], chunk_size: int | None, *arrays: jax.Array
@@ -42,8 +44,16 @@ def _over_sequence_chunks(
     return jnp.concatenate([head, tail], axis=1)
 
 
+def clamp_labels(labels: jax.Array, vocab_size: int) -> jax.Array:
+    """Label ids clipped into [0, V): a gather with `-100` (Hugging Face's ignore index) or any
+    other out-of-range id then reads a real logit (a finite, meaningless value that the mask
+    selects away) instead of XLA's out-of-bounds fill (NaN for float gathers)."""
+    return jnp.clip(labels, 0, vocab_size - 1)
+
+
 def _token_logps(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logits = logits.astype(jnp.float32)  # [B,t,V], fused into the two reductions below
+    labels = clamp_labels(labels, logits.shape[-1])  # [B,t]
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]  # [B,t]
     return picked - jax.nn.logsumexp(logits, axis=-1)  # [B,t]
 
@@ -55,8 +65,9 @@ def token_logps(
 
     Args:
       logits: [B, T, V] any float dtype (bf16 logits are upcast per element, inside the reduction).
-      labels: int [B, T] token ids in [0, V). Ids outside that range give undefined values: mask
-        them (padding) rather than relying on the value.
+      labels: int [B, T] token ids in [0, V). An id outside that range (padding, `-100`) is
+        clamped into it, so its log-prob is finite but meaningless: mask it out
+        (`sequence_logps` and every loss select, so it cannot leak).
       chunk_size: if set, process the sequence in chunks of this many positions (extra peak memory
         O(B·chunk·V) instead of O(B·T·V) on backends that do not fuse the upcast).
 
@@ -64,7 +75,8 @@ def token_logps(
       float32 [B, T] log-probabilities (nats, <= 0).
 
     Raises:
-      ValueError: mismatched shapes or a non-positive chunk_size.
+      AssertionError: (chex) ranks or leading shapes that disagree.
+      ValueError: a non-positive chunk_size.
     """
     chex.assert_rank(logits, 3)
     chex.assert_rank(labels, 2)
@@ -102,17 +114,19 @@ def sequence_logps(
 
     Args:
       token_logps: float [B, T] per-token log-probs (e.g. from `token_logps`).
-      mask: [B, T], 1.0 on tokens that count (the completion), 0.0 on prompt and padding.
+      mask: [B, T], 1.0 on tokens that count (the completion), 0.0 on prompt and padding; values
+        at masked positions are selected away, so NaN or -inf there cannot leak.
       average: divide by the number of counted tokens (IPO's length normalisation); rows with no
         counted token give 0.
 
     Returns:
       float32 [B] log-probability of each completion (nats).
+
+    Raises:
+      AssertionError: (chex) token_logps not rank 2, or mask of another shape.
     """
     chex.assert_rank(token_logps, 2)
     chex.assert_equal_shape((token_logps, mask))
-    mask = mask.astype(jnp.float32)
-    total = jnp.sum(token_logps.astype(jnp.float32) * mask, axis=-1)  # [B]
-    if not average:
-        return total
-    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    if average:
+        return masked_mean(token_logps, mask, axis=-1)
+    return masked_sum(token_logps, mask, axis=-1)

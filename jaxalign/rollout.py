@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.advantages import gae, group_advantages, masked_whiten, ppo_token_rewards
+from jaxalign.advantages import gae, group_advantages, ppo_token_rewards
+from jaxalign.ops import masked_whiten, select
 from jaxalign.decoding import generate, prompt_positions
 from jaxalign.logprobs import token_logps
 from jaxalign.models.config import TransformerConfig
@@ -199,7 +200,7 @@ def grpo_rollout(
         completion_tokens=gen.tokens,
         completion_mask=gen.mask,
         old_logps=gen.model_logps,
-        ref_logps=ref_logps * gen.mask,
+        ref_logps=select(gen.mask, ref_logps),
         rewards=jnp.asarray(rewards),
         advantages=advantages,
         where=jnp.asarray(where),
@@ -440,9 +441,9 @@ def ppo_rollout(
         prompt_mask=masks,
         completion_tokens=gen.tokens,
         completion_mask=mask,
-        old_logps=gen.model_logps * mask,
-        ref_logps=ref_logps * mask,
-        old_values=values * mask,
+        old_logps=select(mask, gen.model_logps),
+        ref_logps=select(mask, ref_logps),
+        old_values=select(mask, values),
         scores=scores,
         rewards=rewards,
         advantages=advantages,

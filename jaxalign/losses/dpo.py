@@ -14,7 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxalign.losses._masked import masked_mean
+from jaxalign.ops import masked_mean, select
 
 
 def _sigmoid(h: jax.Array, beta: float, eps: float) -> jax.Array:
@@ -89,7 +89,8 @@ def dpo_loss(
       `logits` (mean h).
 
     Raises:
-      ValueError: unknown loss_type, β <= 0, ε outside [0, 0.5), or shapes that differ.
+      AssertionError: (chex) inputs that are not equal-shaped [B] vectors.
+      ValueError: unknown loss_type, β <= 0, ε outside [0, 0.5).
     """
     chex.assert_rank(chosen_logps, 1)
     chex.assert_equal_shape((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
@@ -101,7 +102,9 @@ def dpo_loss(
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if where is not None:
         chex.assert_equal_shape((chosen_logps, where))
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    # Padding pairs (where == 0) are selected to 0 first, so NaN there reaches no loss or gradient.
+    keep = jnp.ones(chosen_logps.shape, bool) if where is None else where
+    f32 = lambda x: select(keep, x.astype(jnp.float32))  # noqa: E731
     chosen_logps, rejected_logps = f32(chosen_logps), f32(rejected_logps)
     ref_chosen_logps, ref_rejected_logps = f32(ref_chosen_logps), f32(ref_rejected_logps)
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.advantages import kl_penalty
-from jaxalign.losses._masked import masked_mean
+from jaxalign.ops import masked_count, masked_mean, masked_sum, select
 
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 ImportanceLevel = Literal["token", "sequence", "sequence_token"]
@@ -36,9 +36,9 @@ def _per_sequence_terms(
     per_token: jax.Array, mask: jax.Array, loss_agg: LossAgg, max_length: int | None
 ) -> jax.Array:
     """Each example's additive share of `loss_sum` under `loss_agg`: float32 [B]."""
-    token_sums = jnp.sum(per_token * mask, axis=-1)  # [B]
+    token_sums = masked_sum(per_token, mask, axis=-1)  # [B]
     if loss_agg == "seq_mean_token_mean":
-        return token_sums / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        return token_sums / jnp.maximum(masked_count(mask, axis=-1), 1.0)
     if loss_agg == "seq_mean_token_sum_norm":
         return token_sums / max_length
     return token_sums
@@ -55,11 +55,10 @@ def grpo_denominator(
       loss_agg: the aggregation mode.
       where: optional [B]; rows with 0 are excluded (batch padding).
     """
-    mask = mask.astype(jnp.float32)
-    rows = jnp.ones(mask.shape[:1], jnp.float32) if where is None else where.astype(jnp.float32)
+    rows = jnp.ones(mask.shape[:1], bool) if where is None else where.astype(bool)
     if loss_agg == "token_mean":
-        return jnp.sum(mask * rows[:, None])
-    return jnp.sum(rows)
+        return masked_count(mask.astype(bool) & rows[:, None])
+    return masked_count(rows)
 
 
 def grpo_loss(
@@ -127,12 +126,14 @@ def grpo_loss(
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
 
-    rows = jnp.ones(logps.shape[:1], jnp.float32) if where is None else where.astype(jnp.float32)
-    mask = mask.astype(jnp.float32) * rows[:, None]  # [B,T]
-    logps = logps.astype(jnp.float32)
-    log_ratio = logps - old_logps.astype(jnp.float32)  # [B,T]
+    rows = jnp.ones(logps.shape[:1], bool) if where is None else where.astype(bool)
+    mask = mask.astype(bool) & rows[:, None]  # [B,T] bool: counted tokens of counted rows
+    # Select before exp: NaN/inf at masked positions or rows must reach neither loss nor gradient.
+    logps, old_logps = select(mask, logps.astype(jnp.float32)), select(mask, old_logps.astype(jnp.float32))
+    advantages = select(rows, advantages.astype(jnp.float32))  # [B]
+    log_ratio = logps - old_logps  # [B,T]
     if importance_level != "token":
-        seq_log_ratio = jnp.sum(log_ratio * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)  # [B]
+        seq_log_ratio = masked_mean(log_ratio, mask, axis=-1)  # [B]
         if importance_level == "sequence":
             log_ratio = jnp.broadcast_to(seq_log_ratio[:, None], log_ratio.shape)
         else:  # value of the sequence ratio, gradient through each token's own log-prob
@@ -142,7 +143,7 @@ def grpo_loss(
     per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
     kl = jnp.zeros_like(per_token)
     if ref_logps is not None:
-        kl = kl_penalty(logps, ref_logps, kind=kl_kind)  # [B,T]
+        kl = kl_penalty(logps, select(mask, ref_logps.astype(jnp.float32)), kind=kl_kind)  # [B,T]
         if beta:
             per_token = per_token + beta * kl
 

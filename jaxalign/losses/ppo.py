@@ -11,7 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxalign.losses._masked import masked_mean
+from jaxalign.ops import masked_count, masked_mean, masked_sum, select
 
 
 def ppo_policy_loss(
@@ -29,7 +29,7 @@ def ppo_policy_loss(
       logps: float [B, T] log-probs of the taken tokens under the policy being optimised.
       old_logps: float [B, T] the same under the policy that sampled them (constants).
       advantages: float [B, T] per-token advantages (e.g. whitened GAE).
-      mask: [B, T] 1.0 on response tokens.
+      mask: [B, T] 1.0 on response tokens (selected: padding may hold anything, NaN included).
       clip_eps: ε.
 
     Returns:
@@ -38,21 +38,22 @@ def ppo_policy_loss(
       estimator), `ratio` (mean ρ).
 
     Raises:
-      ValueError: clip_eps <= 0 or mismatched shapes.
+      AssertionError: (chex) mismatched ranks or shapes.
+      ValueError: clip_eps <= 0.
     """
     chex.assert_rank(logps, 2)
     chex.assert_equal_shape((logps, old_logps, advantages, mask))
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be positive, got {clip_eps}")
-    mask = mask.astype(jnp.float32)
-    log_ratio = logps.astype(jnp.float32) - old_logps.astype(jnp.float32)  # [B,T]
+    # Select before exp: NaN/inf at masked positions must reach neither the loss nor its gradient.
+    logps, old_logps, advantages = (select(mask, x.astype(jnp.float32)) for x in (logps, old_logps, advantages))
+    log_ratio = logps - old_logps  # [B,T]
     ratio = jnp.exp(log_ratio)
-    advantages = advantages.astype(jnp.float32)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     per_token = jnp.maximum(unclipped, clipped)  # [B,T]
-    loss_sum = jnp.sum(per_token * mask)
-    num_tokens = jnp.sum(mask)
+    loss_sum = masked_sum(per_token, mask)
+    num_tokens = masked_count(mask)
     loss = loss_sum / jnp.maximum(num_tokens, 1.0)
     return loss, {
         "loss": loss,
@@ -87,19 +88,19 @@ def ppo_value_loss(
       (tokens where the clipped error was the larger one).
 
     Raises:
-      ValueError: clip_eps <= 0 or mismatched shapes.
+      AssertionError: (chex) mismatched ranks or shapes.
+      ValueError: clip_eps <= 0.
     """
     chex.assert_rank(values, 2)
     chex.assert_equal_shape((values, old_values, returns, mask))
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be positive, got {clip_eps}")
-    mask = mask.astype(jnp.float32)
-    values, old_values, returns = (x.astype(jnp.float32) for x in (values, old_values, returns))
+    values, old_values, returns = (select(mask, x.astype(jnp.float32)) for x in (values, old_values, returns))
     clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
     err, err_clipped = jnp.square(values - returns), jnp.square(clipped_values - returns)
     per_token = 0.5 * jnp.maximum(err, err_clipped)  # [B,T]
-    loss_sum = jnp.sum(per_token * mask)
-    num_tokens = jnp.sum(mask)
+    loss_sum = masked_sum(per_token, mask)
+    num_tokens = masked_count(mask)
     loss = loss_sum / jnp.maximum(num_tokens, 1.0)
     return loss, {
         "loss": loss,

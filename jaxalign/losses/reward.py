@@ -15,7 +15,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxalign.losses._masked import masked_mean
+from jaxalign.ops import masked_mean, select
 
 
 def pairwise_reward_loss(
@@ -42,14 +42,17 @@ def pairwise_reward_loss(
       (means).
 
     Raises:
-      ValueError: center_coef < 0, or shapes that are not two equal [B] vectors.
+      AssertionError: (chex) inputs that are not two equal-shaped [B] vectors.
+      ValueError: center_coef < 0.
     """
     chex.assert_rank((chosen_rewards, rejected_rewards), 1)
     chex.assert_equal_shape((chosen_rewards, rejected_rewards))
     if center_coef < 0:
         raise ValueError(f"center_coef must be >= 0, got {center_coef}")
-    chosen = chosen_rewards.astype(jnp.float32)
-    rejected = rejected_rewards.astype(jnp.float32)
+    # Padding pairs (where == 0) are selected to 0 first, so NaN there reaches no loss or gradient.
+    keep = jnp.ones(chosen_rewards.shape, bool) if where is None else where
+    chosen = select(keep, chosen_rewards.astype(jnp.float32))
+    rejected = select(keep, rejected_rewards.astype(jnp.float32))
     diff = chosen - rejected  # [B]
     logits = diff if margin is None else diff - jnp.asarray(margin, jnp.float32)
     per_pair = -jax.nn.log_sigmoid(logits)  # [B]

@@ -6,12 +6,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxalign.logprobs import _over_sequence_chunks
+from jaxalign.logprobs import _over_sequence_chunks, clamp_labels
+from jaxalign.ops import masked_count, masked_sum
 
 
 def _token_nll(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
     logits = logits.astype(jnp.float32)  # [B,t,V], fused into the reductions
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B,t]
+    labels = clamp_labels(labels, logits.shape[-1])  # -100 etc. read a real logit; masked later
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]  # [B,t]
     nll = lse - picked  # [B,t]
     if label_smoothing:
@@ -39,8 +41,10 @@ def sft_loss(
 
     Args:
       logits: [B, T, V] any float dtype; logits[:, t] predicts labels[:, t].
-      labels: int [B, T] next-token ids (already shifted: labels = tokens[:, 1:]).
-      mask: [B, T] float/bool, 1 on completion tokens that count, 0 elsewhere.
+      labels: int [B, T] next-token ids (already shifted: labels = tokens[:, 1:]); ids at masked
+        positions may be anything (e.g. Hugging Face's -100).
+      mask: [B, T] float/bool, 1 on completion tokens that count, 0 elsewhere (selected, so
+        NaN/inf logits or out-of-range labels at masked positions cannot leak).
       label_smoothing: ε in [0, 1).
       chunk_size: optional sequence chunking (see `jaxalign.logprobs.token_logps`).
 
@@ -50,22 +54,22 @@ def sft_loss(
       micro-batches can form a true token mean, and `token_accuracy` (argmax == label).
 
     Raises:
-      ValueError: mismatched shapes, or label_smoothing outside [0, 1).
+      AssertionError: (chex) mismatched ranks or shapes.
+      ValueError: label_smoothing outside [0, 1).
     """
     chex.assert_rank(logits, 3)
     chex.assert_equal_shape((labels, mask))
     chex.assert_equal_shape_prefix((logits, labels), 2)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    mask = mask.astype(jnp.float32)
     nll = _over_sequence_chunks(
         lambda z, y: _token_nll(z, y, label_smoothing), chunk_size, logits, labels
     )  # [B,T]
-    loss_sum = jnp.sum(nll * mask)
-    num_tokens = jnp.sum(mask)
+    loss_sum = masked_sum(nll, mask)
+    num_tokens = masked_count(mask)
     loss = loss_sum / jnp.maximum(num_tokens, 1.0)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)  # [B,T]
-    accuracy = jnp.sum(correct * mask) / jnp.maximum(num_tokens, 1.0)
+    accuracy = masked_sum(correct, mask) / jnp.maximum(num_tokens, 1.0)
     return loss, {
         "loss": loss,
         "loss_sum": loss_sum,

@@ -19,7 +19,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxalign.advantages import last_token_index
+from jaxalign.ops import last_token_index, masked_mean
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward, init_params
 
@@ -103,8 +103,7 @@ def pool_scores(
         last = jnp.maximum(last_token_index(mask), 0)  # [B]
         return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
     if pool == "mean":
-        m = mask.astype(jnp.float32)
-        return jnp.sum(scores * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+        return masked_mean(scores, mask, axis=1)
     raise ValueError(f"pool must be 'last' or 'mean', got {pool!r}")
 
 

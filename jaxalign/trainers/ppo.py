@@ -18,7 +18,7 @@ import optax
 
 from jaxalign.advantages import explained_variance
 from jaxalign.logprobs import entropy, token_logps
-from jaxalign.losses._masked import masked_mean
+from jaxalign.ops import masked_mean
 from jaxalign.losses.ppo import ppo_policy_loss, ppo_value_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.rollout import Critic, PPORollout, policy_and_values

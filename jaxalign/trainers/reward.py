@@ -19,6 +19,7 @@ import optax
 from jaxalign.losses.reward import pairwise_reward_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.heads import sequence_scores
+from jaxalign.ops import masked_count, masked_sum, select
 from jaxalign.trainers.state import Batch, Metrics, make_train_step
 
 if TYPE_CHECKING:
@@ -95,13 +96,13 @@ def make_reward_eval_step(config: TransformerConfig, *, pool: Literal["last", "m
     @jax.jit
     def eval_step(params, batch):
         chosen, rejected = pair_scores(params, config, batch, pool=pool)
-        real = (jnp.sum(batch["chosen_mask"], axis=-1) > 0).astype(jnp.float32)  # [B]
-        diff = chosen - rejected
+        real = jnp.sum(batch["chosen_mask"], axis=-1) > 0  # [B]: padding pairs have empty masks
+        diff = select(real, chosen - rejected)
         return {
-            "pairs": jnp.sum(real),
-            "correct": jnp.sum((diff > 0) * real),
-            "margin_sum": jnp.sum(diff * real),
-            "loss_sum": jnp.sum(-jax.nn.log_sigmoid(diff) * real),
+            "pairs": masked_count(real),
+            "correct": masked_count(real & (diff > 0)),
+            "margin_sum": masked_sum(diff, real),
+            "loss_sum": masked_sum(-jax.nn.log_sigmoid(diff), real),
         }
 
     return eval_step

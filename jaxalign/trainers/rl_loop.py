@@ -25,6 +25,7 @@ from jaxalign.checkpoint import save_checkpoint
 from jaxalign.decoding import generate
 from jaxalign.metrics import MetricsWriter
 from jaxalign.models.config import TransformerConfig
+from jaxalign.ops import masked_sum
 from jaxalign.rollout import _jitted_completion_logps, decode_completions, grpo_rollout
 from jaxalign.trainers.state import TrainState
 
@@ -115,7 +116,7 @@ def evaluate_policy(
         ref_logps = _jitted_completion_logps(config)(
             ref_params, prompt_tokens=prompts, prompt_mask=masks, completion_tokens=gen.tokens
         )  # [B·S,N]
-        kl = np.asarray(jnp.sum((gen.model_logps - ref_logps) * gen.mask, axis=-1), np.float32)
+        kl = np.asarray(masked_sum(gen.model_logps - ref_logps, gen.mask, axis=-1), np.float32)
     return PolicySamples(completions, rewards, kl, np.asarray(tokens), np.asarray(lengths))
 
 

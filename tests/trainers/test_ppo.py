@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import jaxalign.data as jd
-from jaxalign.advantages import gae, masked_whiten
+from jaxalign.advantages import gae
+from jaxalign.ops import masked_whiten
 from jaxalign.models import get_config, init_params, init_scalar_model, sequence_scores
 from jaxalign.models.heads import apply_scalar_head
 from jaxalign.optim import OptimConfig, make_optimizer

@@ -26,6 +26,8 @@ from jaxalign.data.datasets import (
     sft_view,
     split_transcripts,
     stack_exchange_prompt,
+    train_val_split,
+    val_split_size,
 )
 from jaxalign.data.ranking import ranked_pairs
 from jaxalign.data.gsm8k import R1_TEMPLATE, gsm8k_final_answer, load_gsm8k, r1_completion, r1_prompt
@@ -77,5 +79,7 @@ __all__ = [
     "tokenize_preference",
     "tokenize_prompt_completion",
     "tokenize_sft",
+    "train_val_split",
+    "val_split_size",
     "with_reference_logps",
 ]

@@ -10,10 +10,14 @@ nothing is written next to read-only data.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import gzip
+import itertools
+import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,8 @@ __all__ = [
     "load_preference_dataset",
     "sft_view",
     "split_transcripts",
+    "val_split_size",
+    "train_val_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +62,10 @@ Batch = dict[str, list[Any]]
 def load_records(source: str | os.PathLike, *, split: str = "train") -> datasets.Dataset:
     """Load raw rows from a local file or the Hugging Face Hub, columns as stored.
 
+    Every loader of ``jaxalign.data`` reads through this function, so a file that ``datasets``
+    cannot read is reported the same way everywhere: ``datasets.load_dataset`` runs first and,
+    only if it fails, the file is examined to say where (``_explain_load_failure``).
+
     Args:
         source: a local file ending in ``.json`` (a JSON list or JSON Lines), ``.jsonl``,
             ``.json.gz``, ``.jsonl.gz`` or ``.parquet``; otherwise anything that
@@ -65,26 +75,124 @@ def load_records(source: str | os.PathLike, *, split: str = "train") -> datasets
 
     Raises:
         FileNotFoundError: if ``source`` ends in a supported file suffix but is not a file.
-        ValueError: if ``source`` is an existing file of an unsupported type.
+        ValueError: if ``source`` is an existing file of an unsupported type; if it holds no rows
+            (``"{source}: is empty ..."``: a 0-byte or blank file, ``[]``, a split with no rows);
+            or if ``datasets`` cannot read it: ``"{source}: line {n}: not valid JSON (...)"``
+            for a JSON Lines file (the first line, 1-based, that ``json.loads`` refuses) or a
+            truncated / malformed JSON list, ``"{source}: not a readable gzip file (...)"``, or
+            otherwise ``"{source}: datasets could not read it as {builder}: {cause}"``.
         Whatever ``datasets.load_dataset`` raises for an unknown or unreachable Hub id.
 
     Returns:
         A ``datasets.Dataset`` (cached by ``datasets`` under its own cache directory, never
-        next to ``source``).
+        next to ``source``) with at least one row.
     """
     path = Path(source)
     builder = _file_builder(path)
     if builder is not None:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {source}")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    if path.is_file():
+    elif path.is_file():
         raise ValueError(
             f"unsupported data file {source}: expected one of {', '.join(_FILE_BUILDERS)}"
         )
-    # Not a data file: a Hub id or a dataset folder. Hub ids may contain dots ("org/name-2.5"),
-    # so any suffix other than the data-file ones above is not taken as a file name.
-    return datasets.load_dataset(os.fspath(source), split=split)
+    # builder None: not a data file but a Hub id or a dataset folder. Hub ids may contain dots
+    # ("org/name-2.5"), so any suffix other than the data-file ones above is not a file name.
+    dataset = _load_dataset(source, builder, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{os.fspath(source)}: is empty (no rows)")
+    return dataset
+
+
+# What `datasets.load_dataset` raises for data it cannot read: DatasetGenerationError (a
+# DatasetBuildError) wrapping the parser's error, ValueError('Instruction "train" corresponds to
+# no data!') for an empty list, StopIteration for a 0-byte JSON file, OSError / EOFError from a
+# broken gzip stream. (DatasetNotFoundError, a FileNotFoundError, is not caught for Hub ids.)
+_LOAD_ERRORS = (datasets.exceptions.DatasetBuildError, ValueError, StopIteration, EOFError)
+
+
+def _load_dataset(source: str | os.PathLike, builder: str | None, split: str) -> datasets.Dataset:
+    """``datasets.load_dataset`` for a data file (``builder`` given) or a Hub id / folder, its
+    read errors re-raised as ``ValueError`` naming ``source`` (and the line, where one is to blame).
+    """
+    try:
+        if builder is None:
+            return datasets.load_dataset(os.fspath(source), split=split)
+        return datasets.load_dataset(builder, data_files=os.fspath(source), split="train")
+    except (*_LOAD_ERRORS, *(() if builder is None else (OSError,))) as err:
+        raise ValueError(_explain_load_failure(source, builder, err)) from err
+
+
+def _error_cause(err: BaseException) -> str:
+    """``"Type: message"`` of the parser error that ``datasets`` wrapped (or of ``err`` itself)."""
+    if isinstance(err, datasets.exceptions.DatasetBuildError):
+        err = err.__cause__ or err.__context__ or err
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _explain_load_failure(source: str | os.PathLike, builder: str | None, err: BaseException) -> str:
+    """The message for a ``datasets.load_dataset`` failure: ``"{source}: ..."`` with what is wrong.
+
+    Runs only after ``datasets`` has failed, so a readable file is never parsed twice.
+    """
+    label = os.fspath(source)
+    if builder == "json" and (problem := _json_problem(Path(source))) is not None:
+        return f"{label}: {problem}"
+    if builder is not None and Path(source).stat().st_size == 0:
+        return f"{label}: is empty (0 bytes)"
+    if isinstance(err, ValueError) and "corresponds to no data" in str(err):
+        return f"{label}: is empty (no rows)"
+    return f"{label}: datasets could not read it as {builder or 'a dataset'}: {_error_cause(err)}"
+
+
+def _json_problem(path: Path) -> str | None:
+    """What makes a JSON / JSON Lines file unreadable (``None`` if nothing is found here).
+
+    Mirrors how ``datasets``' json builder tells the two apart: a document starting with ``[``
+    (after a UTF-8 BOM) is one JSON list, anything else JSON Lines. Line numbers are 1-based.
+    """
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        return f"not a readable gzip file ({err})" if compressed else f"cannot be read ({err})"
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    if not raw.strip():
+        return "is empty (no JSON rows)"
+    if raw.startswith(b"["):
+        try:
+            text = raw.decode("utf-8")
+            rows = json.loads(text)
+        except UnicodeDecodeError as err:
+            return f"not UTF-8 text ({err})"
+        except json.JSONDecodeError as err:
+            unclosed = err.msg.startswith("Unterminated") or err.pos >= len(text.rstrip())
+            return (
+                f"line {err.lineno}, column {err.colno}: not valid JSON "
+                f"({err.msg.removesuffix(' starting at')})"
+                + ("; the file ends inside the JSON list (truncated?)" if unclosed else "")
+            )
+        return "is empty (an empty JSON list)" if rows == [] else None
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            return f"line {number}: not UTF-8 text ({err})"
+        except json.JSONDecodeError as err:
+            return (
+                f"line {number}: not valid JSON "
+                f"({err.msg.removesuffix(' starting at')} at column {err.colno})"
+            )
+        if not isinstance(value, dict):
+            return f"line {number}: a JSON {type(value).__name__}, not an object (one row per line)"
+    return None
 
 
 def _file_builder(path: Path) -> str | None:
@@ -173,11 +281,15 @@ class _Format:
     """A row format: its required columns (with their checks) and a batched conversion.
 
     ``convert`` maps a batch of input columns (lists) to the output columns (lists of str).
+    ``row_problems``, if set, checks what involves several fields of a row: given the required
+    columns (lists), it yields ``(row, field, problem)`` for rows whose fields each passed their
+    own check but that ``convert`` could not convert.
     """
 
     required: Mapping[str, Callable[[Any], str | None]]
     convert: Callable[[Batch], Batch]
     optional: tuple[str, ...] = ()
+    row_problems: Callable[[Batch], Iterable[tuple[int, str, str]]] | None = None
 
     @property
     def description(self) -> str:
@@ -199,23 +311,53 @@ def _alpaca_prompts(batch: Batch) -> list[str]:
 _HH_ASSISTANT = "\n\nAssistant:"
 
 
+def _transcript_cut(chosen: str, rejected: str) -> int:
+    """Where the last ``"\n\nAssistant:"`` header lying wholly in the shared prefix ends; -1 if none."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(_HH_ASSISTANT, 0, n)
+    return -1 if cut < 0 else cut + len(_HH_ASSISTANT)
+
+
+def _transcript_problem(chosen: str, rejected: str) -> tuple[str, str]:
+    """``(field, problem)`` saying why two transcripts share no assistant turn."""
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        if _HH_ASSISTANT not in text:
+            return field, (
+                f"has no {_HH_ASSISTANT!r} turn, so the transcripts share no turn to split at: "
+                f"{text[:60]!r}"
+            )
+    n = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+    return "rejected", (
+        f"differs from 'chosen' before their first {_HH_ASSISTANT!r} turn, so the transcripts "
+        f"share no turn to split at (from character {n}: {chosen[n:n + 30]!r} / "
+        f"{rejected[n:n + 30]!r})"
+    )
+
+
 def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Anthropic HH-RLHF rows hold two whole transcripts that share every turn but the last
     assistant reply: ``(prompt, chosen_reply, rejected_reply)``, the prompt running up to and
     including the last ``"\n\nAssistant:"`` header they share (TRL's hh-rlhf preprocessing).
 
     Raises:
-        ValueError: the transcripts share no ``"\n\nAssistant:"`` turn.
+        ValueError: the transcripts share no ``"\n\nAssistant:"`` turn (``"field 'chosen' has no
+            ... turn, ..."``, or ``"field 'rejected' differs from 'chosen' before ..."``).
     """
-    n = 0
-    limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
-    cut = chosen.rfind(_HH_ASSISTANT, 0, n)  # the last header lying wholly in the shared prefix
-    if cut < 0:
-        raise ValueError(f"transcripts share no {_HH_ASSISTANT!r} turn: {chosen[:60]!r} / {rejected[:60]!r}")
-    end = cut + len(_HH_ASSISTANT)
+    end = _transcript_cut(chosen, rejected)
+    if end < 0:
+        field, problem = _transcript_problem(chosen, rejected)
+        raise ValueError(f"field {field!r} {problem}")
     return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _transcript_row_problems(columns: Batch) -> Iterable[tuple[int, str, str]]:
+    """``(row, field, problem)`` for each HH-RLHF row whose transcripts share no assistant turn."""
+    for row, (chosen, rejected) in enumerate(zip(columns["chosen"], columns["rejected"])):
+        if isinstance(chosen, str) and isinstance(rejected, str) and _transcript_cut(chosen, rejected) < 0:
+            yield (row, *_transcript_problem(chosen, rejected))
 
 
 def _split_transcripts(batch: Batch) -> Batch:
@@ -267,6 +409,7 @@ _PREFERENCE_FORMATS = (
     _Format(  # Anthropic/hh-rlhf: two whole transcripts, split at the last shared assistant turn
         required=_texts("chosen", "rejected"),
         convert=_split_transcripts,
+        row_problems=_transcript_row_problems,
     ),
 )
 
@@ -295,14 +438,17 @@ def _validate(dataset: datasets.Dataset, fmt: _Format, label: str) -> None:
 
     Raises:
         ValueError: ``"{label}: row {i}: field '{field}' {problem}"`` for the first bad row
-            (lowest row index; ties broken by the format's field order).
+            (lowest row index; ties broken by the format's field order, then ``row_problems``).
     """
     columns = dataset.select_columns(list(fmt.required)).to_dict()
-    problems = (
-        (row, field, problem)
-        for field, check in fmt.required.items()
-        for row, value in enumerate(columns[field])
-        if (problem := check(value)) is not None
+    problems = itertools.chain(
+        (
+            (row, field, problem)
+            for field, check in fmt.required.items()
+            for row, value in enumerate(columns[field])
+            if (problem := check(value)) is not None
+        ),
+        fmt.row_problems(columns) if fmt.row_problems is not None else (),
     )
     first = min(problems, default=None, key=lambda p: p[0])
     if first is not None:
@@ -349,8 +495,9 @@ def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> data
 
     Raises:
         FileNotFoundError: for a missing local data file.
-        ValueError: for an unrecognised column set (names the columns found and the formats
-            accepted), or a row whose required field is missing, not a string, empty or blank
+        ValueError: an unreadable or empty ``source`` (see ``load_records``); an unrecognised
+            column set (names the columns found and the formats accepted); or a row whose
+            required field is missing, not a string, empty or blank
             (``"{source}: row {i}: field '{field}' is empty"``).
 
     Returns:
@@ -382,8 +529,11 @@ def load_preference_dataset(
 
     Raises:
         FileNotFoundError: for a missing local data file.
-        ValueError: for an unrecognised column set, or a missing / non-string / blank required
-            field (message names the source, the 0-based row in the source and the field).
+        ValueError: an unreadable or empty ``source`` (see ``load_records``); an unrecognised
+            column set; a missing / non-string / blank required field, or hh-rlhf transcripts
+            that share no ``"\n\nAssistant:"`` turn (the message names the source, the 0-based
+            row in the source and the field); or every pair having ``chosen == rejected``
+            (``"{source}: all {n} pairs have chosen == rejected ..."``).
 
     Returns:
         A ``datasets.Dataset`` with exactly the string columns ``prompt``, ``chosen``,
@@ -399,6 +549,11 @@ def load_preference_dataset(
         keep_in_memory=True,
         desc="drop chosen == rejected",
     )
+    if len(distinct) == 0:
+        raise ValueError(
+            f"{os.fspath(source)}: all {len(dataset)} pairs have chosen == rejected (no preference "
+            "signal); nothing is left to train on"
+        )
     if (dropped := len(dataset) - len(distinct)) > 0:
         logger.warning(
             "%s: dropped %d of %d pairs whose chosen == rejected (no preference signal)",
@@ -422,3 +577,73 @@ def sft_view(preference: datasets.Dataset) -> datasets.Dataset:
         A ``datasets.Dataset`` with columns ``prompt`` and ``completion`` (= ``chosen``).
     """
     return preference.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+
+
+def val_split_size(
+    num_rows: int, val_fraction: float, *, source: str | os.PathLike, flag: str = "--val-fraction"
+) -> int:
+    """Rows to hold out for validation: ``max(1, round(num_rows * val_fraction))``, checked so
+    that both the training and the validation part keep at least one row.
+
+    Call it before any model is built; pass the result to ``Dataset.train_test_split`` as an
+    integer ``test_size`` (a float one rounds differently: ``ceil`` for the test part).
+
+    Args:
+        num_rows: rows in the data set being split (after any ``--max-examples`` cut).
+        val_fraction: the held-out share, in (0, 1).
+        source: the data file (or a description of the data), named in the message.
+        flag: the command-line flag that set ``val_fraction``, named in the message.
+
+    Raises:
+        ValueError: ``val_fraction`` outside (0, 1), or too few rows to keep one on each side
+            (``"{source}: 1 row is too few to hold out --val-fraction 0.1 for validation ..."``).
+
+    Returns:
+        The number of validation rows, in ``[1, num_rows - 1]``.
+    """
+    label = os.fspath(source)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"{label}: {flag} {val_fraction} must be in (0, 1)")
+    def held_out(n: int) -> int:
+        return max(1, round(n * val_fraction))
+
+    n_val = held_out(num_rows)
+    if num_rows - n_val < 1:
+        # the smallest row count leaving one to train on: n (1 - fraction) reaches about 1/2
+        start = max(2, int(0.5 / (1.0 - val_fraction)) - 2)
+        need = next(n for n in itertools.count(start) if n - held_out(n) >= 1)
+        rows = f"{num_rows} row" + ("" if num_rows == 1 else "s")
+        raise ValueError(
+            f"{label}: {rows} {'is' if num_rows == 1 else 'are'} too few to hold out {flag} "
+            f"{val_fraction} for validation ({n_val} held out would leave {num_rows - n_val} to "
+            f"train on); it needs at least {need} rows"
+        )
+    return n_val
+
+
+def train_val_split(
+    dataset: datasets.Dataset,
+    val_fraction: float,
+    *,
+    seed: int,
+    source: str | os.PathLike,
+    flag: str = "--val-fraction",
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Shuffle and split ``dataset`` into ``(train, val)``, ``val_split_size`` rows held out.
+
+    Args:
+        dataset: the rows to split.
+        val_fraction: the held-out share, in (0, 1).
+        seed: the shuffle seed.
+        source: the data file (or a description of the data), named in error messages.
+        flag: the command-line flag that set ``val_fraction``, named in error messages.
+
+    Raises:
+        ValueError: as ``val_split_size`` (before anything is split).
+
+    Returns:
+        ``(train, val)``, each with at least one row.
+    """
+    n_val = val_split_size(len(dataset), val_fraction, source=source, flag=flag)
+    parts = dataset.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]

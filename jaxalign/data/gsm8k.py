@@ -97,9 +97,11 @@ def load_gsm8k(
 
     Raises:
         FileNotFoundError: for a missing local data file.
-        ValueError: for columns other than `question`, `answer`, or a row whose `question` or
-            `answer` is missing, not a string or blank, or whose `answer` does not end in
-            `#### <number>` (`"{source}: row {i}: field 'answer' does not end in ..."`).
+        ValueError: an unreadable or empty `source` (`"{source}: line {n}: not valid JSON ..."`,
+            `"{source}: is empty ..."`: see `load_records`), columns other than `question`,
+            `answer`, or a row whose `question` or `answer` is missing, not a string or blank,
+            or whose `answer` does not end in `#### <number>`
+            (`"{source}: row {i}: field 'answer' does not end in ..."`).
 
     Returns:
         A `datasets.Dataset` with the string columns `prompt`, `question`, `reasoning`, `answer`

@@ -209,3 +209,144 @@ def test_unsupported_existing_file(tmp_path):
     path.write_text("prompt,completion\np,c\n")
     with pytest.raises(ValueError, match="unsupported data file"):
         load_records(path)
+
+
+# ------------------------------------------------------- unreadable files (issue 13, item 7)
+
+SFT_ROW = {"instruction": "a", "input": "", "output": "b"}
+
+
+@pytest.mark.parametrize("loader", [load_sft_dataset, load_preference_dataset, load_records])
+@pytest.mark.parametrize(
+    ("name", "content", "why"),
+    [
+        ("empty-list.json", "[]", "is empty (an empty JSON list)"),
+        ("zero-bytes.json", "", "is empty (no JSON rows)"),
+        ("blank.jsonl", "\n  \n", "is empty (no JSON rows)"),
+    ],
+)
+def test_empty_file_is_refused_naming_it(tmp_path, loader, name, content, why):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        loader(path)
+    assert str(err.value) == f"{path}: {why}"
+
+
+def test_truncated_json_list_names_file_line_and_column(tmp_path):
+    path = tmp_path / "instruction-data.json"
+    text = json.dumps([SFT_ROW] * 3, indent=1)
+    path.write_text(text[: text.rindex('"output"') + 5])  # cut inside the last row's key
+    last_line = path.read_text().count("\n") + 1
+    with pytest.raises(ValueError) as err:
+        load_sft_dataset(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: line {last_line}, column 3: not valid JSON (")
+    assert message.endswith("the file ends inside the JSON list (truncated?)")
+
+
+def test_malformed_json_list_names_the_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[{"prompt": "p", "completion": "c"},\n {"prompt": "p" "completion": "c"}]')
+    with pytest.raises(ValueError, match=rf"^{path}: line 2, column 17: not valid JSON \(Expecting ',' delimiter\)$"):
+        load_sft_dataset(path)
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.jsonl.gz"])
+def test_jsonl_with_one_broken_line_names_that_line(tmp_path, name):
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 4
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2][:-9]  # a line cut short: '{"prompt": "p", "chosen": "c", "rejected"'
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    with pytest.raises(ValueError) as err:
+        load_preference_dataset(path)
+    assert str(err.value).startswith(f"{path}: line 3: not valid JSON (")
+
+
+def test_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps(SFT_ROW) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"^{path}: line 2: a JSON list, not an object"):
+        load_sft_dataset(path)
+
+
+def test_truncated_gzip_is_named(tmp_path):
+    path = tmp_path / "hh.jsonl.gz"
+    path.write_bytes(gzip.compress((json.dumps({"chosen": "a", "rejected": "b"}) + "\n").encode() * 50)[:30])
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable gzip file \("):
+        load_preference_dataset(path)
+
+
+def test_unreadable_parquet_is_named(tmp_path):
+    path = tmp_path / "sft.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=rf"^{path}: datasets could not read it as parquet: "):
+        load_sft_dataset(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^{path}: is empty \(0 bytes\)$"):
+        load_sft_dataset(path)
+
+
+def test_readable_files_take_datasets_path_only(tmp_path, monkeypatch):
+    # the diagnosis runs only after datasets failed: a good file is never parsed by json here
+    import jaxalign.data.datasets as module
+
+    monkeypatch.setattr(module, "_json_problem", lambda path: pytest.fail("diagnosed a good file"))
+    path = write_jsonl(tmp_path / "ok.jsonl", [SFT_ROW])
+    assert len(load_sft_dataset(path)) == 1
+
+
+# ------------------------------------------------------------ HH-RLHF and degenerate pairs
+
+
+def test_hh_rows_sharing_no_assistant_turn_name_file_row_and_field(tmp_path):
+    h = "\n\nHuman: Hi\n\nAssistant:"
+    rows = [
+        {"chosen": h + " Sure.", "rejected": h + " No."},
+        {"chosen": h + " Sure.", "rejected": h + " No."},
+        {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: z\n\nAssistant: w"},
+    ]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"^{path}: row 2: field 'rejected' differs from 'chosen' before their first '\\n\\nAssistant:' turn, so the transcripts share no turn to split at \(from character 9: "):
+        load_preference_dataset(path)
+    rows[1] = {"chosen": "\n\nHuman: no reply", "rejected": h + " No."}
+    path = write_jsonl(tmp_path / "hh2.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"^{path}: row 1: field 'chosen' has no '\\n\\nAssistant:' turn"):
+        load_preference_dataset(path)
+    with pytest.raises(ValueError, match=r"^field 'chosen' has no"):
+        split_transcripts("\n\nHuman: a", h + " b")
+
+
+def test_all_pairs_identical_is_refused_naming_file_and_count(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "same", "rejected": "same"} for i in range(5)]
+    path = write_json_list(tmp_path / "pref.json", rows)
+    with pytest.raises(ValueError) as err:
+        load_preference_dataset(path)
+    assert str(err.value) == (
+        f"{path}: all 5 pairs have chosen == rejected (no preference signal); nothing is left to train on"
+    )
+
+
+def test_val_split_needs_a_row_on_each_side(tmp_path):
+    from jaxalign.data import train_val_split, val_split_size
+
+    path = write_json_list(tmp_path / "one.json", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    ds = load_preference_dataset(path)
+    with pytest.raises(ValueError) as err:
+        train_val_split(ds, 0.1, seed=0, source=path)
+    assert str(err.value) == (
+        f"{path}: 1 row is too few to hold out --val-fraction 0.1 for validation (1 held out would "
+        "leave 0 to train on); it needs at least 2 rows"
+    )
+    with pytest.raises(ValueError, match=rf"^{path}: --val-fraction 1.0 must be in \(0, 1\)$"):
+        val_split_size(10, 1.0, source=path)
+    with pytest.raises(ValueError, match=r"^synthetic: --rm-val 0 must be in"):
+        val_split_size(10, 0, source="synthetic", flag="--rm-val")
+    with pytest.raises(ValueError, match=rf"^{path}: 2 rows are too few to hold out --val-fraction 0.9 for validation \(2 held out would leave 0 to train on\); it needs at least 5 rows$"):
+        val_split_size(2, 0.9, source=path)  # round(1.8) = 2 held out, none left
+    assert val_split_size(2, 0.1, source=path) == 1 and val_split_size(400, 0.2, source=path) == 80
+    ds2 = datasets.Dataset.from_dict({"x": list(range(10))})
+    train, val = train_val_split(ds2, 0.2, seed=0, source="ten rows")
+    assert (len(train), len(val)) == (8, 2) and sorted([*train["x"], *val["x"]]) == list(range(10))

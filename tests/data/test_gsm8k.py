@@ -62,3 +62,20 @@ def test_r1_completion_has_the_template_format():
     completion = jd.r1_completion("48/2 = 24, 48 + 24 = 72", "72")
     assert format_reward([completion])[0] == 1.0
     assert str(extract_answer(completion)) == "72"
+
+
+# ------------------------------------------------------- unreadable files (issue 13, item 7)
+
+
+def test_unreadable_gsm8k_file_names_file_and_line(tmp_path):
+    # GSM8K goes through the same reader as the SFT / preference loaders (load_records)
+    good = json.dumps({"question": "What is 1+1?", "answer": "1+1=2\n#### 2"})
+    path = tmp_path / "train.jsonl"
+    path.write_text(f"{good}\n{good}\n{good[:20]}\n")
+    with pytest.raises(ValueError) as err:
+        jd.load_gsm8k(path)
+    assert str(err.value).startswith(f"{path}: line 3: not valid JSON (")
+    path.write_text("")
+    with pytest.raises(ValueError) as err:
+        jd.load_gsm8k(path)
+    assert str(err.value) == f"{path}: is empty (no JSON rows)"

@@ -48,11 +48,32 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
     )
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object read from `path`.
+
+    Raises:
+      ValueError: the file is not UTF-8, not valid JSON (the message names the file, the line and
+        the column), or holds something other than a JSON object.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: line {err.lineno}, column {err.colno}: not valid JSON "
+            f"({err.msg.removesuffix(' starting at')})"
+        ) from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: missing (every HF checkpoint has a config.json)")
-    return json.loads(config_path.read_text())
+    return _read_json(config_path)
 
 
 class _TorchUnpickler(pickle.Unpickler):
@@ -99,32 +120,85 @@ class _TorchUnpickler(pickle.Unpickler):
 
 
 def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    with zipfile.ZipFile(path) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-        prefix = pkl[: -len("/data.pkl")]
-        with archive.open(pkl) as f:
-            return dict(_TorchUnpickler(f, archive, prefix).load())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if pkl is None:
+                raise ValueError(f"{path}: no data.pkl in the zip archive (not a torch.save file)")
+            prefix = pkl[: -len("/data.pkl")]
+            with archive.open(pkl) as f:
+                return dict(_TorchUnpickler(f, archive, prefix).load())
+    except (zipfile.BadZipFile, EOFError, KeyError) as err:  # KeyError: a missing data/ record
+        raise ValueError(f"{path}: not a readable torch checkpoint (truncated?): {err}") from err
+    except (pickle.UnpicklingError, ValueError) as err:
+        if str(err).startswith(str(path)):
+            raise
+        detail = str(err).removeprefix("pytorch_model.bin: ").removeprefix("pytorch_model.bin ")
+        raise ValueError(f"{path}: {detail}") from err
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one .safetensors file; a truncated or malformed file raises ValueError."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such safetensors file")
+    try:
+        return safetensors.numpy.load_file(path)
+    except safetensors.SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated?): {err}") from err
+
+
+def check_finite(state: Mapping[str, np.ndarray], source: str | os.PathLike) -> None:
+    """Checks that every floating-point tensor of `state` holds only finite values.
+
+    One pass per tensor, with no temporary arrays: `min` and `max` propagate NaN and reach ±inf.
+
+    Raises:
+      ValueError: `"{source}: tensor '{name}' holds NaN or inf ..."` for the first bad tensor in
+        `state`'s order.
+    """
+    for name, value in state.items():
+        value = np.asarray(value)
+        if value.size == 0 or not np.issubdtype(value.dtype, np.inexact):
+            continue
+        if not (np.isfinite(value.min()) and np.isfinite(value.max())):
+            bad = ~np.isfinite(value)
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{source}: tensor {name!r} holds NaN or inf ({int(bad.sum())} of {value.size} "
+                f"values; first at index {first}: {value[first]})"
+            )
 
 
 def load_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads every tensor of a HF checkpoint directory as NumPy arrays (name -> array).
 
     Raises:
-      FileNotFoundError: none of model.safetensors, its index, or pytorch_model.bin is present.
+      FileNotFoundError: none of model.safetensors, its index, or pytorch_model.bin is present,
+        or a shard the index names is missing.
+      ValueError: a weight file (or the index) that cannot be read, e.g. a truncated
+        model.safetensors, or a tensor holding NaN or inf; the message names the file (and the
+        tensor, by its checkpoint name such as `transformer.h.0.attn.c_attn.weight`).
     """
     directory = Path(directory)
     if (directory / "model.safetensors").exists():
-        return safetensors.numpy.load_file(directory / "model.safetensors")
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, np.ndarray] = {}
-        for shard in shards:
-            state.update(safetensors.numpy.load_file(directory / shard))
+        files = [directory / "model.safetensors"]
+    elif (index := directory / "model.safetensors.index.json").exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: field 'weight_map' is missing or empty")
+        files = [directory / shard for shard in sorted(set(weight_map.values()))]
+    elif (directory / "pytorch_model.bin").exists():
+        state = _load_torch_bin(directory / "pytorch_model.bin")
+        check_finite(state, directory / "pytorch_model.bin")
         return state
-    if (directory / "pytorch_model.bin").exists():
-        return _load_torch_bin(directory / "pytorch_model.bin")
-    raise FileNotFoundError(f"{directory}: no weights found (looked for {', '.join(_WEIGHT_FILES)})")
+    else:
+        raise FileNotFoundError(f"{directory}: no weights found (looked for {', '.join(_WEIGHT_FILES)})")
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors = _load_safetensors(file)
+        check_finite(tensors, file)
+        state.update(tensors)
+    return state
 
 
 def _tensor_getter(state: Mapping[str, np.ndarray], prefix: str, config: TransformerConfig):
@@ -344,20 +418,43 @@ def load_hf_checkpoint(
 
     Raises:
       FileNotFoundError: missing directory, config.json or weights.
-      ValueError: unsupported model type / activation / RoPE scaling, or tensor shapes that
-        disagree with config.json.
+      ValueError: a config.json that is not valid JSON or lacks a field the model needs, or an
+        unsupported model type / activation / RoPE scaling (the message names config.json and
+        the field); an unreadable (e.g. truncated) weight file, or a tensor holding NaN or inf
+        (names the file and the tensor); tensor shapes that disagree with config.json.
       KeyError: a tensor the model needs is missing.
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     hf = _read_config(directory)
     model_type = hf.get("model_type", "gpt2")
     if model_type == "gpt2":
-        config = gpt2_config_from_hf(hf, **config_overrides)
+        config = _config_from_hf(gpt2_config_from_hf, hf, directory, config_overrides)
         return config, gpt2_params_from_state_dict(load_state_dict(directory), config)
     if model_type in _LLAMA_TYPES:
-        config = llama_config_from_hf(hf, **config_overrides)
+        config = _config_from_hf(llama_config_from_hf, hf, directory, config_overrides)
         return config, llama_params_from_state_dict(load_state_dict(directory), config)
     raise ValueError(
-        f"{directory}/config.json: model_type {model_type!r} is not supported "
+        f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
         f"(gpt2, {', '.join(_LLAMA_TYPES)})"
     )
+
+
+def _config_from_hf(
+    mapping, hf: Mapping[str, Any], directory: Path, overrides: Mapping[str, Any]
+) -> TransformerConfig:
+    """`mapping(hf, **overrides)`, its config.json errors re-raised naming the file's path.
+
+    Raises:
+      ValueError: `"{directory}/config.json: missing field 'n_embd' ..."`, or `mapping`'s own
+        "config.json: ..." refusals with the full path.
+    """
+    path = directory / "config.json"
+    try:
+        return mapping(hf, **overrides)
+    except KeyError as err:
+        model_type = hf.get("model_type", "gpt2")
+        raise ValueError(f"{path}: missing field {err.args[0]!r} (needed for {model_type})") from err
+    except ValueError as err:
+        if str(err).startswith("config.json: "):
+            raise ValueError(f"{path}: {str(err).removeprefix('config.json: ')}") from err
+        raise

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.config import TransformerConfig
+from jaxalign.models.hf import check_finite
 
 _HEADER = 7
 
@@ -42,6 +43,9 @@ def load_llama2c(path: str | os.PathLike, **config_overrides: Any) -> tuple[Tran
       FileNotFoundError: no such file.
       ValueError: a header with non-positive sizes, or a file whose length does not match the
         header (truncated, or not a legacy export); the message names the file and both sizes.
+        Or a tensor the model uses holding NaN or inf: `"{path}: tensor 'wq' holds NaN or inf
+        (... first at index (layer, row, column) ...)"` (llama2.c's tensor names, stacked over
+        layers; the unused RoPE tables are not checked).
     """
     path = Path(path)
     if not path.is_file():
@@ -102,6 +106,7 @@ def load_llama2c(path: str | os.PathLike, **config_overrides: Any) -> tuple[Tran
         size = int(np.prod(shape))
         tensors[name] = floats[offset : offset + size].reshape(shape)
         offset += size
+    check_finite({k: v for k, v in tensors.items() if not k.startswith("freq_cis")}, path)
     return config, _params_from_tensors(tensors, config)
 
 

@@ -24,8 +24,8 @@ class OptimConfig:
       learning_rate: peak learning rate, reached at the end of warm-up.
       init_learning_rate: learning rate at step 0 (linear warm-up starts here).
       end_learning_rate: learning rate after `total_steps` (cosine decay ends here).
-      warmup_steps: optimizer updates of linear warm-up.
-      total_steps: optimizer updates of the whole schedule (warm-up included).
+      warmup_steps: optimizer updates of linear warm-up (0, or fewer than `total_steps`).
+      total_steps: optimizer updates of the whole schedule (warm-up included); positive.
       weight_decay: decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101), applied
         to matmul kernels only: not to biases, norm scales or embeddings.
       b1, b2, eps: Adam moments and epsilon (Kingma & Ba 2015).
@@ -48,9 +48,13 @@ class OptimConfig:
     def __post_init__(self):
         if self.total_steps <= 0:
             raise ValueError(f"OptimConfig.total_steps must be positive, got {self.total_steps}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps > 0 and self.warmup_steps >= self.total_steps:
+            # optax.warmup_cosine_decay_schedule needs total_steps - warmup_steps > 0 decay steps
             raise ValueError(
-                f"OptimConfig.warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]"
+                f"OptimConfig.warmup_steps={self.warmup_steps} must be < total_steps="
+                f"{self.total_steps} (the cosine decay needs at least one step after warm-up)"
             )
         if self.grad_accum_steps < 1:
             raise ValueError(f"OptimConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")

@@ -67,3 +67,19 @@ def test_config_validation():
         OptimConfig(warmup_steps=20, total_steps=10)
     with pytest.raises(ValueError, match="grad_accum_steps"):
         OptimConfig(grad_accum_steps=0)
+
+
+def test_warmup_must_leave_decay_steps():
+    # optax.warmup_cosine_decay_schedule refuses total_steps - warmup_steps <= 0 only when the
+    # schedule is built; OptimConfig refuses it at construction, naming both values
+    for warmup in (10, 11):
+        with pytest.raises(ValueError) as err:
+            OptimConfig(warmup_steps=warmup, total_steps=10)
+        assert str(err.value) == (
+            f"OptimConfig.warmup_steps={warmup} must be < total_steps=10 "
+            "(the cosine decay needs at least one step after warm-up)"
+        )
+    with pytest.raises(ValueError, match=r"^OptimConfig.warmup_steps must be >= 0, got -1$"):
+        OptimConfig(warmup_steps=-1, total_steps=10)
+    for config in (OptimConfig(warmup_steps=0, total_steps=1), OptimConfig(warmup_steps=9, total_steps=10)):
+        make_optimizer(config)  # the schedule optax builds accepts both

@@ -78,7 +78,15 @@ def shuffle_words(text: str, seed: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Runs generation and the NLL comparison; prints both; returns them."""
+    """Runs generation and the NLL comparison; prints both; returns them.
+
+    Generates min(--max-new-tokens, context − prompt width) tokens.
+
+    Raises:
+      ValueError: a tokenizer with more ids than the model's vocabulary, or a --prompt that
+        leaves no room in the model's context ("--prompt[i] is N tokens (with BOS), the model's
+        context is M (config.max_seq_len of --model) ...", before any generation).
+    """
     cfg = tyro.cli(Config, args=argv)
     config, params = load_pretrained(cfg.model)
     tokenizer = jd.load_tokenizer(cfg.tokenizer)
@@ -86,6 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids, --model only {config.vocab_size}")
 
     tokens, mask = jd.collate_prompts(cfg.prompt, tokenizer)
+    if tokens.shape[1] >= config.max_seq_len:  # else max_new below would be <= 0
+        longest = int(np.argmax(mask.sum(axis=1)))
+        raise ValueError(
+            f"--prompt[{longest}] is {tokens.shape[1]} tokens (with BOS), the model's context is "
+            f"{config.max_seq_len} (config.max_seq_len of --model): shorten it to at most "
+            f"{config.max_seq_len - 1} tokens to leave room for a new one"
+        )
     max_new = min(cfg.max_new_tokens, config.max_seq_len - tokens.shape[1])
     gen = generate(
         params, config, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new,

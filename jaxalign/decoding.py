@@ -60,32 +60,81 @@ class SamplingState:
 def sampling_logits(
     logits: jax.Array, *, temperature: float, top_k: int | None = None, top_p: float | None = None
 ) -> jax.Array:
-    """Logits of the distribution to sample from: divided by temperature, then top-k and nucleus
-    (top-p, Holtzman et al. 2020, arXiv 1904.09751) filtering set excluded tokens to -inf.
+    """Logits of the distribution to sample from: divided by temperature, then top-k, then nucleus
+    (top-p, Holtzman et al. 2020, arXiv 1904.09751) filtering, which set excluded tokens to -inf.
+
+    Order and rules are Hugging Face's `TemperatureLogitsWarper`, `TopKLogitsWarper` and
+    `TopPLogitsWarper` with `min_tokens_to_keep=1` (transformers 5.24,
+    `generation/logits_process.py`; `GenerationMixin._get_logits_processor` applies them in this
+    order, top-p after top-k and renormalised over the top-k survivors, and skips top-p when
+    top_p >= 1). Kept sets are equal to HF's except among tied logits (below) and where a mass
+    lies within rounding of top_p; logits / temperature agree to 1 float32 ulp (XLA's division
+    by a constant is not always correctly rounded, torch's is).
+
+    Top-k keeps every token whose logit is >= the k-th largest: ties at the k-th value are all
+    kept (HF removes `scores < topk(scores, k)[..., -1]`), so more than k may remain; k >= V keeps
+    all.
+
+    Top-p keeps the smallest prefix of the tokens sorted by decreasing probability whose mass
+    reaches top_p: a token is kept iff the probability mass strictly before it in that order is
+    < top_p, so the most likely token is always kept (HF's `min_tokens_to_keep=1`). Ties: equal
+    logits are ordered by vocabulary id, lower id first (a stable sort), so a cut inside a run of
+    equal logits keeps the lower ids. HF keeps as many of them, but which ones follows
+    `torch.sort`, whose order of equal values is unspecified (on CPU, short rows: the higher ids).
+    Precision: the mass is summed in float32 from the end that makes the compared sum at most
+    1/2 (from the top for top_p <= 1/2, from the tail for top_p > 1/2, so a tail of tiny
+    probabilities is not rounded away against a running total near 1), and a sum within a
+    relative `_TOP_P_RTOL` = 2^-20 of its threshold (top_p·total, or (1 − top_p)·total for the
+    tail) counts as reaching it. So probabilities that add up to top_p exactly are cut there: HF's
+    documented [0.3, 0.1, 0.1, 0.5] at 0.8 keeps [0.3, 0.5] (HF itself keeps two of ten 0.1s at
+    top_p = 0.1). The float32 sums are good to ~4e-7 (measured, V <= 151936); on random rows the
+    kept sets equal those of the float64 rule. top_p >= 1 skips the filter: an exact identity.
 
     Args:
-      logits: float [B, V] next-token logits.
+      logits: float [B, V] next-token logits; -inf entries (already excluded) stay -inf.
       temperature: > 0.
-      top_k: keep the k largest logits (ties at the k-th value are kept).
-      top_p: keep the smallest set of most likely tokens whose probability reaches top_p (the most
-        likely token is always kept).
+      top_k: None, or keep the k >= 1 largest logits (ties at the k-th value kept).
+      top_p: None, or in (0, 1]: nucleus filtering as above.
 
     Returns:
       float32 [B, V].
+
+    Raises:
+      ValueError: top_k < 1, or top_p outside (0, 1].
     """
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     z = logits.astype(jnp.float32) / temperature  # [B,V]
-    if top_k is not None:
+    if top_k is not None and top_k < z.shape[-1]:
         kth = jax.lax.top_k(z, top_k)[0][:, -1:]  # [B,1]
         z = jnp.where(z < kth, -jnp.inf, z)
-    if top_p is not None:
-        order = jnp.argsort(-z, axis=-1)  # [B,V] descending
-        sorted_z = jnp.take_along_axis(z, order, axis=-1)
-        probs = jax.nn.softmax(sorted_z, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
-        drop_sorted = mass_before >= top_p  # the top-1 token has mass_before = 0 and stays
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(z.shape[0])[:, None], order].set(drop_sorted)
-        z = jnp.where(drop, -jnp.inf, z)
+    if top_p is not None and top_p < 1.0:
+        z = jnp.where(_top_p_keep(z, top_p), z, -jnp.inf)
     return z
+
+
+_TOP_P_RTOL = 2.0**-20  # relative slack of the top-p comparison: 8 float32 ulps of 1
+
+
+def _top_p_keep(z: jax.Array, top_p: float) -> jax.Array:
+    """bool [B, V]: the tokens nucleus filtering keeps (see `sampling_logits`)."""
+    order = jnp.argsort(-z, axis=-1, stable=True)  # [B,V] descending; ties: lower id first
+    sorted_z = jnp.take_along_axis(z, order, axis=-1)  # [B,V]
+    weights = jnp.exp(sorted_z - sorted_z[:, :1])  # [B,V] unnormalised probabilities, first = 1
+    if top_p <= 0.5:
+        inclusive = jnp.cumsum(weights, axis=-1)  # [B,V]
+        total = inclusive[:, -1:]  # [B,1]
+        before = jnp.concatenate([jnp.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], axis=-1)
+        keep_sorted = before < top_p * (1.0 - _TOP_P_RTOL) * total  # mass before < p
+    else:
+        tail = jnp.flip(jnp.cumsum(jnp.flip(weights, -1), axis=-1), -1)  # [B,V] mass at or after
+        total = tail[:, :1]  # [B,1]
+        keep_sorted = tail > (1.0 - top_p) * (1.0 + _TOP_P_RTOL) * total  # ⟺ mass before < p
+    keep_sorted = keep_sorted.at[:, 0].set(True)  # HF's min_tokens_to_keep = 1
+    rows = jnp.arange(z.shape[0])[:, None]  # [B,1]
+    return jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
 
 
 def _pick(logps: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -143,13 +192,14 @@ def generate(
 
     Args:
       params, config: the model.
-      prompt_tokens: int32 [B, P], left-padded; every row needs at least one real token.
+      prompt_tokens: int32 [B, P], left-padded; every row needs at least one real token, and
+        P < config.max_seq_len (the cache holds P + N positions).
       prompt_mask: [B, P], 1 on real prompt tokens, 0 on padding.
       max_new_tokens: N.
       rng: a PRNG key (unused for greedy decoding).
       temperature: 0.0 for greedy (argmax) decoding, else the softmax temperature.
-      top_k: optional top-k filtering.
-      top_p: optional nucleus filtering, in (0, 1].
+      top_k: optional top-k filtering, in [1, V] (see `sampling_logits`).
+      top_p: optional nucleus filtering, in (0, 1]; 1.0 is no filtering (see `sampling_logits`).
       eos_id: a row stops after emitting it (None: always N tokens).
       pad_id: written after a row's EOS.
 
@@ -157,12 +207,20 @@ def generate(
       `Generation` (tokens, logps, model_logps, mask, lengths).
 
     Raises:
-      ValueError: P + N > config.max_seq_len, or bad sampling settings.
+      ValueError: raised at trace time, before any compute: P >= config.max_seq_len ("prompt is
+        P tokens ..., the model's context is M (config.max_seq_len)"), max_new_tokens < 1,
+        P + N > config.max_seq_len, temperature < 0, top_k outside [1, V], top_p outside (0, 1].
+      AssertionError: (chex) prompt_tokens not rank 2, or prompt_mask of another shape.
     """
     chex.assert_rank(prompt_tokens, 2)
     chex.assert_equal_shape((prompt_tokens, prompt_mask))
     b, p = prompt_tokens.shape
     n = max_new_tokens
+    if p >= config.max_seq_len:  # before the max_new_tokens checks: the prompt is the cause
+        raise ValueError(
+            f"prompt is {p} tokens (the left-padded batch width), the model's context is "
+            f"{config.max_seq_len} (config.max_seq_len): no room for a new token"
+        )
     if n < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {n}")
     if p + n > config.max_seq_len:

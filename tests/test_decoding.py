@@ -170,3 +170,145 @@ def test_bad_arguments(model):
         generate(params, config, prompt, jnp.ones((1, 60)), max_new_tokens=10, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="top_p"):
         generate(params, config, prompt[:, :2], jnp.ones((1, 2)), max_new_tokens=2, rng=jax.random.key(0), top_p=0.0)
+
+
+# --- top-k / top-p against Hugging Face's logits warpers (transformers 5.24, test-only oracle) ---
+
+
+def hf_warp(logits, *, temperature=1.0, top_k=None, top_p=None):
+    """HF's sampling chain as `GenerationMixin._get_logits_processor` builds it (min_tokens_to_keep=1)."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.tensor(np.asarray(logits, np.float32))
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None and top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.numpy()
+
+
+def kept(logits, **kw):
+    return np.isfinite(np.asarray(sampling_logits(jnp.asarray(logits), temperature=kw.pop("temperature", 1.0), **kw)))
+
+
+def test_top_p_hf_documented_cases():
+    # transformers tests/generation/test_logits_process.py::test_top_p_dist_warper
+    dist = np.log(np.array([[0.3, 0.1, 0.1, 0.5], [0.15, 0.3, 0.3, 0.25]], np.float32))
+    filtered = np.exp(np.asarray(sampling_logits(jnp.asarray(dist), temperature=1.0, top_p=0.8)))
+    # kept values are the inputs unchanged: exp(log x) within 2 float32 ulps of x
+    np.testing.assert_allclose(filtered, [[0.3, 0.0, 0.0, 0.5], [0.0, 0.3, 0.3, 0.25]], rtol=2.4e-7, atol=0)
+    # the older version of that test used top_p = 0.7, same expected set
+    np.testing.assert_array_equal(kept(dist, top_p=0.7), [[1, 0, 0, 1], [0, 1, 1, 1]])
+    # its ramp case (HF asserts [3, 2] with min_tokens_to_keep=2; with 1 the extreme row keeps 1)
+    ramp = np.tile(np.arange(10, dtype=np.float32) - 5, (2, 1))
+    ramp[1] *= 100.0
+    np.testing.assert_array_equal(kept(ramp, top_p=0.9).sum(-1), [3, 1])
+    np.testing.assert_array_equal(np.isfinite(hf_warp(ramp, top_p=0.9)).sum(-1), [3, 1])
+
+
+def test_top_p_cuts_where_the_mass_reaches_p_exactly():
+    # mass before each token in decreasing order: 0.5 | 0.3 -> 0.8 | 0.1 -> 0.9 | 0.1
+    dist = np.log(np.array([[0.3, 0.1, 0.1, 0.5]], np.float32))
+    np.testing.assert_array_equal(kept(dist, top_p=0.8), [[1, 0, 0, 1]])  # before 0.1: 0.8, not < 0.8
+    np.testing.assert_array_equal(kept(dist, top_p=0.9), [[1, 1, 0, 1]])
+    np.testing.assert_array_equal(kept(dist, top_p=0.5), [[0, 0, 0, 1]])  # the head branch (p <= 1/2)
+    np.testing.assert_array_equal(kept(dist, top_p=0.501), [[1, 0, 0, 1]])  # 2e-3 past the 2^-20 slack
+    # ten 0.1s at top_p = 0.1: one token (HF keeps two: its cumsum lands just past 0.9)
+    tenth = np.log(np.full((1, 10), 0.1, np.float32))
+    assert kept(tenth, top_p=0.1).sum() == 1
+    assert kept(tenth, top_p=0.3).sum() == 3
+    np.testing.assert_array_equal(kept(tenth, top_p=0.3)[0], [1, 1, 1] + [0] * 7)
+
+
+def test_top_p_ties_keep_lower_ids_and_the_same_count_as_hf():
+    dist = np.log(np.array([[0.15, 0.3, 0.3, 0.25]], np.float32))  # ids 1 and 2 tie
+    np.testing.assert_array_equal(kept(dist, top_p=0.3), [[0, 1, 0, 0]])  # mass before id 2: 0.3
+    hf = np.isfinite(hf_warp(dist, top_p=0.3))
+    assert hf.sum() == 1 and hf[0, 1:3].sum() == 1  # HF: one of the tied pair (torch.sort's choice)
+    uniform = np.zeros((1, 8), np.float32)
+    np.testing.assert_array_equal(kept(uniform, top_p=0.5)[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_top_k_hf_documented_cases():
+    # transformers tests/generation/test_logits_process.py::test_top_k_dist_warper
+    ramp = np.tile(np.arange(10, dtype=np.float32), (2, 1))
+    ramp[1, :5] += 10
+    out = np.asarray(sampling_logits(jnp.asarray(ramp), temperature=1.0, top_k=3))
+    np.testing.assert_array_equal(np.isinf(out[0]), 7 * [True] + 3 * [False])
+    np.testing.assert_array_equal(np.isinf(out[1]), 2 * [True] + 3 * [False] + 5 * [True])
+    np.testing.assert_array_equal(out[np.isfinite(out)], ramp[np.isfinite(out)])  # kept values unchanged
+    # ties at the k-th value are kept: uniform logits survive top_k=1 whole, as in HF
+    uniform = np.zeros((2, 5), np.float32)
+    assert kept(uniform, top_k=1).sum() == 10 == np.isfinite(hf_warp(uniform, top_k=1)).sum()
+    assert kept(ramp, top_k=50).all()  # k > V keeps all (HF clamps k to V)
+
+
+def test_top_k_then_top_p_renormalises_over_the_top_k_like_hf():
+    # top-2 leaves [0.5, 0.25] -> [2/3, 1/3]; the second's mass before (2/3) >= 0.6 drops it.
+    # Top-p first (mass before 0.25 is 0.5 < 0.6) would keep both.
+    dist = np.log(np.array([[0.25, 0.5, 0.1, 0.15]], np.float32))
+    np.testing.assert_array_equal(kept(dist, top_k=2, top_p=0.6), [[0, 1, 0, 0]])
+    np.testing.assert_array_equal(np.isfinite(hf_warp(dist, top_k=2, top_p=0.6)), [[0, 1, 0, 0]])
+    np.testing.assert_array_equal(kept(dist, top_k=3, top_p=0.6), [[1, 1, 0, 0]])  # [0.56, 0.28, 0.17]
+
+
+@pytest.mark.parametrize("vocab", [50, 4096])
+def test_sampling_logits_match_hf_warpers_on_random_logits(vocab):
+    rng = np.random.RandomState(vocab)
+    for temperature, top_k, top_p in [(1.0, None, 0.9), (0.7, None, 0.3), (1.3, 40, 0.95), (1.0, 5, None),
+                                      (0.8, 40, 0.5), (1.0, None, 0.999), (1.0, None, 0.05), (2.0, 10, 0.7)]:
+        for scale in (0.5, 3.0, 10.0):
+            logits = (scale * rng.randn(16, vocab)).astype(np.float32)
+            ours = np.asarray(sampling_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k, top_p=top_p))
+            ref = hf_warp(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+            np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref), err_msg=f"{temperature, top_k, top_p, scale}")
+            # logits / temperature: XLA's division is at most 1 ulp from torch's (measured); 4 ulps
+            np.testing.assert_allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)], rtol=4.8e-7, atol=0)
+
+
+def float64_top_p_keep(logits, top_p):
+    """The top-p rule in float64 on the same float32 logits (ties: lower id first)."""
+    z = np.asarray(logits, np.float64)
+    order = np.argsort(-z, axis=-1, kind="stable")
+    sz = np.take_along_axis(z, order, -1)
+    probs = np.exp(sz - sz[:, :1])
+    probs /= probs.sum(-1, keepdims=True)
+    before = np.concatenate([np.zeros_like(probs[:, :1]), np.cumsum(probs, -1)[:, :-1]], -1)
+    keep_sorted = before < top_p
+    keep_sorted[:, 0] = True
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, -1)
+    return keep
+
+
+def test_top_p_one_is_the_identity_and_near_one_is_exact():
+    rng = np.random.RandomState(11)
+    wide = (8.0 * rng.randn(8, 4096)).astype(np.float32)
+    # top_p = 1 (the old cumsum rounded past 1 and dropped ~1000 of these 4096 tokens per row)
+    np.testing.assert_array_equal(sampling_logits(jnp.asarray(wide), temperature=1.0, top_p=1.0), wide)
+    for scale in (1.0, 3.0, 8.0):
+        logits = (scale * rng.randn(8, 4096)).astype(np.float32)
+        for top_p in (0.05, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999, 1 - 1e-5, 1 - 1e-6):
+            # the float64 rule's kept set, exactly (old code: up to 218 tokens wrong at 1 - 1e-6)
+            np.testing.assert_array_equal(kept(logits, top_p=top_p), float64_top_p_keep(logits, top_p),
+                                          err_msg=f"scale {scale}, top_p {top_p}")
+
+
+def test_prompt_that_fills_the_context_is_refused_before_compute(model, monkeypatch):
+    config, params = model  # max_seq_len 64
+    import jaxalign.decoding as decoding
+
+    calls = []
+    monkeypatch.setattr(decoding, "forward_with_cache", lambda *a, **k: calls.append(a) or 1 / 0)
+    for p, n in ((64, 1), (70, -6)):  # -6: what `min(N, max_seq_len - P)` gives a too-long prompt
+        prompt = jnp.zeros((1, p), jnp.int32)
+        with pytest.raises(ValueError, match=rf"prompt is {p} tokens .*context is 64 \(config.max_seq_len\)"):
+            generate(params, config, prompt, jnp.ones((1, p)), max_new_tokens=n, rng=jax.random.key(0))
+    assert calls == []  # refused before the model was traced
+    monkeypatch.undo()
+    # 63 prompt tokens leave room for exactly one
+    gen = generate(params, config, jnp.zeros((1, 63), jnp.int32), jnp.ones((1, 63)), max_new_tokens=1, rng=jax.random.key(0))
+    assert gen.tokens.shape == (1, 1) and int(gen.lengths[0]) == 1

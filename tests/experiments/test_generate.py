@@ -23,3 +23,19 @@ def test_prompt_encoding_is_left_padded_with_bos(shared_data):
     assert tokens[1, -1] == tok.bos_id and mask[1].sum() == 1
     assert tokens[0, 0] == tok.bos_id and mask[0].all()
     assert sorted(shuffle_words("a b c d", 0).split()) == ["a", "b", "c", "d"]
+
+
+def test_prompt_longer_than_the_context_is_refused_with_its_length(shared_data, tmp_path):
+    import pytest
+
+    model = shared_data / "models/stories260K"
+    tok = jd.load_tokenizer(model / "tok512.model")
+    long_prompt = "Once upon a time, there was a dog. " * 60
+    n_tokens = 1 + len(tok.encode(long_prompt))  # BOS + text: > 512, stories260K's context
+    assert n_tokens > 512
+    args = ["--model", str(model / "stories260K.bin"), "--tokenizer", str(model / "tok512.model"),
+            "--sentences", "a b", "--json-out", str(tmp_path / "out.json")]
+    with pytest.raises(ValueError, match=rf"--prompt\[1\] is {n_tokens} tokens \(with BOS\), the model's context is 512 "
+                                         r"\(config.max_seq_len of --model\)"):
+        main(args + ["--prompt", "Tom", long_prompt])
+    assert not (tmp_path / "out.json").exists()  # refused before generating anything

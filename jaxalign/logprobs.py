@@ -84,24 +84,58 @@ def token_logps(
     return _over_sequence_chunks(_token_logps, chunk_size, logits, labels)
 
 
+_SUM_BLOCK = 256
+
+
+def _two_level_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis as blocks of `_SUM_BLOCK` terms, then over the block sums.
+
+    XLA:CPU emits some fused last-axis reductions as one running float32 sum: measured 1.8e-5
+    relative error on the entropy of a [1, T, 32768] array (and of [B, 1, V] chunks), where
+    the same sum over [2, T, V] is good to 2e-7. Two levels bound each running sum to
+    max(256, ⌈V/256⌉) terms; the barrier keeps XLA from merging them back into one reduction.
+    """
+    v = x.shape[-1]
+    if v <= _SUM_BLOCK:
+        return jnp.sum(x, axis=-1)
+    pad = -v % _SUM_BLOCK
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])  # zeros add nothing
+    blocks = jnp.sum(x.reshape(*x.shape[:-1], -1, _SUM_BLOCK), axis=-1)  # [..., ⌈V/256⌉]
+    return jnp.sum(jax.lax.optimization_barrier(blocks), axis=-1)
+
+
 def _entropy(logits: jax.Array) -> jax.Array:
-    logits = logits.astype(jnp.float32)  # [B,t,V]
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B,t,1]
-    probs = jnp.exp(logits - lse)  # [B,t,V]
-    return lse[..., 0] - jnp.sum(probs * logits, axis=-1)  # [B,t]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B,t,V] z - lse(z)
+    probs = jnp.exp(log_probs)  # [B,t,V]
+    # p·log p is 0 where p is 0 (a -inf logit, or underflow): select log p to 0 there first, so
+    # neither the value nor the gradient meets 0·(-inf).
+    safe = jnp.where(probs > 0, log_probs, 0.0)  # [B,t,V]
+    return -_two_level_sum(probs * safe)  # [B,t]
 
 
 def entropy(logits: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
     """Entropy of the categorical distribution softmax(logits), per position.
 
-    `H = logsumexp(z) - Σ_v softmax(z)_v · z_v`, in float32.
+    `H = −Σ_v p_v · log p_v` with `log p = z − logsumexp(z)` (`jax.nn.log_softmax`, which
+    subtracts the row max first), in float32. Summing p·log p directly avoids the cancellation
+    of the form `logsumexp(z) − Σ p·z` (two numbers near max z subtracted: 2e-5 absolute error on
+    a V = 32768 row with one logit 20 above N(0, 4) others, against a float64 reference; this
+    form: 1e-7). The sum over V runs in two levels (`_two_level_sum`), so the result is good to
+    ~4e-7 relative (measured, V up to 151936) whatever the batch, sequence and chunk shapes,
+    chunked or not. Terms with p = 0 (a -inf logit, e.g. after top-k filtering, or exp underflow)
+    count 0 in value and gradient. A row whose logits are all -inf is no distribution: NaN.
 
     Args:
-      logits: [B, T, V] any float dtype.
+      logits: [B, T, V] any float dtype; -inf entries allowed.
       chunk_size: optional sequence chunking, as in `token_logps`.
 
     Returns:
       float32 [B, T] entropies in nats, in [0, log V].
+
+    Raises:
+      AssertionError: (chex) logits not rank 3.
+      ValueError: a non-positive chunk_size.
     """
     chex.assert_rank(logits, 3)
     return _over_sequence_chunks(_entropy, chunk_size, logits)

@@ -19,7 +19,8 @@ RewardFn = Callable[..., np.ndarray]
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _GSM8K_FINAL = re.compile(r"####\s*(.+)")
-_THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+_NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"  # any text (newlines too) holding none of the four tags
+_THINK_ANSWER = re.compile(rf"\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -73,13 +74,24 @@ def exact_match_reward(completions: Sequence[str], *, answers: Sequence[str], **
 
 
 def format_reward(completions: Sequence[str], **_) -> np.ndarray:
-    """1.0 for completions of exactly the form `<think>…</think><answer>…</answer>` (whitespace
-    allowed around the blocks), DeepSeek-R1-Zero's format reward (arXiv 2501.12948 §2.2.2).
+    """DeepSeek-R1-Zero's format reward (arXiv 2501.12948 §2.2.2): 1.0 for a completion that is
+    exactly one `<think>…</think>` block followed by one `<answer>…</answer>` block, else 0.0.
+
+    Accepted, as a whole-string match: optional whitespace, `<think>`, any text, `</think>`,
+    optional whitespace, `<answer>`, any text, `</answer>`, optional whitespace. "Any text" may
+    be empty and span lines, but holds none of the four tags `<think>`, `</think>`, `<answer>`,
+    `</answer>`; tags are case-sensitive; whitespace is `str.isspace` whitespace. So a second,
+    nested or unclosed block, a missing block, answer before think, or text before, between or
+    after the blocks scores 0. `jaxalign.data.gsm8k.r1_completion`'s form (the R1 template's
+    `" <think>\n…\n</think>\n<answer> … </answer>"`) scores 1.
+
+    Args:
+      completions: N decoded completions (the text after the prompt, without EOS).
 
     Returns:
-      float32 [N].
+      float32 [N] of 0.0 / 1.0.
     """
-    return np.array([float(bool(_THINK_ANSWER.match(c))) for c in completions], np.float32)
+    return np.array([float(_THINK_ANSWER.fullmatch(c) is not None) for c in completions], np.float32)
 
 
 def overlong_penalty(

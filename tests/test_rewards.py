@@ -84,3 +84,31 @@ def test_keyword_reward_whole_words_case_insensitive_capped():
         keyword_reward(["x"], keywords=["two words"])
     with pytest.raises(ValueError, match="cap"):
         keyword_reward(["x"], keywords=["dog"], cap=0)
+
+
+def test_format_reward_exactly_one_think_then_one_answer():
+    from jaxalign.data.gsm8k import r1_completion
+
+    accepted = [
+        r1_completion("Half of 48 is 24.\nSo 48 + 24 = 72.", "72"),  # the template's own form
+        "<think>2+2 is 4</think><answer>4</answer>",
+        "\n\t<think></think>\n\n<answer></answer>\n",  # empty blocks, whitespace around them
+        "<think>a < b and c > d; 3 <4> 5</think> <answer>x</answer>",  # '<' and '>' that are no tags
+    ]
+    rejected = [
+        "<think><think>nested</think></think><answer>4</answer>",
+        "<think>outer <think>inner</think><answer>4</answer>",  # an unclosed nested think
+        "<think>a</think><think>b</think><answer>4</answer>",  # repeated think
+        "<think>a</think> <answer>1</answer> <answer>2</answer>",  # repeated answer
+        "<think>a <answer>3</answer></think><answer>4</answer>",  # an answer inside the think
+        "<answer>4</answer>",  # missing think
+        "<think>a</think>",  # missing answer
+        "<answer>4</answer><think>a</think>",  # reversed order
+        "<think>a</think><answer>4</answer> trailing text",
+        "Sure! <think>a</think><answer>4</answer>",  # leading text
+        "<think>a</think> so <answer>4</answer>",  # text between the blocks
+        "<think>a</think><answer>4",  # unclosed answer
+        "<THINK>a</THINK><answer>4</answer>",  # tags are case-sensitive
+    ]
+    np.testing.assert_array_equal(format_reward(accepted + rejected), [1.0] * len(accepted) + [0.0] * len(rejected))
+    assert format_reward(accepted).dtype == np.float32

@@ -5,11 +5,13 @@
          (value of the sequence ratio, gradient of each token; GSPO Eq. 13).
   clip   ρ clipped to [1 − ε_low, 1 + ε_high] (DAPO's decoupled "clip-higher", arXiv 2503.14476).
   KL     + β·KL(π‖π_ref) per token with the k1/k2/k3 estimator (GRPO: k3).
-  agg    how per-token losses become a scalar (names: verl `loss_agg_mode` / TRL `loss_type`):
-           "token_mean"            Σ_{i,t} ℓ / Σ_{i,t} m            verl token-mean, TRL bnpo/dapo (DAPO)
-           "seq_mean_token_mean"   mean_i (Σ_t ℓ / Σ_t m)           verl seq-mean-token-mean, TRL grpo
-           "seq_mean_token_sum_norm" Σ_{i,t} ℓ / (B · L_max)        verl seq-mean-token-sum-norm, TRL dr_grpo
-                                                                    (Dr. GRPO, arXiv 2503.20783 Eq. 3)
+  agg    how per-token losses become a scalar (m the mask; the peers, checked in `grpo_loss`):
+           "token_mean"              Σ_{i,t} m·ℓ / Σ_{i,t} m           = verl token-mean, TRL dapo (DAPO)
+           "seq_mean_token_mean"     mean_i Σ_t m·ℓ / max(Σ_t m, 1)    = TRL grpo (verl seq-mean-token-mean
+                                                                       drops token-less rows from the mean)
+           "seq_mean_token_sum_norm" Σ_{i,t} m·ℓ / (B · L_max)         = TRL dr_grpo (Dr. GRPO, arXiv
+                                                                       2503.20783); verl seq-mean-token-
+                                                                       sum-norm is B times this
 
 Every mode is `loss_sum / denominator` with both terms additive over examples, so a batch split
 into micro-batches (or sharded across devices) reproduces the whole batch's loss and gradient
@@ -95,7 +97,27 @@ def grpo_loss(
       clip_eps_high: ε_high (DAPO: 0.28).
       beta: KL coefficient β (0 disables the KL term; DAPO and Dr. GRPO use 0).
       kl_kind: KL estimator (see `jaxalign.advantages.kl_penalty`).
-      loss_agg: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm".
+      loss_agg: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm". Checked
+        against the peers' code: verl b178a3c (0.8.0.dev, 2026-01-29) `agg_loss` in
+        verl/trainer/ppo/core_algos.py, and TRL f2cd577 (1.10.0.dev0, 2026-07-24)
+        `GRPOTrainer._compute_loss` in trl/trainer/grpo_trainer.py; here with the whole batch's
+        `denominator=` (B rows, m the mask):
+        "token_mean" Σ m·ℓ / Σ m equals verl "token-mean" (Σ m·ℓ / batch_num_tokens · dp_size,
+          the global token count; dp_size undoes the data-parallel gradient mean) and TRL
+          "dapo" (Σ m·ℓ / (num_items_in_batch / num_processes), the generation batch's token
+          count). TRL "bnpo" divides each micro-batch by its own token count (then by the
+          accumulation steps): equal with one micro-batch, else a mean of micro-batch means.
+        "seq_mean_token_mean" (1/B) Σ_i Σ_t m·ℓ / max(Σ_t m, 1) equals TRL "grpo" (per
+          micro-batch, then / accumulation steps: equal for equal-size micro-batches). verl
+          "seq-mean-token-mean" divides by Σ_t m + 1e-8 and averages over the rows that have a
+          token only (global_batch_size defaults to those): equal when every row has one; with
+          e token-less rows verl's is B / (B − e) times this.
+        "seq_mean_token_sum_norm" Σ m·ℓ / (B · max_length) equals TRL "dr_grpo"
+          (Σ m·ℓ / (B · max_completion_length), per micro-batch as for "grpo") with max_length =
+          max_completion_length. verl "seq-mean-token-sum-norm" is Σ m·ℓ / loss_scale_factor
+          (default: the padded response width) with no division by B: with loss_scale_factor =
+          max_length, B times this (B the rows of its call), not the same loss.
+        verl's "seq-mean-token-sum" (mean_i Σ_t m·ℓ) has no mode here.
       importance_level: "token", "sequence" (GSPO) or "sequence_token" (GSPO-token).
       max_length: L_max, required by "seq_mean_token_sum_norm" (the generation budget).
       denominator: divide `loss_sum` by this (the whole batch's `grpo_denominator`) instead of

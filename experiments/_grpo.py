@@ -8,15 +8,15 @@ evaluation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
+from experiments._common import RunDir
+from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
 from jaxalign.data import Tokenizer
 from jaxalign.metrics import MetricsWriter, plot_metrics
 from jaxalign.models import TransformerConfig
@@ -58,6 +58,11 @@ class GRPOConfig:
     """Sampling temperature of rollouts (and of the sampled evaluation)."""
     top_p: float | None = None
     eval_every: int = 10
+    checkpoint_every: int = 5
+    """Iterations between checkpoints of the policy's TrainState (and at the end)."""
+    keep_checkpoints: int = 2
+    resume: bool = False
+    """Continue the run in --output-dir from its latest checkpoint (same prompts, keys, records)."""
     progress: bool = True
 
 
@@ -72,11 +77,12 @@ def train_grpo(
     max_new_tokens: int,
     writer: MetricsWriter,
     eval_fn=None,
-    checkpoints: ocp.CheckpointManager | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """GRPO from `params` (which also become the frozen reference when β > 0): a constant
     learning rate AdamW without weight decay, `make_grpo_step` with `cfg`'s loss options, and
-    `grpo_loop` with `cfg`'s rollout options. `params` themselves are never donated.
+    `grpo_loop` with `cfg`'s rollout options. `params` themselves are never donated. The state
+    is checkpointed under `cfg.output_dir/checkpoints/grpo` every `cfg.checkpoint_every` iterations;
+    with `cfg.resume` the loop continues from the latest one.
 
     Returns:
       `grpo_loop`'s (state, summary), the summary with `grpo_seconds` (wall time of the loop,
@@ -92,6 +98,11 @@ def train_grpo(
         loss_agg=cfg.loss_agg, importance_level=cfg.importance_level, max_length=max_new_tokens,
     )
     state = create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed + 1)
+    checkpoints = make_checkpoint_manager(
+        cfg.output_dir / "checkpoints" / "grpo", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+    )
+    if cfg.resume and (restored := restore_checkpoint(checkpoints, state)) is not None:
+        state = restored
     t0 = time.perf_counter()
     state, summary = grpo_loop(
         step, state, prompts_at, config=config, num_iterations=cfg.grpo_iterations,
@@ -117,7 +128,8 @@ def training_figures(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def write_outputs(output_dir: Path, metrics_path: Path, summary: dict, curves, *, title: str) -> None:
-    """`summary.json` and `grpo.png` (the `(stage, metric)` curves of `metrics.jsonl`)."""
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_metrics(metrics_path, output_dir / "grpo.png", curves, title=title)
+def write_outputs(run_dir: RunDir, metrics_path: Path, summary: dict, curves, *, title: str) -> dict:
+    """`grpo.png` (the `(stage, metric)` curves of `metrics.jsonl`) and `summary.json`; returns
+    the summary as written."""
+    plot_metrics(metrics_path, run_dir.path / "grpo.png", curves, title=title)
+    return run_dir.write_summary(summary)

@@ -25,17 +25,16 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.metrics import MetricsWriter, setup_logging
+from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
+from jaxalign.metrics import setup_logging
 from jaxalign.models import get_config, init_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import exact_match_reward
 from jaxalign.trainers import create_train_state, make_sft_step, train_loop
 from jaxalign.trainers.rl_loop import evaluate_policy
 
-try:  # run as a script (`python experiments/grpo_arithmetic.py`): experiments/ itself is on sys.path
-    from _grpo import GRPOConfig, train_grpo, training_figures, write_outputs
-except ImportError:  # imported as `experiments.grpo_arithmetic`
-    from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
+from experiments._common import RunDir, log_once
+from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_arithmetic")
 
@@ -83,6 +82,9 @@ def evaluate(params, config, tokenizer, problems, *, max_new_tokens: int, temper
 
 def run(cfg: Config) -> dict:
     """Runs both stages; returns (and writes) the summary."""
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
     tokenizer = jd.byte_tokenizer()
     problems = make_problems(cfg.train_problems + cfg.eval_problems, digits=cfg.digits, seed=cfg.seed)
     train, held_out = problems[: cfg.train_problems], problems[cfg.train_problems :]
@@ -90,7 +92,7 @@ def run(cfg: Config) -> dict:
     max_len = 2 * cfg.digits + 2 + max_new
     config = get_config(cfg.model, vocab_size=tokenizer.vocab_size, max_seq_len=max(32, max_len))
     params = init_params(config, jax.random.key(cfg.seed))
-    writer = MetricsWriter(cfg.output_dir)
+    writer = run_dir.begin()
 
     # --- cold-start SFT on correct answers
     examples = [jd.tokenize_prompt_completion(tokenizer, p, a, max_length=max_len) for p, a in train]
@@ -98,9 +100,14 @@ def run(cfg: Config) -> dict:
     stream = jd.BatchStream(examples, cfg.batch_size, cfg.seed, collate)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=cfg.sft_lr, warmup_steps=10, total_steps=cfg.sft_steps))
     state = create_train_state(params, tx, cfg.seed)
+    sft_checkpoints = make_checkpoint_manager(
+        cfg.output_dir / "checkpoints" / "sft", save_every=cfg.sft_steps, keep=1
+    )
+    if cfg.resume and (restored := restore_checkpoint(sft_checkpoints, state)) is not None:
+        state = restored
     state, _ = train_loop(
         make_sft_step(config, tx, schedule), state, stream.batch_at, num_steps=cfg.sft_steps,
-        stage="sft", writer=writer, log_every=10, progress=cfg.progress,
+        stage="sft", writer=writer, log_every=10, progress=cfg.progress, checkpoints=sft_checkpoints,
     )
     sft_params = state.params
 
@@ -115,13 +122,12 @@ def run(cfg: Config) -> dict:
 
     acc_sft = held_out_accuracy(sft_params)
     log.info("held-out accuracy after SFT: %s", acc_sft)
-    writer.write(0, acc_sft, stage="grpo_eval")
+    log_once(writer, 0, acc_sft, stage="grpo_eval")
 
     # --- GRPO against the exact-match reward, the SFT model as reference
-    order = np.random.default_rng(cfg.seed + 3)
-
-    def prompts_at(it):
-        batch = [train[i] for i in order.choice(len(train), cfg.prompts_per_iteration, replace=False)]
+    def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
+        chosen = np.random.default_rng([cfg.seed + 3, it]).choice(len(train), cfg.prompts_per_iteration, replace=False)
+        batch = [train[i] for i in chosen]
         tokens, mask = jd.collate_prompts([p for p, _ in batch], tokenizer)
         return tokens, mask, {"answers": [a for _, a in batch]}
 
@@ -130,22 +136,23 @@ def run(cfg: Config) -> dict:
         log.info("held-out %s", acc)
         return acc
 
-    _, result = train_grpo(
+    grpo_state, result = train_grpo(
         cfg, config, sft_params, prompts_at, reward_fn=exact_match_reward, tokenizer=tokenizer,
         max_new_tokens=max_new, writer=writer, eval_fn=eval_fn,
     )
+    final = result["final_eval"] or held_out_accuracy(grpo_state.params)  # {} when resumed at the end
+    log_once(writer, cfg.grpo_iterations, final, stage="grpo_eval")
     writer.close()
     summary = {
         **{f"heldout_{k}_sft": v for k, v in acc_sft.items()},
-        **{f"heldout_{k}_grpo": v for k, v in result["final_eval"].items()},
+        **{f"heldout_{k}_grpo": v for k, v in final.items()},
         **training_figures(result),
     }
-    write_outputs(
-        cfg.output_dir, writer.path, summary,
+    return write_outputs(
+        run_dir, writer.path, summary,
         [("grpo", "reward_mean"), ("grpo_eval", "accuracy_sampled"), ("grpo_eval", "accuracy_greedy"), ("grpo", "kl")],
         title="GRPO on addition",
     )
-    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:

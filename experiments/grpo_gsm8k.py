@@ -22,15 +22,14 @@ supported yet, see README):
       --group-size 8 --prompts-per-iteration 16 --grpo-iterations 500 --grpo-lr 1e-6 \\
       --beta 0.04 --temperature 1.0 --eval-problems 1319 --eval-every 50 --checkpoint-every 100
 
-Writes into --output-dir: metrics.jsonl, summary.json, samples.jsonl (the final evaluation's
-completions), grpo.png, checkpoints/ (orbax TrainState every --checkpoint-every iterations and at
-the end; a run is not resumed from them).
+Writes into --output-dir: config.json, metrics.jsonl, summary.json, samples.jsonl (the final
+evaluation's completions), grpo.png, checkpoints/grpo/ (orbax TrainState every --checkpoint-every
+iterations and at the end; `--resume` continues from the latest with the same prompts and keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -42,16 +41,13 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.checkpoint import make_checkpoint_manager
-from jaxalign.metrics import MetricsWriter, setup_logging
+from jaxalign.metrics import dumps, setup_logging
 from jaxalign.models import PRESETS, get_config, init_params, load_pretrained
 from jaxalign.rewards import exact_match_reward, format_reward, weighted_sum
 from jaxalign.trainers.rl_loop import evaluate_policy
 
-try:  # run as a script (`python experiments/grpo_gsm8k.py`): experiments/ itself is on sys.path
-    from _grpo import GRPOConfig, train_grpo, training_figures, write_outputs
-except ImportError:  # imported as `experiments.grpo_gsm8k`
-    from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
+from experiments._common import RunDir, log_once
+from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_gsm8k")
 
@@ -88,8 +84,6 @@ class Config(GRPOConfig):
     group_size: int = 4
     grpo_lr: float = 1e-6
     eval_every: int = 0
-    checkpoint_every: int = 0
-    """Iterations between checkpoints (0: only at the end)."""
 
 
 def gsm8k_reward(*, accuracy_weight: float = 1.0, format_weight: float = 0.2):
@@ -133,9 +127,9 @@ def collate(rows: list[dict], tokenizer: jd.Tokenizer, buckets) -> tuple[np.ndar
 
 def run(cfg: Config) -> dict:
     """Loads data and model, evaluates, runs GRPO, evaluates; returns (and writes) the summary."""
-    ckpt_dir = cfg.output_dir / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass another --output-dir")
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
     tokenizer = jd.load_tokenizer(cfg.tokenizer)
     config, params = load_policy(cfg, tokenizer)
     buckets = jd.default_buckets(cfg.max_prompt_length, min_bucket=64)
@@ -169,29 +163,28 @@ def run(cfg: Config) -> dict:
         return {"accuracy": float(accuracy.mean()), "format": float(format_reward(completions).mean()),
                 "reward": float(np.concatenate(rewards).mean())}, samples
 
+    writer = run_dir.begin()
     before, _ = evaluate(params)
     log.info("before GRPO: %s", before)
-    writer = MetricsWriter(cfg.output_dir)
-    writer.write(0, before, stage="grpo_eval")
-    order = np.random.default_rng(cfg.seed + 3)
+    log_once(writer, 0, before, stage="grpo_eval")
 
-    def prompts_at(it):
-        batch = [train[i] for i in order.choice(len(train), cfg.prompts_per_iteration, replace=False)]
+    def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
+        chosen = np.random.default_rng([cfg.seed + 3, it]).choice(len(train), cfg.prompts_per_iteration, replace=False)
+        batch = [train[i] for i in chosen]
         tokens, mask = collate(batch, tokenizer, buckets)
         return tokens, mask, {"answers": [r["answer"] for r in batch]}
 
-    checkpoints = make_checkpoint_manager(ckpt_dir, save_every=cfg.checkpoint_every or cfg.grpo_iterations, keep=2)
     state, result = train_grpo(
         cfg, config, params, prompts_at, reward_fn=reward_fn, tokenizer=tokenizer,
         max_new_tokens=cfg.max_new_tokens, writer=writer,
-        eval_fn=(lambda p: evaluate(p)[0]) if cfg.eval_every else None, checkpoints=checkpoints,
+        eval_fn=(lambda p: evaluate(p)[0]) if cfg.eval_every else None,
     )
     after, samples = evaluate(state.params)
     log.info("after GRPO: %s", after)
-    writer.write(cfg.grpo_iterations, after, stage="grpo_eval")
+    log_once(writer, cfg.grpo_iterations, after, stage="grpo_eval")
     writer.close()
     with (cfg.output_dir / "samples.jsonl").open("w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
+        f.writelines(dumps(s) + "\n" for s in samples)
     summary = {
         **{f"test_{name}_before": v for name, v in before.items()},
         **{f"test_{name}_after": v for name, v in after.items()},
@@ -199,12 +192,11 @@ def run(cfg: Config) -> dict:
         "test_problems": len(test),
         **training_figures(result),
     }
-    write_outputs(
-        cfg.output_dir, writer.path, summary,
+    return write_outputs(
+        run_dir, writer.path, summary,
         [("grpo", "reward_mean"), ("grpo_eval", "accuracy"), ("grpo_eval", "format"), ("grpo", "kl")],
         title="GRPO on GSM8K",
     )
-    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:

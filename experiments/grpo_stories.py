@@ -41,15 +41,13 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.metrics import MetricsWriter, setup_logging
+from jaxalign.metrics import setup_logging
 from jaxalign.models import load_pretrained
 from jaxalign.rewards import keyword_reward
 from jaxalign.trainers.rl_loop import evaluate_policy
 
-try:  # run as a script (`python experiments/grpo_stories.py`): experiments/ itself is on sys.path
-    from _grpo import GRPOConfig, train_grpo, training_figures, write_outputs
-except ImportError:  # imported as `experiments.grpo_stories`
-    from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
+from experiments._common import RunDir, log_once
+from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_stories")
 
@@ -116,6 +114,9 @@ class Config(GRPOConfig):
 
 def run(cfg: Config) -> dict:
     """GRPO from the pretrained model; returns (and writes) the before/after summary."""
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
     config, params = load_pretrained(cfg.model)
     tokenizer = jd.load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
@@ -150,15 +151,15 @@ def run(cfg: Config) -> dict:
         }
         return figures, texts
 
+    writer = run_dir.begin()
     before, texts_before = evaluate(params)
     log.info("before GRPO: %s", before)
-    writer = MetricsWriter(cfg.output_dir)
-    writer.write(0, before, stage="grpo_eval")
-    order = np.random.default_rng(cfg.seed + 3)
+    log_once(writer, 0, before, stage="grpo_eval")
 
-    def prompts_at(it):
-        chosen = order.choice(len(TRAIN_OPENINGS), cfg.prompts_per_iteration,
-                              replace=cfg.prompts_per_iteration > len(TRAIN_OPENINGS))
+    def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
+        chosen = np.random.default_rng([cfg.seed + 3, it]).choice(
+            len(TRAIN_OPENINGS), cfg.prompts_per_iteration, replace=cfg.prompts_per_iteration > len(TRAIN_OPENINGS)
+        )
         tokens, mask = jd.collate_prompts([TRAIN_OPENINGS[i] for i in chosen], tokenizer, length=width)
         return tokens, mask, {}
 
@@ -169,7 +170,7 @@ def run(cfg: Config) -> dict:
     )
     after, texts_after = evaluate(state.params)
     log.info("after GRPO: %s", after)
-    writer.write(cfg.grpo_iterations, after, stage="grpo_eval")
+    log_once(writer, cfg.grpo_iterations, after, stage="grpo_eval")
     writer.close()
     summary = {
         **{f"{name}_before": v for name, v in before.items()},
@@ -178,12 +179,11 @@ def run(cfg: Config) -> dict:
         "samples_before": texts_before,
         "samples_after": texts_after,
     }
-    write_outputs(
-        cfg.output_dir, writer.path, summary,
+    return write_outputs(
+        run_dir, writer.path, summary,
         [("grpo", "reward_mean"), ("grpo", "kl"), ("grpo", "completion_length")],
         title=f"GRPO of stories260K toward {'/'.join(cfg.keywords)!r}",
     )
-    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,17 +10,17 @@ held-out pairs where the model scores the human-chosen reply higher) before and 
 beside the accuracy of the "shorter reply wins" rule on the same pairs, a baseline that needs no
 model.
 
-  python experiments/reward_model.py                    # default, a few minutes on 2 CPU cores
+  python -m experiments.reward_model                    # default, a few minutes on 2 CPU cores
 
-Writes into --output-dir: metrics.jsonl, summary.json, reward_model.png, checkpoints/ (final
-`{"backbone", "head"}` params).
+Writes into --output-dir: config.json, metrics.jsonl, summary.json, reward_model.png,
+checkpoints/ (the `{"backbone", "head"}` TrainState every --checkpoint-every steps and at the end;
+`--resume` continues from the latest).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import sys
 import time
@@ -33,8 +33,9 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.checkpoint import make_checkpoint_manager
-from jaxalign.metrics import MetricsWriter, plot_metrics, setup_logging
+from experiments._common import RunDir
+from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
+from jaxalign.metrics import plot_metrics, setup_logging
 from jaxalign.models import get_config, init_scalar_model, load_pretrained
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.trainers import (
@@ -74,23 +75,30 @@ class Config:
     center_coef: float = 0.0
     """λ of the reward-centering term (TRL center_rewards_coefficient; 0 = off)."""
     eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
     seed: int = 0
+    resume: bool = False
+    """Continue the run in --output-dir from its latest checkpoint."""
     progress: bool = True
 
 
 def run(cfg: Config) -> dict:
     """Trains the reward model; returns (and writes) the summary."""
     t_start = time.perf_counter()
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
+    # every input is validated before the model is built (OptimConfig refuses a bad warm-up)
+    optim = OptimConfig(learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     tok = jd.load_tokenizer(cfg.tokenizer)
     dataset = jd.load_preference_dataset(cfg.data)
     if cfg.max_examples is not None:
         dataset = dataset.select(range(min(cfg.max_examples, len(dataset))))
-    split = dataset.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
-    train = jd.tokenize_preference(split["train"], tok, max_length=cfg.max_length)
-    val = jd.tokenize_preference(split["test"], tok, max_length=cfg.max_length)
-    shorter_wins = float(np.mean([
-        len(c) < len(r) for c, r in zip(split["test"]["chosen"], split["test"]["rejected"])
-    ]))
+    train_rows, val_rows = jd.train_val_split(dataset, cfg.val_fraction, seed=cfg.seed, source=cfg.data)
+    train = jd.tokenize_preference(train_rows, tok, max_length=cfg.max_length)
+    val = jd.tokenize_preference(val_rows, tok, max_length=cfg.max_length)
+    shorter_wins = float(np.mean([len(c) < len(r) for c, r in zip(val_rows["chosen"], val_rows["rejected"])]))
 
     if cfg.init is None:
         config = get_config(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.max_length)
@@ -103,25 +111,29 @@ def run(cfg: Config) -> dict:
     buckets = jd.default_buckets(cfg.max_length)
     collate = functools.partial(jd.collate_preference, batch_size=cfg.batch_size, buckets=buckets, pad_id=tok.pad_id)
     stream = jd.BatchStream(train, cfg.batch_size, cfg.seed, collate)
-    tx, schedule = make_optimizer(OptimConfig(learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
+    tx, schedule = make_optimizer(optim)
     state = create_train_state(params, tx, cfg.seed)
+    checkpoints = make_checkpoint_manager(
+        cfg.output_dir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+    )
     step = make_reward_step(config, tx, schedule, pool=cfg.pool, center_coef=cfg.center_coef)
     eval_step = make_reward_eval_step(config, pool=cfg.pool)
 
     def evaluate(p) -> dict[str, float]:
         return evaluate_reward_model(eval_step, p, jd.eval_batches(val, batch_size=cfg.batch_size, collate=collate))
 
-    writer = MetricsWriter(cfg.output_dir)
-    before = evaluate(state.params)
-    writer.write(0, before, stage="reward_model_eval")
+    writer = run_dir.begin()
+    before = evaluate(state.params)  # the initial model: recomputed identically on --resume
+    if cfg.resume and (restored := restore_checkpoint(checkpoints, state)) is not None:
+        state = restored
     log.info("%d train / %d held-out pairs; held-out accuracy at init %.3f", len(train), len(val), before["accuracy"])
     state, loop = train_loop(
         step, state, stream.batch_at, num_steps=cfg.steps, stage="reward_model", writer=writer,
         eval_fn=evaluate, eval_every=cfg.eval_every, log_every=10, progress=cfg.progress,
-        checkpoints=make_checkpoint_manager(cfg.output_dir / "checkpoints", save_every=cfg.steps, keep=1),
+        checkpoints=checkpoints, initial_eval=before,
     )
     writer.close()
-    after = loop["final_eval"]
+    after = loop["final_eval"] or evaluate(state.params)
     summary = {
         "train_pairs": len(train),
         "heldout_pairs": int(after["pairs"]),
@@ -134,14 +146,13 @@ def run(cfg: Config) -> dict:
         "tokens_per_s": loop["tokens_per_s"],
         "total_seconds": time.perf_counter() - t_start,
     }
-    (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(
         writer.path, cfg.output_dir / "reward_model.png",
         [("reward_model", "loss"), ("reward_model", "accuracy"), ("reward_model_eval", "accuracy"),
          ("reward_model", "learning_rate")],
         title="Bradley-Terry reward model",
     )
-    return summary
+    return run_dir.write_summary(summary)
 
 
 def main(argv: list[str] | None = None) -> dict:

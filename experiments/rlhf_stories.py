@@ -16,16 +16,17 @@ policy -> reward model from ranked samples -> PPO against the reward model.
   does, 4 epochs over 2 minibatches per rollout). The policy never sees gold; it is measured on
   held-out prompts before and after, with the RM score and the KL to the reference.
 
-  python experiments/rlhf_stories.py                 # default, a few minutes on 2 CPU cores
+  python -m experiments.rlhf_stories                 # default, a few minutes on 2 CPU cores
 
-Writes into --output-dir: metrics.jsonl, summary.json (with sample texts), rlhf.png.
+Writes into --output-dir: config.json, metrics.jsonl, summary.json (with sample texts), rlhf.png,
+checkpoints/{reward_model,ppo}/. `--resume` continues a killed run exactly (the RM's pairs are
+re-sampled with the same keys, so they are the same pairs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import sys
 import time
@@ -38,21 +39,22 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.metrics import MetricsWriter, plot_metrics, setup_logging
+from experiments._common import RunDir, log_once
+from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
+from jaxalign.metrics import plot_metrics, read_metrics, setup_logging
 from jaxalign.models import init_scalar_model, load_pretrained
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rewards import keyword_reward, weighted_sum
-from jaxalign.rollout import decode_completions, init_actor_critic, ppo_rollout, reward_model_scorer
+from jaxalign.rollout import decode_completions, init_actor_critic, reward_model_scorer
 from jaxalign.trainers import (
-    adaptive_kl_coef,
     create_train_state,
     evaluate_reward_model,
     make_ppo_step,
     make_reward_eval_step,
     make_reward_step,
-    ppo_update,
+    train_loop,
 )
-from jaxalign.trainers.rl_loop import PolicySamples, evaluate_policy
+from jaxalign.trainers.rl_loop import PolicySamples, PPOState, evaluate_policy, ppo_loop
 
 log = logging.getLogger("rlhf_stories")
 
@@ -137,6 +139,10 @@ class Config:
     """separate: a critic initialised from the reward model (InstructGPT); shared: a value head
     on the policy trunk."""
     temperature: float = 1.0
+    checkpoint_every: int = 50
+    """Steps (RM) / iterations (PPO) between checkpoints; each stage also saves at its end."""
+    resume: bool = False
+    """Continue the run in --output-dir from its latest checkpoints (same samples, keys, records)."""
     progress: bool = True
 
 
@@ -199,20 +205,31 @@ def preference_pairs(params, config, tok, prompts, *, cfg: Config, rng: jax.Arra
     return examples, ties, float(np.mean(golds))
 
 
-def run(cfg: Config) -> dict:
-    """Runs the three stages; returns (and writes) the summary."""
-    t_start = time.perf_counter()
-    tok = jd.load_tokenizer(cfg.tokenizer)
-    config, sft_params = load_pretrained(cfg.model)
-    writer = MetricsWriter(cfg.output_dir)
+def _prompt_split(cfg: Config) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(held_out, train_prompts, rm_val_prompts, rm_train_prompts) of `make_prompts`."""
     prompts = make_prompts()
     held_out, train_prompts = prompts[: cfg.eval_prompts], prompts[cfg.eval_prompts:]
     per_chunk = cfg.ppo_batch // cfg.rm_samples  # whole sampling chunks on both sides of the split
     n_val = max(1, round(len(train_prompts) * cfg.rm_val_fraction / per_chunk)) * per_chunk
-    rm_val_prompts, rm_train_prompts = train_prompts[:n_val], train_prompts[n_val:]
-    rng = jax.random.key(cfg.seed)
+    return held_out, train_prompts, train_prompts[:n_val], train_prompts[n_val:]
 
-    # --- stage 2: reward model on gold-ranked samples of the policy
+
+def _optim_configs(cfg: Config) -> tuple[OptimConfig, OptimConfig]:
+    """The reward model's and PPO's optimiser settings, built (and validated) before any compute.
+    The RM warms up over a tenth of its steps, at most 10 (the figures in README used 10 of 300)."""
+    rm = OptimConfig(learning_rate=cfg.rm_lr, warmup_steps=min(10, cfg.rm_steps // 10), total_steps=cfg.rm_steps)
+    ppo = OptimConfig(
+        learning_rate=cfg.ppo_lr, warmup_steps=0, total_steps=cfg.ppo_iterations * cfg.epochs * cfg.num_minibatches,
+        end_learning_rate=cfg.ppo_lr, weight_decay=0.0,
+    )
+    return rm, ppo
+
+
+def reward_model_stage(cfg, config, tok, sft_params, prompts, optim, writer, rng) -> tuple[dict, jax.Array, dict]:
+    """Stage 2: gold-ranked pairs of the policy's samples -> a Bradley-Terry RM (stories260K's
+    trunk + a fresh head). Returns (rm_params, rng advanced past the stage's keys, figures);
+    resumable from checkpoints/reward_model."""
+    _, _, rm_val_prompts, rm_train_prompts = prompts
     train_pairs, ties, gold_means = [], 0, []
     for r in range(cfg.rm_rounds):
         rng, key = jax.random.split(rng)
@@ -226,28 +243,40 @@ def run(cfg: Config) -> dict:
     width = 8 * -(-max(len(s.tokens) for p in train_pairs + val_pairs for s in p) // 8)
     collate = functools.partial(jd.collate_preference, batch_size=cfg.rm_batch, buckets=(width,), pad_id=tok.pad_id)
     rng, key = jax.random.split(rng)
-    rm_params = init_scalar_model(config, key, jax.tree.map(jnp.copy, sft_params))
-    tx, schedule = make_optimizer(OptimConfig(learning_rate=cfg.rm_lr, warmup_steps=10, total_steps=cfg.rm_steps))
-    state = create_train_state(rm_params, tx, cfg.seed)
-    step = make_reward_step(config, tx, schedule)
+    tx, schedule = make_optimizer(optim)
+    state = create_train_state(init_scalar_model(config, key, jax.tree.map(jnp.copy, sft_params)), tx, cfg.seed)
     eval_step = make_reward_eval_step(config)
 
     def rm_eval(p) -> dict:
         return evaluate_reward_model(eval_step, p, jd.eval_batches(val_pairs, batch_size=cfg.rm_batch, collate=collate))
 
-    rm_before = rm_eval(state.params)
-    stream = jd.BatchStream(train_pairs, cfg.rm_batch, cfg.seed, collate)
-    for i in range(cfg.rm_steps):
-        state, metrics = step(state, stream.batch_at(i))
-        if (i + 1) % 25 == 0 or i + 1 == cfg.rm_steps:
-            writer.write(i + 1, jax.device_get(metrics), stage="reward_model")
-    rm_params = state.params
-    rm_after = rm_eval(rm_params)
-    writer.write(cfg.rm_steps, rm_after, stage="reward_model_eval")
-    log.info("reward model held-out pairwise accuracy %.3f -> %.3f", rm_before["accuracy"], rm_after["accuracy"])
+    before = rm_eval(state.params)
+    manager = make_checkpoint_manager(cfg.output_dir / "checkpoints" / "reward_model", save_every=cfg.checkpoint_every, keep=2)
+    if cfg.resume and (restored := restore_checkpoint(manager, state)) is not None:
+        state = restored
+    state, loop = train_loop(
+        make_reward_step(config, tx, schedule), state, jd.BatchStream(train_pairs, cfg.rm_batch, cfg.seed, collate).batch_at,
+        num_steps=cfg.rm_steps, stage="reward_model", writer=writer, eval_fn=rm_eval, log_every=25,
+        checkpoints=manager, progress=cfg.progress, initial_eval=before,
+    )
+    after = loop["final_eval"] or rm_eval(state.params)
+    log.info("reward model held-out pairwise accuracy %.3f -> %.3f", before["accuracy"], after["accuracy"])
+    return state.params, rng, {
+        "rm_train_pairs": len(train_pairs),
+        "rm_heldout_pairs": int(after["pairs"]),
+        "rm_heldout_accuracy_before": before["accuracy"],
+        "rm_heldout_accuracy": after["accuracy"],
+        "policy_gold_mean_of_samples": float(np.mean(gold_means)),
+    }
+
+
+def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, rng) -> tuple[dict, dict]:
+    """Stage 3: PPO against the RM (critic from the RM, InstructGPT §3.5), adaptive β, measured on
+    held-out prompts with gold, RM score and KL. Returns (figures, sample texts); resumable from
+    checkpoints/ppo."""
+    held_out, train_prompts, _, _ = prompts
     score_fn = reward_model_scorer(rm_params, config)
 
-    # --- evaluation on held-out prompts: gold, RM score, KL to the reference
     def policy_eval(policy) -> tuple[dict, list[str]]:
         s, prompt_tokens, prompt_mask = sample(
             policy, config, tok, held_out, samples=cfg.eval_samples, cfg=cfg,
@@ -265,73 +294,77 @@ def run(cfg: Config) -> dict:
 
     before, samples_before = policy_eval(sft_params)
     log.info("before PPO: %s", before)
-    writer.write(0, before, stage="ppo_eval")
-
-    # --- stage 3: PPO against the reward model
+    log_once(writer, 0, before, stage="ppo_eval")
     rng, key = jax.random.split(rng)
-    critic = None
-    if cfg.critic == "separate":
-        critic = jax.tree.map(jnp.copy, rm_params)  # InstructGPT: value function from the RM
+    critic = jax.tree.map(jnp.copy, rm_params) if cfg.critic == "separate" else None  # InstructGPT: V from the RM
     params = init_actor_critic(jax.tree.map(jnp.copy, sft_params), critic, config=config, rng=key)
-    updates = cfg.ppo_iterations * cfg.epochs * cfg.num_minibatches
-    tx, schedule = make_optimizer(OptimConfig(
-        learning_rate=cfg.ppo_lr, warmup_steps=0, total_steps=updates, end_learning_rate=cfg.ppo_lr, weight_decay=0.0,
-    ))
+    tx, schedule = make_optimizer(optim)
     step = make_ppo_step(config, tx, schedule, critic=cfg.critic, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
-    state = create_train_state(params, tx, cfg.seed + 1)
-    kl_coef, scores, golds = cfg.kl_coef, [], []
-    t0 = time.perf_counter()
-    for it in range(1, cfg.ppo_iterations + 1):
+    state = PPOState(create_train_state(params, tx, cfg.seed + 1), jnp.float32(cfg.kl_coef))
+    manager = make_checkpoint_manager(cfg.output_dir / "checkpoints" / "ppo", save_every=cfg.checkpoint_every, keep=2)
+    if cfg.resume and (restored := restore_checkpoint(manager, state)) is not None:
+        state = restored
+
+    def prompts_at(it):  # a pure function of (seed, iteration)
         idx = np.random.default_rng(cfg.seed + it).choice(len(train_prompts), cfg.ppo_batch, replace=False)
-        tokens, mask = jd.collate_prompts([train_prompts[i] for i in idx], tok, length=PROMPT_WIDTH)
-        rng, key = jax.random.split(rng)
-        rollout, roll = ppo_rollout(
-            state.params, config, tokens, mask, ref_params=sft_params, score_fn=score_fn, rng=key,
-            max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-            temperature=cfg.temperature, kl_coef=kl_coef, critic=cfg.critic,
-        )
+        return jd.collate_prompts([train_prompts[i] for i in idx], tok, length=PROMPT_WIDTH)
+
+    def gold_of(rollout) -> dict[str, float]:
         texts = decode_completions(
             rollout.completion_tokens, rollout.completion_mask.sum(1).astype(jnp.int32), tok.decode, tok.eos_id
         )
-        gold = float(gold_score(texts).mean())
-        state, upd = ppo_update(step, state, rollout, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches, seed=it)
-        scores.append(roll["score"])
-        golds.append(gold)
-        writer.write(it, {**roll, **upd, "gold": gold}, stage="ppo")
-        if cfg.kl_target is not None:
-            kl_coef = adaptive_kl_coef(kl_coef, roll["kl"], cfg.ppo_batch, target=cfg.kl_target, horizon=cfg.kl_horizon)
-        log.info("iteration %d: RM score %.3f, gold %.3f, KL %.3f, beta %.4f", it, roll["score"], gold, roll["kl"], kl_coef)
-    ppo_seconds = time.perf_counter() - t0
-    after, samples_after = policy_eval(state.params["policy"])
-    writer.write(cfg.ppo_iterations, after, stage="ppo_eval")
-    writer.close()
-    k = max(1, len(scores) // 5)
-    summary = {
-        "rm_train_pairs": len(train_pairs),
-        "rm_heldout_pairs": int(rm_after["pairs"]),
-        "rm_heldout_accuracy_before": rm_before["accuracy"],
-        "rm_heldout_accuracy": rm_after["accuracy"],
-        "policy_gold_mean_of_samples": float(np.mean(gold_means)),
+        return {"gold": float(gold_score(texts).mean())}
+
+    state, loop = ppo_loop(
+        step, state, prompts_at, config=config, num_iterations=cfg.ppo_iterations, rng=rng, writer=writer,
+        ref_params=sft_params, score_fn=score_fn, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches,
+        kl_target=cfg.kl_target, kl_horizon=cfg.kl_horizon, rollout_metrics=gold_of, checkpoints=manager,
+        progress=cfg.progress, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+        temperature=cfg.temperature, critic=cfg.critic,
+    )
+    after, samples_after = policy_eval(state.train.params["policy"])
+    log_once(writer, cfg.ppo_iterations, after, stage="ppo_eval")
+    golds = [r["gold"] for r in read_metrics(writer.path) if r["stage"] == "ppo"]
+    k = max(1, len(golds) // 5)
+    return {
         **{f"{key}_before": v for key, v in before.items()},
         **{f"{key}_after": v for key, v in after.items()},
-        "train_rm_score_first": float(np.mean(scores[:k])),
-        "train_rm_score_last": float(np.mean(scores[-k:])),
-        "train_gold_first": float(np.mean(golds[:k])),
-        "train_gold_last": float(np.mean(golds[-k:])),
-        "final_kl_coef": kl_coef,
-        "ppo_seconds": ppo_seconds,
-        "total_seconds": time.perf_counter() - t_start,
-        "samples_before": samples_before,
-        "samples_after": samples_after,
-    }
-    (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        **trend("train_rm_score", loop["score"], k),
+        **trend("train_gold", golds, k),
+        "final_kl_coef": float(state.kl_coef),
+        "ppo_seconds": loop["rollout_seconds"] + loop["update_seconds"],
+    }, {"samples_before": samples_before, "samples_after": samples_after}
+
+
+def trend(name: str, values: list[float], k: int) -> dict[str, float]:
+    """`{name}_first` / `{name}_last`: the means of the first and last k values."""
+    return {f"{name}_first": float(np.mean(values[:k])), f"{name}_last": float(np.mean(values[-k:]))}
+
+
+def run(cfg: Config) -> dict:
+    """Runs the three stages; returns (and writes) the summary."""
+    t_start = time.perf_counter()
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
+    rm_optim, ppo_optim = _optim_configs(cfg)  # bad step counts are refused before any sampling
+    tok = jd.load_tokenizer(cfg.tokenizer)
+    config, sft_params = load_pretrained(cfg.model)
+    prompts = _prompt_split(cfg)
+    writer = run_dir.begin()
+    rng = jax.random.key(cfg.seed)  # one key chain through both stages
+    rm_params, rng, rm_figures = reward_model_stage(cfg, config, tok, sft_params, prompts, rm_optim, writer, rng)
+    ppo_figures, texts = ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, ppo_optim, writer, rng)
+    writer.close()
     plot_metrics(
         writer.path, cfg.output_dir / "rlhf.png",
         [("ppo", "score"), ("ppo", "gold"), ("ppo", "kl"), ("ppo", "kl_coef"), ("ppo", "explained_variance"),
          ("reward_model", "accuracy")],
         title="RLHF on stories260K",
     )
-    return summary
+    return run_dir.write_summary(
+        {**rm_figures, **ppo_figures, "total_seconds": time.perf_counter() - t_start, **texts}
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,12 +5,15 @@ Default (no files, no network): a from-scratch GPT-2-shaped model on a preferenc
 by code (sort digits; the rejected answer is a wrong order) with a byte-level tokenizer.
 
 Real data:
-  python experiments/sft_dpo.py \
+  python -m experiments.sft_dpo \
     --sft-data ../shared/data/sft/instruction-data.json \
     --pref-data ../shared/data/preference/instruction-data-with-preference.json \
     --tokenizer ../shared/data/tokenizers/gpt2/gpt2.tiktoken [--init path/to/gpt2-hf-checkpoint]
 
-Writes into --output-dir: metrics.jsonl, summary.json, sft.png, dpo.png, checkpoints/{sft,dpo}/.
+Writes into --output-dir: config.json, metrics.jsonl, summary.json, sft.png, dpo.png,
+checkpoints/{sft,dpo}/. An --output-dir that already holds a run is refused unless --resume,
+which continues it exactly (same batches, PRNG keys and records) and refuses flags that would
+change it (`experiments._common.RunDir`).
 
 LoRA (`--lora`, with --lora-rank/-alpha/-dropout/-targets and --dora): both stages train adapters
 only (`jaxalign.lora`), with optimizer state and checkpoints of adapter size. The recipe chosen
@@ -28,10 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +55,8 @@ from jaxalign.lora import (
     make_lora_optimizer,
     merge_lora,
 )
-from jaxalign.metrics import MetricsWriter, plot_metrics, read_metrics, setup_logging
+from experiments._common import RunDir
+from jaxalign.metrics import plot_metrics, read_metrics, setup_logging
 from jaxalign.models import (
     TransformerConfig,
     get_config,
@@ -153,12 +155,10 @@ class Data:
     pref_val: list
 
 
-def _split(ds: datasets.Dataset, cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _split(ds: datasets.Dataset, cfg: Config, source: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
-    n_val = max(1, round(len(ds) * cfg.val_fraction))
-    parts = ds.train_test_split(test_size=n_val, seed=cfg.seed, shuffle=True)
-    return parts["train"], parts["test"]
+    return jd.train_val_split(ds, cfg.val_fraction, seed=cfg.seed, source=source)
 
 
 def load_data(cfg: Config) -> Data:
@@ -169,11 +169,11 @@ def load_data(cfg: Config) -> Data:
         pref = jd.sorting_task(cfg.synthetic_examples, seed=cfg.seed)
     else:
         pref = jd.load_preference_dataset(cfg.pref_data)
-    pref_train, pref_val = _split(pref, cfg)
+    pref_train, pref_val = _split(pref, cfg, cfg.pref_data or "the synthetic sorting task")
     if cfg.sft_data is None:
         sft_train, sft_val = jd.sft_view(pref_train), jd.sft_view(pref_val)
     else:
-        sft_train, sft_val = _split(jd.load_sft_dataset(cfg.sft_data), cfg)
+        sft_train, sft_val = _split(jd.load_sft_dataset(cfg.sft_data), cfg, cfg.sft_data)
     tok_sft = functools.partial(jd.tokenize_sft, tokenizer=tokenizer, max_length=cfg.max_length)
     tok_pref = functools.partial(
         jd.tokenize_preference, tokenizer=tokenizer, max_length=cfg.max_length
@@ -269,15 +269,13 @@ def _optim(cfg: Config, lr: float, steps: int) -> OptimConfig:
     )
 
 
-def _resume_or_fresh(manager, fresh_state, cfg: Config, writer: MetricsWriter, stage: str):
-    if not cfg.resume:
-        return fresh_state
-    restored = restore_checkpoint(manager, fresh_state)
+def _resume_or_fresh(manager, fresh_state, cfg: Config, stage: str):
+    """The latest checkpoint of `stage` on --resume, else `fresh_state` (`train_loop` drops the
+    records a killed run logged after it)."""
+    restored = restore_checkpoint(manager, fresh_state) if cfg.resume else None
     if restored is None:
         return fresh_state
     log.info("%s: resumed from step %d", stage, int(restored.step))
-    writer.truncate_after(int(restored.step), stage=stage)
-    writer.truncate_after(int(restored.step), stage=f"{stage}_eval")
     return restored
 
 
@@ -321,7 +319,7 @@ def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path, lora=None) 
         ckpt_dir / "sft", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
     )
     fresh = create_train_state(train.params, train.tx, cfg.seed)
-    state = _resume_or_fresh(manager, fresh, cfg, writer, "sft")
+    state = _resume_or_fresh(manager, fresh, cfg, "sft")
     state, loop = train_loop(
         step, state, stream.batch_at, num_steps=cfg.sft_steps, stage="sft", writer=writer,
         extra_args=train.extra_args, eval_fn=lambda p: evaluate(train.to_model(p)),
@@ -405,7 +403,7 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
         ckpt_dir / "dpo", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
     )
     fresh = create_train_state(train.params, train.tx, cfg.seed + 1)
-    state = _resume_or_fresh(manager, fresh, cfg, writer, "dpo")
+    state = _resume_or_fresh(manager, fresh, cfg, "dpo")
     state, loop = train_loop(
         step, state, stream.batch_at, num_steps=cfg.dpo_steps, stage="dpo", writer=writer,
         extra_args=extra_args, eval_fn=lambda p: evaluate(train.to_model(p)),
@@ -430,11 +428,14 @@ def format_table(summary: dict) -> str:
         ("DPO val reward margin", "dpo_val_reward_margin_before", "dpo_val_reward_margin_after"),
         ("DPO val logp(chosen) > logp(rejected)", "dpo_val_logp_accuracy_before", "dpo_val_logp_accuracy_after"),
     ]
+    def fmt(value, spec: str) -> str:  # null in summary.json: a figure that was not finite
+        return "n/a" if value is None else format(value, spec)
+
     lines = [f"{'metric':<40}{'before':>12}{'after':>12}", "-" * 64]
-    lines += [f"{name:<40}{summary[a]:>12.4f}{summary[b]:>12.4f}" for name, a, b in rows]
+    lines += [f"{name:<40}{fmt(summary[a], '>12.4f'):>12}{fmt(summary[b], '>12.4f'):>12}" for name, a, b in rows]
     lines += [
-        f"{'SFT train tokens/s':<40}{summary['sft_tokens_per_s']:>24.0f}",
-        f"{'DPO train tokens/s':<40}{summary['dpo_tokens_per_s']:>24.0f}",
+        f"{'SFT train tokens/s':<40}{fmt(summary['sft_tokens_per_s'], '>24.0f'):>24}",
+        f"{'DPO train tokens/s':<40}{fmt(summary['dpo_tokens_per_s'], '>24.0f'):>24}",
         f"{'trainable params / model params':<40}"
         f"{summary['trainable_params']:>12,}{summary['model_params']:>12,}",
     ]
@@ -445,17 +446,18 @@ def run(cfg: Config) -> dict:
     """Runs both stages and returns the summary (also written to summary.json).
 
     Raises:
-      FileExistsError: --output-dir holds checkpoints and --resume was not given (nothing
-        already written is overwritten).
+      FileExistsError: --output-dir holds a run and --resume was not given (nothing already
+        written is changed).
+      ValueError: --resume with flags that change the run; bad data or flags (naming file, row,
+        field or flag), all before any compute.
+      NonFiniteError: training diverged (the stage, step and metric are named; the checkpoints
+        left on disk are finite).
     """
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
     out = cfg.output_dir
     ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not cfg.resume:
-        raise FileExistsError(
-            f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or another --output-dir"
-        )
-    if not cfg.resume and (out / "metrics.jsonl").exists():
-        shutil.move(out / "metrics.jsonl", out / "metrics.previous.jsonl")
     lora = lora_config(cfg)
     data = load_data(cfg)  # all validation happens here, before any compute
     log.info(
@@ -468,22 +470,20 @@ def run(cfg: Config) -> dict:
             lora_targets(params, lora)
         except ValueError as err:
             raise ValueError(f"--lora-targets: {err}") from err
-    writer = MetricsWriter(out)
+    writer = run_dir.begin()
     try:
         sft_params, sft_figures = run_sft(cfg, data, config, params, writer, ckpt_dir, lora)
         del params  # with LoRA the merged SFT model replaces the base
         dpo_figures = run_dpo(cfg, data, config, sft_params, writer, ckpt_dir, lora)
     finally:
         writer.close()
-    summary = {**sft_figures, **dpo_figures, "model_params": num_params(config)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(writer.path, out / "sft.png", [("sft", "loss"), ("sft_eval", "val_loss"), ("sft", "learning_rate")], title="SFT")
     plot_metrics(
         writer.path, out / "dpo.png",
         [("dpo", "loss"), ("dpo", "reward_margin"), ("dpo_eval", "val_reward_accuracy"), ("dpo", "learning_rate")],
         title="DPO",
     )
-    return summary
+    return run_dir.write_summary({**sft_figures, **dpo_figures, "model_params": num_params(config)})
 
 
 def main(argv: list[str] | None = None) -> dict:

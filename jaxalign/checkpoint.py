@@ -1,7 +1,9 @@
 """Orbax checkpoints of a `TrainState`: save every N steps, keep K, resume from the latest.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoints intact and never a half-written "latest".
+mid-save leaves the previous checkpoints intact and never a half-written "latest". A state with
+a non-finite float anywhere is never saved (`save_checkpoint` raises `NonFiniteError`), so a
+diverged run cannot rotate its last good checkpoint away.
 """
 
 from __future__ import annotations
@@ -11,7 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class NonFiniteError(FloatingPointError):
+    """A run met NaN/inf where it must not continue: parameters, rewards, or repeated skipped
+    updates. The message names the stage, step and tensor or metric."""
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """Key path (e.g. `"['params']['layers_0']['attn']['wq']['kernel']"`) of the first floating
+    leaf of `tree` holding a NaN or inf, or None when every float is finite. One fused reduction
+    per leaf, fetched from the device together."""
+    leaves = [
+        (path, x)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    finite = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in leaves])
+    for (path, _), ok in zip(leaves, finite):
+        if not bool(np.asarray(ok)):
+            return jax.tree_util.keystr(path)
+    return None
 
 
 def make_checkpoint_manager(
@@ -42,7 +67,17 @@ def save_checkpoint(
 
     Returns whether a save was started (orbax finishes it in the background; call
     `manager.wait_until_finished()` before exiting).
+
+    Raises:
+      NonFiniteError: the state due to be saved holds a NaN or inf (naming the step and the
+        first such tensor); nothing is written, earlier checkpoints stay.
     """
+    if not (force or manager.should_save(step)):
+        return False
+    if (bad := first_nonfinite(state)) is not None:
+        raise NonFiniteError(
+            f"refusing to save checkpoint step {step} to {manager.directory}: {bad} is not finite"
+        )
     return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 

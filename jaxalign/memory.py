@@ -10,7 +10,8 @@ State (exact for `make_optimizer` + `make_train_step`):
   counts (Adam's and the learning-rate schedule's). Clipping and the masked weight decay hold no
   arrays. SGD (no momentum) keeps only the schedule count.
   With `grad_accum_steps > 1`, optax.MultiSteps adds a float32 accumulator per trainable value
-  (its `accumulator_dtype` default, whatever the param dtype) and two int32 step counters.
+  (its `accumulator_dtype` default, whatever the param dtype) and two int32 step counters;
+  optax.apply_if_finite (the non-finite guard, on by default) two int32 counters and a bool.
 * step/rng of the `TrainState`: 12 bytes; the batch: int32 tokens + float32 mask.
 
 The usual rule of thumb "(2 + 8) bytes per parameter" for bf16 training with Adam counts bf16
@@ -213,6 +214,7 @@ def estimate_memory(
     remat: bool = False,
     grad_accum_steps: int = 1,
     attention: Attention = "xla",
+    skip_nonfinite: bool = True,
 ) -> dict[str, int]:
     """Bytes of one training step of `config` (see the module docstring for every formula).
 
@@ -229,6 +231,8 @@ def estimate_memory(
       remat: per-block rematerialisation (planning only; see the module docstring).
       grad_accum_steps: > 1 adds optax.MultiSteps' gradient accumulator.
       attention: "xla" (what the model runs now) or "flash" (a fused kernel without [T, T]).
+      skip_nonfinite: the optimizer is wrapped in optax.apply_if_finite (`OptimConfig`'s
+        default): two int32 counters and a bool more state.
 
     Returns:
       dict of int bytes: `params` (all resident parameters), `trainable` (the subset that is
@@ -262,6 +266,8 @@ def estimate_memory(
         opt = 2 * trainable + 2 * 4
     if grad_accum_steps > 1:
         opt += trainable_count * 4 + 2 * 4  # MultiSteps: float32 accumulator + two int32 steps
+    if skip_nonfinite:
+        opt += 4 + 1 + 4  # apply_if_finite: int32 notfinite_count, bool last_finite, int32 total
 
     b, t, d, v = batch, seq_len, config.d_model, config.vocab_size
     per_layer = activation_bytes_per_layer(

@@ -1,5 +1,10 @@
 """Run logging: one JSON object per logged step in `metrics.jsonl`, TensorBoard when installed,
-and PNG plots drawn with matplotlib from the JSONL file."""
+and PNG plots drawn with matplotlib from the JSONL file.
+
+Every file written here is strict JSON (RFC 8259): a non-finite float (NaN, ±inf: a diverged
+loss, an empty mean) is written as `null`, never as the bare `NaN` Python's `json` emits by
+default, so any JSON reader can load the metrics of a run that went wrong.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,41 @@ from typing import Any
 import numpy as np
 
 
+log = logging.getLogger(__name__)
+
+
 def _to_python(value: Any) -> Any:
     if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
         value = np.asarray(value)
-        return value.item() if value.size == 1 else value.tolist()
+        value = value.item() if value.size == 1 else value.tolist()
     return value
+
+
+def to_strict_json(value: Any) -> Any:
+    """`value` (numbers, arrays, nested dicts/lists) as JSON-ready Python, non-finite floats -> None."""
+    value = _to_python(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): to_strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_strict_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """`json.dumps` of `to_strict_json(value)` with `allow_nan=False` (strict JSON)."""
+    return json.dumps(to_strict_json(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> Path:
+    """Writes `value` as strict, indented JSON (non-finite floats as null) atomically: to a
+    temporary file in the same folder, then `os.replace`, so a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 class MetricsWriter:
@@ -26,7 +61,7 @@ class MetricsWriter:
 
     When `tensorboardX` is importable, scalars also go to `<dir>/tensorboard/` (tag
     "stage/name"). The JSONL file is flushed after every record, so a killed run keeps what it
-    logged.
+    logged. Records are strict JSON: non-finite values are written as `null`.
     """
 
     def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True):
@@ -46,7 +81,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: Mapping[str, Any], *, stage: str = "train") -> dict:
         """Writes one record; array values become Python numbers. Returns the record."""
         record = {"step": int(step), "stage": stage, **{k: _to_python(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
@@ -58,7 +93,7 @@ class MetricsWriter:
         """Drops records of `stage` with step > `step` (a resumed run re-logs those steps)."""
         self._file.close()
         kept = [r for r in read_metrics(self.path) if r["stage"] != stage or r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.path.write_text("".join(dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
 
     def close(self) -> None:
@@ -85,11 +120,31 @@ def setup_logging(
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """All records of a `metrics.jsonl` file (missing file: empty list)."""
+    """All records of a `metrics.jsonl` file (missing file: empty list).
+
+    A torn last line (the run was killed while writing it) is dropped with a warning naming the
+    file and line; `MetricsWriter.truncate_after` then rewrites the file without it.
+
+    Raises:
+      ValueError: a line other than the last is not JSON (naming file and line): the file was
+        edited or corrupted, not torn by a kill.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                log.warning("%s: line %d is torn (%s); dropped it", path, number, e.msg)
+                continue
+            raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); the file is corrupted") from e
+    return records
 
 
 def plot_metrics(

@@ -13,7 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
+
+# apply_if_finite applies a non-finite update after this many consecutive skips; int32's largest
+# value (its counter's dtype) means never: stopping a diverged run is the loop's decision.
+_NEVER_APPLY = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,10 @@ class OptimConfig:
       b1, b2, eps: Adam moments and epsilon (Kingma & Ba 2015).
       max_grad_norm: clip the global gradient norm to this value (None: no clipping).
       grad_accum_steps: micro-batches per optimizer update (optax.MultiSteps).
+      skip_nonfinite: wrap the optimizer in `optax.apply_if_finite`: an update whose gradients
+        hold a NaN or inf is dropped (parameters and optimizer state unchanged) and counted
+        (`nonfinite_metrics`). It never gives up and applies one; the loops stop the run after
+        `max_skipped_steps` consecutive skips instead (`jaxalign.trainers.loop`).
     """
 
     learning_rate: float = 1e-4
@@ -44,6 +53,7 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     grad_accum_steps: int = 1
+    skip_nonfinite: bool = True
 
     def __post_init__(self):
         if self.total_steps <= 0:
@@ -94,7 +104,9 @@ def weight_decay_mask(params) -> dict:
 def make_optimizer(
     config: OptimConfig, decay_mask: Callable[[Any], Any] = weight_decay_mask
 ) -> tuple[optax.GradientTransformation, Callable]:
-    """Builds `clip_by_global_norm -> adamw(schedule, mask)` wrapped in `optax.MultiSteps`.
+    """Builds `clip_by_global_norm -> adamw(schedule, mask)`, in `optax.MultiSteps` when
+    accumulating, in `optax.apply_if_finite` (outermost, so a non-finite micro-batch gradient never
+    reaches the accumulator) unless `config.skip_nonfinite` is False.
 
     Args:
       config: the optimiser hyperparameters.
@@ -122,4 +134,29 @@ def make_optimizer(
     tx = optax.chain(*parts)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    if config.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_APPLY)
     return tx, schedule
+
+
+def nonfinite_metrics(opt_state: Any) -> dict[str, jax.Array]:
+    """The skip counters of the `optax.apply_if_finite` wrapper inside `opt_state`, as metrics.
+
+    Returns:
+      `{"nonfinite": 1.0 if this update was skipped else 0.0, "skipped_steps": int32 total
+      skipped updates, "consecutive_skipped": int32 skips in a row}`; `{}` when `opt_state` holds
+      no such wrapper (an optimizer built with `skip_nonfinite=False`, or the caller's own).
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
+        if isinstance(s, optax.ApplyIfFiniteState)
+    ]
+    if not found:
+        return {}
+    state = found[0]
+    return {
+        "nonfinite": 1.0 - state.last_finite.astype(jnp.float32),
+        "skipped_steps": state.total_notfinite,
+        "consecutive_skipped": state.notfinite_count,
+    }

@@ -125,7 +125,8 @@ def ppo_update(
 
     Returns:
       (state, metrics): metrics averaged over every minibatch step, plus the last step's values
-      under `final_*` for `approx_kl` and `clip_fraction`.
+      under `final_*` for `approx_kl` and `clip_fraction`, and the last step's `skipped_steps`
+      and `consecutive_skipped` counters as they are.
 
     Raises:
       ValueError: a batch that does not split into `num_minibatches` equal parts, or epochs < 1.
@@ -148,8 +149,10 @@ def ppo_update(
             history.append(metrics)
     history = jax.device_get(history)
     mean = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+    counters = {k: int(history[-1][k]) for k in ("skipped_steps", "consecutive_skipped") if k in history[-1]}
     return state, {
         **mean,
+        **counters,  # the skip counters as the last step left them, not averaged
         "final_approx_kl": float(history[-1]["approx_kl"]),
         "final_clip_fraction": float(history[-1]["clip_fraction"]),
     }

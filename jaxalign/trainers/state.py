@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxalign.optim import nonfinite_metrics
+
 if TYPE_CHECKING:  # jaxalign.sharding builds train states, so it imports this module
     from jaxalign.sharding import StepShardings
 
@@ -59,7 +61,10 @@ def make_train_step(
 
     The step differentiates `loss_fn(params, batch, dropout_rng, *extra)` with respect to params,
     applies `tx`, and adds `grad_norm` (global L2 norm before clipping) and `learning_rate` (the
-    schedule at the current optimizer update, micro-steps // grad_accum_steps) to the metrics.
+    schedule at the current optimizer update, micro-steps // grad_accum_steps) to the metrics,
+    and, when `tx` skips non-finite updates (`make_optimizer`'s default), `nonfinite`,
+    `skipped_steps` and `consecutive_skipped` (`jaxalign.optim.nonfinite_metrics`): a skipped
+    step leaves params and optimizer state as they were and still advances `step` and `rng`.
     `extra` carries arrays the loss needs but does not train (e.g. frozen reference params); they
     are arguments, not closure constants, so they are not baked into the compiled program.
 
@@ -87,6 +92,7 @@ def make_train_step(
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(state.step // grad_accum_steps),
+            **nonfinite_metrics(opt_state),
         }
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics

@@ -41,4 +41,4 @@ def test_one_grpo_iteration_end_to_end_writes_outputs(shared_data, tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["answer"] for s in samples] == ["18", "3", "70000", "540"]  # the first test problems
     assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy_after"] == summary["test_accuracy_after"]
-    assert (tmp_path / "checkpoints" / "1").is_dir() and (tmp_path / "grpo.png").stat().st_size > 0
+    assert (tmp_path / "checkpoints" / "grpo" / "1").is_dir() and (tmp_path / "grpo.png").stat().st_size > 0

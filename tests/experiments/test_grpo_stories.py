@@ -24,3 +24,29 @@ def test_grpo_raises_keyword_reward_from_pretrained_stories260k(shared_data, tmp
     assert (tmp_path / "grpo.png").stat().st_size > 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["stage"] == "grpo" for r in records) == 15
+
+
+GRPO_KILL_ARGS = ["--grpo-iterations", "4", "--prompts-per-iteration", "4", "--group-size", "4",
+                  "--max-new-tokens", "16", "--eval-samples", "2", "--checkpoint-every", "2", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_grpo_kill_and_resume_is_bit_identical(shared_data, tmp_path):
+    """SIGKILL before the first checkpoint and SIGINT after one, then --resume: the records,
+    summary and final checkpoint equal an uninterrupted run's; a changed flag is refused."""
+    from tests.experiments._kill import (
+        assert_same_checkpoints, deterministic_records, deterministic_summary, run_killed,
+    )
+
+    whole = tmp_path / "whole"
+    main(["--output-dir", str(whole), *GRPO_KILL_ARGS])
+    for name, step, how in (("early", 1, "kill"), ("late", 3, "sigint")):
+        broken = tmp_path / name
+        run_killed("experiments.grpo_stories", ["--output-dir", str(broken), *GRPO_KILL_ARGS],
+                   stage="grpo", step=step, how=how)
+        main(["--output-dir", str(broken), *GRPO_KILL_ARGS, "--resume"])
+        assert deterministic_records(broken / "metrics.jsonl") == deterministic_records(whole / "metrics.jsonl")
+        assert deterministic_summary(broken / "summary.json") == deterministic_summary(whole / "summary.json")
+        assert_same_checkpoints(whole / "checkpoints" / "grpo", broken / "checkpoints" / "grpo")
+    with pytest.raises(ValueError, match="--beta: 0.2 in config.json, 0.1 now"):
+        main(["--output-dir", str(whole), *GRPO_KILL_ARGS, "--resume", "--beta", "0.1"])

@@ -3,8 +3,8 @@
 Default: the real llama2.c TinyStories model stories260K and its SentencePiece tokenizer from
 ../shared/data/models/stories260K/:
 
-  python experiments/generate.py                                   # greedy from BOS + NLL table
-  python experiments/generate.py --prompt "Once upon a time" "Tom had a dog" \
+  python -m experiments.generate                                   # greedy from BOS + NLL table
+  python -m experiments.generate --prompt "Once upon a time" "Tom had a dog" \
       --temperature 0.8 --top-p 0.9 --max-new-tokens 120
 
 The NLL table compares the model's mean negative log-likelihood per token of a few story

@@ -7,7 +7,7 @@ k3 KL to the SFT model) raises its held-out accuracy when sampling at the rollou
 (pass@1, what GRPO maximises). Greedy accuracy is reported too: on this tiny model it falls
 (measured 0.385 -> 0.325 at the defaults), see the issue notes.
 
-  python experiments/grpo_arithmetic.py                  # default, a few minutes on 2 CPU cores
+  python -m experiments.grpo_arithmetic                  # default, a few minutes on 2 CPU cores
 
 Writes into --output-dir: metrics.jsonl, summary.json, grpo.png.
 """

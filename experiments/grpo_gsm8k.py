@@ -16,7 +16,7 @@ checkpoint directory whose tokenizer jaxalign reads (SentencePiece `tokenizer.mo
 TinyLlama / Mistral; GPT-2's BPE via a `.tiktoken` file; Qwen2.5's `tokenizer.json` is not
 supported yet, see README):
 
-  python experiments/grpo_gsm8k.py --output-dir runs/gsm8k_tinyllama \\
+  python -m experiments.grpo_gsm8k --output-dir runs/gsm8k_tinyllama \\
       --model /ckpt/TinyLlama-1.1B-Chat-v1.0 --tokenizer /ckpt/TinyLlama-1.1B-Chat-v1.0/tokenizer.model \\
       --dtype bfloat16 --max-prompt-length 384 --max-new-tokens 320 \\
       --group-size 8 --prompts-per-iteration 16 --grpo-iterations 500 --grpo-lr 1e-6 \\

@@ -11,10 +11,10 @@ On openings held out from training it reports, before and after GRPO: the expect
 the rollout temperature) and the KL(π‖π_ref) per continuation (nats, the k1 estimate on those
 samples: exactly 0 before training), plus sample texts.
 
-  python experiments/grpo_stories.py               # defaults: about 70 s on 2 CPU cores
-  python experiments/grpo_stories.py --grpo-iterations 40 --prompts-per-iteration 16 \
+  python -m experiments.grpo_stories               # defaults: about 70 s on 2 CPU cores
+  python -m experiments.grpo_stories --grpo-iterations 40 --prompts-per-iteration 16 \
       --eval-samples 16 --max-new-tokens 48            # about 4 minutes
-  python experiments/grpo_stories.py --keywords cat cats --beta 0.1
+  python -m experiments.grpo_stories --keywords cat cats --beta 0.1
 
 Measured here (8 held-out openings; reward = fraction of sampled continuations that mention
 "dog"/"dogs"; KL in nats per continuation):

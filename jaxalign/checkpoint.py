@@ -19,8 +19,9 @@ import orbax.checkpoint as ocp
 
 
 class NonFiniteError(FloatingPointError):
-    """A run met NaN/inf where it must not continue: parameters, rewards, or repeated skipped
-    updates. The message names the stage, step and tensor or metric."""
+    """A run diverged and must not continue: NaN/inf parameters or rewards, repeated skipped
+    (non-finite) updates, or an update larger than the parameters themselves. The message names
+    the stage, step and tensor or metric."""
 
 
 def first_nonfinite(tree: Any) -> str | None:

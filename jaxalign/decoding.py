@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import KVCache, forward_with_cache, init_cache
+from jaxalign.ops import select
 
 
 @flax.struct.dataclass
@@ -283,8 +284,8 @@ def generate(
     mask = produced.astype(jnp.float32)
     return Generation(
         tokens=jnp.where(produced, final.tokens, pad_id),
-        logps=final.logps * mask,
-        model_logps=final.model_logps * mask,
+        logps=select(produced, final.logps),  # after EOS the buffers hold what was never sampled
+        model_logps=select(produced, final.model_logps),
         mask=mask,
         lengths=jnp.sum(produced, axis=-1).astype(jnp.int32),
     )

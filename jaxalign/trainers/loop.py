@@ -6,8 +6,10 @@ the batches and PRNG keys it would have seen.
 
 Divergence: the optimizer skips an update whose gradients are not finite (`make_optimizer`'s
 `apply_if_finite`); the loop stops the run with `NonFiniteError` (naming stage, step and the
-first non-finite metric) once `max_skipped_steps` updates in a row were skipped, and
-`save_checkpoint` refuses a non-finite state, so the last checkpoint on disk is a finite one.
+first non-finite metric) once `max_skipped_steps` updates in a row were skipped, or as soon as an
+update is larger than the weights (`update_ratio` > `max_update_ratio`, a learning rate far too
+large while every number is still finite), before that state is checkpointed; and
+`save_checkpoint` refuses a non-finite state, so the last checkpoint on disk is a good one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ def first_nonfinite_metric(metrics: Mapping[str, Any]) -> str:
         if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
             return f"{k}={v.tolist()}"
     return "none"
+
+
+def check_update_ratio(
+    metrics: Mapping[str, Any], *, stage: str, step: int, max_update_ratio: float | None
+) -> None:
+    """Raises `NonFiniteError` when the step's `update_ratio` (‖update‖ / ‖params‖) exceeds
+    `max_update_ratio`: an update larger than the weights themselves is a diverged run (a
+    learning rate orders of magnitude too large), even while every number is still finite."""
+    if max_update_ratio is None or "update_ratio" not in metrics:
+        return
+    ratio = float(np.asarray(metrics["update_ratio"]))
+    if not ratio <= max_update_ratio:  # NaN too
+        raise NonFiniteError(
+            f"{stage}: step {step}: update_ratio={ratio:.3g} > max_update_ratio={max_update_ratio:g} "
+            "(the update's norm exceeds the parameters'): the run diverged; stopping before the "
+            "state is checkpointed. Lower the learning rate."
+        )
 
 
 def check_skipped(metrics: Mapping[str, Any], *, stage: str, step: int, max_skipped_steps: int) -> None:
@@ -72,6 +91,7 @@ def train_loop(
     checkpoints: ocp.CheckpointManager | None = None,
     progress: bool = True,
     max_skipped_steps: int = 3,
+    max_update_ratio: float | None = 1.0,
     initial_eval: Mapping[str, float] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """Runs `step_fn` from `state.step` up to `num_steps`.
@@ -99,6 +119,8 @@ def train_loop(
       max_skipped_steps: stop after this many consecutive updates skipped for non-finite
         gradients. The count is read one step late (so the device keeps a step queued), and the
         step that reaches it is logged before the error.
+      max_update_ratio: stop when a step's update is larger than this fraction of the parameters
+        (global L2 norms; healthy runs sit near 1e-3); None disables the check.
       initial_eval: the evaluation of the initial params, logged as the f"{stage}_eval" record
         of step 0 when the loop starts at step 0.
 
@@ -107,8 +129,8 @@ def train_loop(
       throughput excludes the first step of the call (compilation).
 
     Raises:
-      NonFiniteError: `max_skipped_steps` consecutive skipped updates, or a non-finite state due
-        to be checkpointed.
+      NonFiniteError: `max_skipped_steps` consecutive skipped updates, an update over
+        `max_update_ratio`, or a non-finite state due to be checkpointed.
     """
     if max_skipped_steps < 1:
         raise ValueError(f"max_skipped_steps must be >= 1, got {max_skipped_steps}")
@@ -126,51 +148,58 @@ def train_loop(
         return done % log_every == 0 or done == num_steps
 
     def check(done: int, metrics) -> None:
-        if "consecutive_skipped" in metrics and int(metrics["consecutive_skipped"]) >= max_skipped_steps:
+        skipped = "consecutive_skipped" in metrics and int(metrics["consecutive_skipped"]) >= max_skipped_steps
+        too_large = max_update_ratio is not None and "update_ratio" in metrics and not (
+            float(metrics["update_ratio"]) <= max_update_ratio
+        )
+        if skipped or too_large:
             record = jax.device_get(metrics)
             if not logged(done):  # the step that stops the run is always in metrics.jsonl
                 writer.write(done, record, stage=stage)
+            check_update_ratio(record, stage=stage, step=done, max_update_ratio=max_update_ratio)  # the cause first
             check_skipped(record, stage=stage, step=done, max_skipped_steps=max_skipped_steps)
 
-    for step in range(start, num_steps):
-        batch = batch_at(step)
-        state, metrics = step_fn(state, batch, *extra_args)
+    try:
+        for step in range(start, num_steps):
+            batch = batch_at(step)
+            state, metrics = step_fn(state, batch, *extra_args)
+            if previous is not None:
+                check(*previous)
+            previous = (step + 1, metrics)
+            if t0 is None:  # first step compiles: start the clock once it has finished
+                jax.block_until_ready(metrics)
+                t0 = time.perf_counter()
+            else:
+                timed_tokens += count_tokens(batch)
+                timed_steps += 1
+            done = step + 1
+            if logged(done):
+                record = jax.device_get(metrics)
+                elapsed = time.perf_counter() - t0 - paused
+                if timed_steps:
+                    record["tokens_per_s"] = timed_tokens / elapsed
+                writer.write(done, record, stage=stage)
+                bar.set_postfix(loss=f"{float(record['loss']):.4f}")
+            if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+                jax.block_until_ready(state)  # charge pending steps to training, not to evaluation
+                t_eval = time.perf_counter()
+                eval_record = dict(eval_fn(state.params))
+                writer.write(done, eval_record, stage=f"{stage}_eval")
+                paused += time.perf_counter() - t_eval
+            if checkpoints is not None:
+                if done == num_steps or checkpoints.should_save(done):
+                    check(done, metrics)  # a skipped run stops here rather than saving its last steps
+                try:
+                    save_checkpoint(checkpoints, done, state, force=done == num_steps)
+                except NonFiniteError as e:
+                    raise NonFiniteError(f"{stage}: step {done}: {e}") from e
+            bar.update(1)
         if previous is not None:
             check(*previous)
-        previous = (step + 1, metrics)
-        if t0 is None:  # first step compiles: start the clock once it has finished
-            jax.block_until_ready(metrics)
-            t0 = time.perf_counter()
-        else:
-            timed_tokens += count_tokens(batch)
-            timed_steps += 1
-        done = step + 1
-        if logged(done):
-            record = jax.device_get(metrics)
-            elapsed = time.perf_counter() - t0 - paused
-            if timed_steps:
-                record["tokens_per_s"] = timed_tokens / elapsed
-            writer.write(done, record, stage=stage)
-            bar.set_postfix(loss=f"{float(record['loss']):.4f}")
-        if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
-            jax.block_until_ready(state)  # charge pending steps to training, not to evaluation
-            t_eval = time.perf_counter()
-            eval_record = dict(eval_fn(state.params))
-            writer.write(done, eval_record, stage=f"{stage}_eval")
-            paused += time.perf_counter() - t_eval
+    finally:  # a stopped run still commits the checkpoints it started
+        bar.close()
         if checkpoints is not None:
-            if done == num_steps or checkpoints.should_save(done):
-                check(done, metrics)  # a skipped run stops here rather than saving its last steps
-            try:
-                save_checkpoint(checkpoints, done, state, force=done == num_steps)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{stage}: step {done}: {e}") from e
-        bar.update(1)
-    if previous is not None:
-        check(*previous)
-    bar.close()
-    if checkpoints is not None:
-        checkpoints.wait_until_finished()
+            checkpoints.wait_until_finished()
     jax.block_until_ready(state)
     elapsed = (time.perf_counter() - t0 - paused) if t0 is not None else 0.0
     summary = {

@@ -125,8 +125,8 @@ def ppo_update(
 
     Returns:
       (state, metrics): metrics averaged over every minibatch step, plus the last step's values
-      under `final_*` for `approx_kl` and `clip_fraction`, and the last step's `skipped_steps`
-      and `consecutive_skipped` counters as they are.
+      under `final_*` for `approx_kl` and `clip_fraction`, the last step's `skipped_steps` and
+      `consecutive_skipped` counters as they are, and the largest `update_ratio`.
 
     Raises:
       ValueError: a batch that does not split into `num_minibatches` equal parts, or epochs < 1.
@@ -150,6 +150,8 @@ def ppo_update(
     history = jax.device_get(history)
     mean = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
     counters = {k: int(history[-1][k]) for k in ("skipped_steps", "consecutive_skipped") if k in history[-1]}
+    if "update_ratio" in history[0]:  # the largest, so one diverging minibatch step is seen
+        counters["update_ratio"] = float(np.max([m["update_ratio"] for m in history]))
     return state, {
         **mean,
         **counters,  # the skip counters as the last step left them, not averaged

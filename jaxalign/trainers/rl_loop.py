@@ -29,7 +29,7 @@ from jaxalign.metrics import MetricsWriter, read_metrics
 from jaxalign.models.config import TransformerConfig
 from jaxalign.ops import masked_sum
 from jaxalign.rollout import _jitted_completion_logps, decode_completions, grpo_rollout, ppo_rollout
-from jaxalign.trainers.loop import check_skipped
+from jaxalign.trainers.loop import check_skipped, check_update_ratio
 from jaxalign.trainers.ppo import adaptive_kl_coef, ppo_update
 from jaxalign.trainers.state import TrainState
 
@@ -136,6 +136,26 @@ def check_finite_rollout(values: Mapping[str, Any], *, stage: str, iteration: in
             )
 
 
+def _restart(writer: MetricsWriter, rng: jax.Array, start: int, stage: str) -> jax.Array:
+    """Where an RL loop resumes at iteration `start`: drops the records of `stage` and
+    f"{stage}_eval" logged after it and returns `rng` advanced past the keys already used."""
+    for name in (stage, f"{stage}_eval"):
+        writer.truncate_after(start, stage=name)
+    for _ in range(start):
+        rng, _ = jax.random.split(rng)
+    return rng
+
+
+def _save(checkpoints: ocp.CheckpointManager | None, it: int, state, *, final: bool, stage: str) -> None:
+    """Offers the state of iteration `it` to the manager (saved at the end regardless)."""
+    if checkpoints is None:
+        return
+    try:
+        save_checkpoint(checkpoints, it, state, force=final)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{stage}: iteration {it}: {e}") from e
+
+
 def grpo_loop(
     step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
     state: TrainState,
@@ -152,6 +172,7 @@ def grpo_loop(
     checkpoints: ocp.CheckpointManager | None = None,
     progress: bool = True,
     max_skipped_steps: int = 3,
+    max_update_ratio: float | None = 1.0,
     **rollout_kwargs,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Runs GRPO iterations from the one `state` is at to `num_iterations`: rollout with the
@@ -185,6 +206,8 @@ def grpo_loop(
       progress: show a tqdm bar.
       max_skipped_steps: stop after this many consecutive optimiser steps skipped for
         non-finite gradients (`jaxalign.trainers.loop`).
+      max_update_ratio: stop when an update's norm exceeds this fraction of the parameters'
+        (`jaxalign.trainers.loop.check_update_ratio`); None disables it.
       **rollout_kwargs: `grpo_rollout`'s options (group_size, reward_fn, decode, max_new_tokens,
         eos_id, pad_id, temperature, top_k, top_p, scale, filter_zero_variance).
 
@@ -195,53 +218,49 @@ def grpo_loop(
 
     Raises:
       NonFiniteError: non-finite rewards, advantages or KL in a rollout, `max_skipped_steps`
-        skipped steps in a row, or a non-finite state due to be checkpointed (stage, iteration
-        and field named).
+        skipped steps in a row, an update over `max_update_ratio`, or a non-finite state due to
+        be checkpointed (stage, iteration and field named).
       ValueError: a state whose step is not a whole number of iterations.
     """
     if int(state.step) % inner_steps:
         raise ValueError(f"state.step={int(state.step)} is not a multiple of inner_steps={inner_steps}")
     start = int(state.step) // inner_steps
-    for stage in ("grpo", "grpo_eval"):
-        writer.truncate_after(start, stage=stage)
-    for _ in range(start):  # the keys of the iterations already done
-        rng, _ = jax.random.split(rng)
+    rng = _restart(writer, rng, start, "grpo")
     final_eval, seconds = {}, {"rollout_seconds": 0.0, "update_seconds": 0.0}
     bar = tqdm(total=num_iterations, initial=start, desc="grpo", disable=not progress, leave=False)
-    for it in range(start + 1, num_iterations + 1):
-        tokens, mask, columns = prompts_at(it)
-        rng, key = jax.random.split(rng)
-        t0 = time.perf_counter()
-        rollout, roll_metrics, _ = grpo_rollout(
-            state.params, config, tokens, mask, rng=key, ref_params=ref_params, columns=columns,
-            **rollout_kwargs,
-        )
-        check_finite_rollout(
-            {"rewards": rollout.rewards, "advantages": rollout.advantages, **roll_metrics}, stage="grpo", iteration=it
-        )
-        t1 = time.perf_counter()
-        for _ in range(inner_steps):
-            state, metrics = step_fn(state, rollout)
-        record = {**jax.device_get(metrics), **roll_metrics}
-        timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
-        for k, v in timing.items():
-            seconds[k] += v
-        writer.write(it, {**record, **timing}, stage="grpo")
-        check_skipped(record, stage="grpo", step=it, max_skipped_steps=max_skipped_steps)
-        check_finite_rollout({"kl": record.get("kl", 0.0)}, stage="grpo", iteration=it)
-        if eval_fn is not None and ((eval_every and it % eval_every == 0) or it == num_iterations):
-            final_eval = dict(eval_fn(state.params))
-            writer.write(it, final_eval, stage="grpo_eval")
+    try:
+        for it in range(start + 1, num_iterations + 1):
+            tokens, mask, columns = prompts_at(it)
+            rng, key = jax.random.split(rng)
+            t0 = time.perf_counter()
+            rollout, roll_metrics, _ = grpo_rollout(
+                state.params, config, tokens, mask, rng=key, ref_params=ref_params, columns=columns,
+                **rollout_kwargs,
+            )
+            check_finite_rollout(
+                {"rewards": rollout.rewards, "advantages": rollout.advantages, **roll_metrics}, stage="grpo", iteration=it
+            )
+            t1 = time.perf_counter()
+            for _ in range(inner_steps):
+                state, metrics = step_fn(state, rollout)
+            record = {**jax.device_get(metrics), **roll_metrics}
+            timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
+            for k, v in timing.items():
+                seconds[k] += v
+            writer.write(it, {**record, **timing}, stage="grpo")
+            check_update_ratio(record, stage="grpo", step=it, max_update_ratio=max_update_ratio)
+            check_skipped(record, stage="grpo", step=it, max_skipped_steps=max_skipped_steps)
+            check_finite_rollout({"kl": record.get("kl", 0.0)}, stage="grpo", iteration=it)
+            if eval_fn is not None and ((eval_every and it % eval_every == 0) or it == num_iterations):
+                final_eval = dict(eval_fn(state.params))
+                writer.write(it, final_eval, stage="grpo_eval")
+            _save(checkpoints, it, state, final=it == num_iterations, stage="grpo")
+            bar.set_postfix(reward=f"{roll_metrics['reward_mean']:.3f}")
+            bar.update(1)
+    finally:  # a stopped run still commits the checkpoints it started
+        bar.close()
         if checkpoints is not None:
-            try:
-                save_checkpoint(checkpoints, it, state, force=it == num_iterations)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"grpo: iteration {it}: {e}") from e
-        bar.set_postfix(reward=f"{roll_metrics['reward_mean']:.3f}")
-        bar.update(1)
-    bar.close()
-    if checkpoints is not None:
-        checkpoints.wait_until_finished()
+            checkpoints.wait_until_finished()
     rewards = [r["reward_mean"] for r in read_metrics(writer.path) if r["stage"] == "grpo"]
     return state, {"reward_mean": rewards, "final_eval": final_eval, **seconds}
 
@@ -275,6 +294,7 @@ def ppo_loop(
     checkpoints: ocp.CheckpointManager | None = None,
     progress: bool = True,
     max_skipped_steps: int = 3,
+    max_update_ratio: float | None = 1.0,
     **rollout_kwargs,
 ) -> tuple[PPOState, dict[str, Any]]:
     """Runs PPO iterations from the one `state` is at to `num_iterations`: `ppo_rollout` with the
@@ -306,6 +326,7 @@ def ppo_loop(
       checkpoints: an orbax manager; the `PPOState` is offered to it after each iteration.
       progress: show a tqdm bar.
       max_skipped_steps: stop after this many consecutive skipped (non-finite) updates.
+      max_update_ratio: stop when an update's norm exceeds this fraction of the parameters'.
       **rollout_kwargs: `ppo_rollout`'s sampling and advantage options (max_new_tokens, eos_id,
         pad_id, temperature, top_k, top_p, kl_kind, gamma, lam, whiten_advantages,
         missing_eos_penalty, critic, value_config).
@@ -316,56 +337,53 @@ def ppo_loop(
 
     Raises:
       NonFiniteError: non-finite scores, rewards, advantages or KL, `max_skipped_steps` skipped
-        updates in a row, or a non-finite state due to be checkpointed (iteration and field named).
+        updates in a row, an update over `max_update_ratio`, or a non-finite state due to be
+        checkpointed (iteration and field named).
     """
     per_iteration = epochs * num_minibatches
     if int(state.train.step) % per_iteration:
         raise ValueError(f"state step {int(state.train.step)} is not a multiple of epochs × minibatches = {per_iteration}")
     start = int(state.train.step) // per_iteration
-    for stage in ("ppo", "ppo_eval"):
-        writer.truncate_after(start, stage=stage)
-    for _ in range(start):
-        rng, _ = jax.random.split(rng)
+    rng = _restart(writer, rng, start, "ppo")
     train, kl_coef = state.train, float(np.float32(state.kl_coef))
     final_eval, seconds = {}, {"rollout_seconds": 0.0, "update_seconds": 0.0}
     bar = tqdm(total=num_iterations, initial=start, desc="ppo", disable=not progress, leave=False)
-    for it in range(start + 1, num_iterations + 1):
-        tokens, mask = prompts_at(it)
-        rng, key = jax.random.split(rng)
-        t0 = time.perf_counter()
-        rollout, roll = ppo_rollout(
-            train.params, config, tokens, mask, ref_params=ref_params, score_fn=score_fn, rng=key,
-            kl_coef=kl_coef, **rollout_kwargs,
-        )
-        extra = dict(rollout_metrics(rollout)) if rollout_metrics is not None else {}
-        check_finite_rollout(
-            {"scores": rollout.scores, "rewards": rollout.rewards, "advantages": rollout.advantages, **roll},
-            stage="ppo", iteration=it,
-        )
-        t1 = time.perf_counter()
-        train, upd = ppo_update(step_fn, train, rollout, epochs=epochs, num_minibatches=num_minibatches, seed=it)
-        timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
-        for k, v in timing.items():
-            seconds[k] += v
-        writer.write(it, {**roll, **upd, **extra, **timing}, stage="ppo")
-        check_skipped(upd, stage="ppo", step=it, max_skipped_steps=max_skipped_steps)
-        if kl_target is not None:  # float32, as checkpointed: a resumed run continues with the same β
-            kl_coef = float(np.float32(
-                adaptive_kl_coef(kl_coef, roll["kl"], tokens.shape[0], target=kl_target, horizon=kl_horizon)
-            ))
-        if eval_fn is not None and ((eval_every and it % eval_every == 0) or it == num_iterations):
-            final_eval = dict(eval_fn(train.params))
-            writer.write(it, final_eval, stage="ppo_eval")
+    try:
+        for it in range(start + 1, num_iterations + 1):
+            tokens, mask = prompts_at(it)
+            rng, key = jax.random.split(rng)
+            t0 = time.perf_counter()
+            rollout, roll = ppo_rollout(
+                train.params, config, tokens, mask, ref_params=ref_params, score_fn=score_fn, rng=key,
+                kl_coef=kl_coef, **rollout_kwargs,
+            )
+            extra = dict(rollout_metrics(rollout)) if rollout_metrics is not None else {}
+            check_finite_rollout(
+                {"scores": rollout.scores, "rewards": rollout.rewards, "advantages": rollout.advantages, **roll},
+                stage="ppo", iteration=it,
+            )
+            t1 = time.perf_counter()
+            train, upd = ppo_update(step_fn, train, rollout, epochs=epochs, num_minibatches=num_minibatches, seed=it)
+            timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
+            for k, v in timing.items():
+                seconds[k] += v
+            writer.write(it, {**roll, **upd, **extra, **timing}, stage="ppo")
+            check_update_ratio(upd, stage="ppo", step=it, max_update_ratio=max_update_ratio)  # the cause first
+            check_skipped(upd, stage="ppo", step=it, max_skipped_steps=max_skipped_steps)
+            if kl_target is not None:  # float32, as checkpointed: a resumed run continues with the same β
+                kl_coef = float(np.float32(
+                    adaptive_kl_coef(kl_coef, roll["kl"], tokens.shape[0], target=kl_target, horizon=kl_horizon)
+                ))
+            if eval_fn is not None and ((eval_every and it % eval_every == 0) or it == num_iterations):
+                final_eval = dict(eval_fn(train.params))
+                writer.write(it, final_eval, stage="ppo_eval")
+            _save(checkpoints, it, PPOState(train, jnp.float32(kl_coef)), final=it == num_iterations, stage="ppo")
+            bar.set_postfix(score=f"{roll['score']:.3f}")
+            bar.update(1)
+    finally:  # a stopped run still commits the checkpoints it started
+        bar.close()
         if checkpoints is not None:
-            try:
-                save_checkpoint(checkpoints, it, PPOState(train, jnp.float32(kl_coef)), force=it == num_iterations)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"ppo: iteration {it}: {e}") from e
-        bar.set_postfix(score=f"{roll['score']:.3f}")
-        bar.update(1)
-    bar.close()
-    if checkpoints is not None:
-        checkpoints.wait_until_finished()
+            checkpoints.wait_until_finished()
     records = [r for r in read_metrics(writer.path) if r["stage"] == "ppo"]
     summary = {
         "score": [r["score"] for r in records],

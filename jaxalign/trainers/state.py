@@ -38,6 +38,13 @@ class TrainState:
     rng: jax.Array
 
 
+def _update_ratio(updates, params) -> jax.Array:
+    """‖Δθ‖ / ‖θ‖ (global L2 norms): ~1e-3 in healthy training, ≥ 1 when an update replaces the
+    weights; 0 while the parameters are all zero (nothing to compare against)."""
+    p_norm = optax.global_norm(params)
+    return jnp.where(p_norm > 0, optax.global_norm(updates) / jnp.where(p_norm > 0, p_norm, 1.0), 0.0)
+
+
 def create_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh `TrainState` at step 0 with `tx.init(params)` and a PRNG key from `seed`."""
     return TrainState(
@@ -60,8 +67,10 @@ def make_train_step(
     """Wraps `loss_fn` into a jit-compiled `step(state, batch, *extra) -> (state, metrics)`.
 
     The step differentiates `loss_fn(params, batch, dropout_rng, *extra)` with respect to params,
-    applies `tx`, and adds `grad_norm` (global L2 norm before clipping) and `learning_rate` (the
-    schedule at the current optimizer update, micro-steps // grad_accum_steps) to the metrics,
+    applies `tx`, and adds `grad_norm` (global L2 norm before clipping), `update_ratio`
+    (‖update‖ / ‖params‖, global L2 norms, 0 for all-zero params: the loops stop a run
+    whose update outgrows its weights) and `learning_rate` (the schedule at the current optimizer update, micro-steps //
+    grad_accum_steps) to the metrics,
     and, when `tx` skips non-finite updates (`make_optimizer`'s default), `nonfinite`,
     `skipped_steps` and `consecutive_skipped` (`jaxalign.optim.nonfinite_metrics`): a skipped
     step leaves params and optimizer state as they were and still advances `step` and `rng`.
@@ -91,6 +100,7 @@ def make_train_step(
             **metrics,
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
+            "update_ratio": _update_ratio(updates, state.params),
             "learning_rate": schedule(state.step // grad_accum_steps),
             **nonfinite_metrics(opt_state),
         }

@@ -50,3 +50,9 @@ def test_grpo_kill_and_resume_is_bit_identical(shared_data, tmp_path):
         assert_same_checkpoints(whole / "checkpoints" / "grpo", broken / "checkpoints" / "grpo")
     with pytest.raises(ValueError, match="--beta: 0.2 in config.json, 0.1 now"):
         main(["--output-dir", str(whole), *GRPO_KILL_ARGS, "--resume", "--beta", "0.1"])
+    # lr 1e6 used to collapse the policy silently (KL 0 -> 204 nats, every number finite)
+    from jaxalign.checkpoint import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"grpo: step \d: update_ratio=.* > max_update_ratio=1"):
+        main(["--output-dir", str(tmp_path / "diverged"), *GRPO_KILL_ARGS, "--grpo-lr", "1e6"])
+    assert not (tmp_path / "diverged" / "summary.json").exists()

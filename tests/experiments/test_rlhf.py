@@ -89,3 +89,7 @@ def test_reward_model_kill_and_resume_and_refusals(shared_data, tmp_path):
     with pytest.raises(ValueError, match=r"OptimConfig.warmup_steps=30 must be < total_steps=30"):
         reward_model.main(["--output-dir", str(tmp_path / "bad"), *args, "--warmup-steps", "30"])
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+    from jaxalign.checkpoint import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"reward_model: step \d+: update_ratio=.* > max_update_ratio=1"):
+        reward_model.main(["--output-dir", str(tmp_path / "diverged"), *args, "--lr", "1e6"])

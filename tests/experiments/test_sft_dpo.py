@@ -93,19 +93,19 @@ def test_kill_and_resume_is_bit_identical(tmp_path, stage, step, how, extra):
 
 @pytest.mark.slow
 def test_divergence_stops_with_the_stage_step_and_metric(tmp_path):
-    """--sft-lr 1e6: the run stops with an error naming stage, step and metric (no NaN training,
-    exit non-zero), and every checkpoint left on disk is finite."""
+    """--dpo-lr 1e6: the run stops at DPO's first step with an error naming stage, step and metric
+    (the update dwarfs the weights), writes no summary and no DPO checkpoint; SFT's stay, finite."""
     from jaxalign.checkpoint import NonFiniteError, first_nonfinite
     from tests.experiments._kill import latest_checkpoint_arrays
 
-    with pytest.raises(NonFiniteError, match=r"sft: step \d+: 3 consecutive updates skipped .*first non-finite metric: "):
-        main(["--output-dir", str(tmp_path), *KILL_ARGS, "--sft-lr", "1e6", "--dpo-lr", "1e6", "--checkpoint-every", "1",
-              "--keep-checkpoints", "2"])
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "sft"]
-    assert records[-1]["consecutive_skipped"] == 3 and records[-1]["loss"] is None
-    ckpt = tmp_path / "checkpoints" / "sft"
-    assert any(p.name.isdigit() for p in ckpt.iterdir())
-    assert first_nonfinite(latest_checkpoint_arrays(ckpt)) is None
+    with pytest.raises(NonFiniteError, match=r"dpo: step 1: update_ratio=.* > max_update_ratio=1"):
+        main(["--output-dir", str(tmp_path), *KILL_ARGS, "--dpo-lr", "1e6", "--checkpoint-every", "1"])
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "dpo"]
+    assert [r["step"] for r in records] == [1] and records[0]["update_ratio"] > 1
+    assert not (tmp_path / "checkpoints" / "dpo").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "checkpoints" / "dpo").iterdir()
+    )
+    assert first_nonfinite(latest_checkpoint_arrays(tmp_path / "checkpoints" / "sft")) is None
     assert not (tmp_path / "summary.json").exists()
 
 

@@ -25,7 +25,7 @@ def quadratic_loss(params, batch, rng):
 
 def setup(lr=0.1, accum=1):
     tx, schedule = make_optimizer(OptimConfig(learning_rate=lr, total_steps=100, weight_decay=0.0, grad_accum_steps=accum))
-    state = create_train_state({"w": jnp.zeros(3)}, tx, 0)
+    state = create_train_state({"w": jnp.full(3, 5.0)}, tx, 0)
     return make_train_step(quadratic_loss, tx, schedule, grad_accum_steps=accum, donate=False), state
 
 
@@ -116,3 +116,24 @@ def test_metrics_are_strict_json_and_a_torn_line_is_dropped(tmp_path, caplog):
         read_metrics(path)
     out = write_json(tmp_path / "summary.json", {"a": float("nan"), "b": [np.float32(2.0)]})
     assert json.loads(out.read_text()) == {"a": None, "b": [2.0]}
+
+
+def test_loop_stops_an_update_larger_than_the_weights(tmp_path):
+    """lr = 1e6 diverges with every number finite: the first update dwarfs the weights."""
+    step, state = setup(lr=1e6)
+    _, metrics = step(state, batch(False))
+    # Adam's first update is lr · sign(g) per coordinate: ‖Δ‖ / ‖w‖ = 1e6·√3 / (5·√3)
+    np.testing.assert_allclose(metrics["update_ratio"], 1e6 / 5, rtol=1e-5)
+    step, state = setup(lr=1e6)
+    manager = make_checkpoint_manager(tmp_path / "ckpt", save_every=1)
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    with pytest.raises(NonFiniteError, match=r"sft: step 1: update_ratio=2e\+05 > max_update_ratio=1"):
+        train_loop(step, state, lambda i: batch(False), num_steps=5, stage="sft", writer=writer,
+                   log_every=5, checkpoints=manager, progress=False)
+    manager.wait_until_finished()
+    assert manager.all_steps() == []  # the diverged state was never saved
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["update_ratio"] == pytest.approx(2e5, rel=1e-5)
+    # healthy steps sit far below the bound, and None switches the check off
+    step, state = setup(lr=0.1)
+    _, m = step(state, batch(False))
+    assert 0 < float(m["update_ratio"]) < 0.05

@@ -2,6 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+import pytest
 
 import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager
@@ -80,3 +82,105 @@ def test_grpo_loop_iterations_logging_eval_checkpoints_and_determinism(tmp_path)
     assert summary2["reward_mean"] == summary["reward_mean"]
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_grpo_loop_resumes_from_a_checkpoint_bit_identically(tmp_path):
+    """A run stopped after iteration 2 and continued from its checkpoint equals one that ran
+    through: same params, same records (the stale iteration-3 record of the killed run is dropped)."""
+    whole, _, whole_records = run_loop(tmp_path, "whole")
+    # a killed run: it got to iteration 3's record, but its last checkpoint is iteration 2
+    killed, _, _ = run_loop(tmp_path, "killed")
+    manager = make_checkpoint_manager(tmp_path / "killed" / "ckpt", save_every=2)
+    manager.delete(3)
+    tx = optax.adam(1e-2)
+    fresh = create_train_state(jax.tree.map(jnp.copy, PARAMS), tx, 0)
+    restored = manager.restore(2, args=ocp.args.StandardRestore(jax.eval_shape(lambda: fresh)))
+    assert int(restored.step) == 4
+    writer = MetricsWriter(tmp_path / "killed", tensorboard=False)
+    evals = [1]  # the eval at iteration 2 already ran
+    state, summary = grpo_loop(
+        make_grpo_step(CONFIG, tx, lambda s: 1e-2, beta=0.0, max_length=6), restored,
+        lambda it: (*jd.collate_prompts(["1+1=", "22+3="], TOK), {}), config=CONFIG, num_iterations=3,
+        rng=jax.random.key(5), writer=writer, inner_steps=2, eval_every=2,
+        eval_fn=lambda p: evals.append(1) or {"n": float(len(evals))},
+        checkpoints=manager, progress=False, group_size=4, reward_fn=odd_length, decode=TOK.decode,
+        max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+    )
+    writer.close()
+    timing = ("rollout_seconds", "update_seconds")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert strip(read_metrics(writer.path)) == strip(whole_records)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def ppo_setup(lr=1e-3):
+    from jaxalign.optim import OptimConfig, make_optimizer
+    from jaxalign.rollout import init_actor_critic
+    from jaxalign.trainers import make_ppo_step
+    from jaxalign.trainers.rl_loop import PPOState
+
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=lr, total_steps=100))
+    params = init_actor_critic(jax.tree.map(jnp.copy, PARAMS), config=CONFIG, rng=jax.random.key(3))
+    state = PPOState(create_train_state(params, tx, 0), jnp.float32(0.1))
+    return make_ppo_step(CONFIG, tx, schedule), state
+
+
+def count_one(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+    return jnp.sum(jnp.where(completion_mask > 0, completion_tokens == ord("1"), False), axis=1).astype(jnp.float32)
+
+
+def run_ppo(tmp_path, name, state, step, num_iterations, score_fn=count_one, manager=None):
+    from jaxalign.trainers.rl_loop import ppo_loop
+
+    tokens, mask = jd.collate_prompts(["1+1=", "22+3=", "7=", "x"], TOK)
+    writer = MetricsWriter(tmp_path / name, tensorboard=False)
+    try:
+        return ppo_loop(
+            step, state, lambda it: (tokens, mask), config=CONFIG, num_iterations=num_iterations,
+            rng=jax.random.key(7), writer=writer, ref_params=PARAMS, score_fn=score_fn, epochs=2,
+            num_minibatches=2, kl_target=0.5, kl_horizon=20.0, checkpoints=manager, progress=False,
+            rollout_metrics=lambda r: {"length": float(np.asarray(r.completion_mask).sum())},
+            max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+        )
+    finally:
+        writer.close()
+
+
+def test_ppo_loop_adapts_beta_and_resumes_bit_identically(tmp_path):
+    step, state = ppo_setup()
+    whole, summary = run_ppo(tmp_path, "whole", state, step, 3)
+    assert int(whole.train.step) == 3 * 2 * 2 and len(summary["score"]) == 3
+    records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and all("length" in r for r in records)
+    # the logged β of iteration i+1 is the controller's update of iteration i's (float32)
+    for prev, nxt in zip(records, records[1:]):
+        from jaxalign.trainers import adaptive_kl_coef
+
+        expected = np.float32(adaptive_kl_coef(prev["kl_coef"], prev["kl"], 4, target=0.5, horizon=20.0))
+        assert nxt["kl_coef"] == pytest.approx(float(expected), rel=1e-6)  # float32 → JSON round trip
+    # stop after 2 iterations (checkpointed), then continue to 3 from the checkpoint
+    step, state = ppo_setup()
+    manager = make_checkpoint_manager(tmp_path / "part" / "ckpt", save_every=1)
+    run_ppo(tmp_path, "part", state, step, 2, manager=manager)
+    restored = manager.restore(2, args=ocp.args.StandardRestore(jax.eval_shape(lambda: state)))
+    resumed, _ = run_ppo(tmp_path, "part", restored, step, 3, manager=manager)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(a, b)
+    timing = ("rollout_seconds", "update_seconds")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "part" / "metrics.jsonl")) == strip(records)
+
+
+def test_ppo_loop_stops_on_a_nonfinite_score(tmp_path):
+    from jaxalign.checkpoint import NonFiniteError
+
+    step, state = ppo_setup()
+    nan_score = lambda *a: count_one(*a) * jnp.nan  # noqa: E731
+    with pytest.raises(NonFiniteError, match=r"ppo: iteration 1: scores is not finite \(4 of 4 values\)"):
+        run_ppo(tmp_path, "nan", state, step, 2, score_fn=nan_score)
+    step, state = ppo_setup(lr=1e6)  # finite but diverged: the first update dwarfs the weights
+    manager = make_checkpoint_manager(tmp_path / "lr" / "ckpt", save_every=1)
+    with pytest.raises(NonFiniteError, match=r"ppo: step 1: update_ratio=.* > max_update_ratio=1"):
+        run_ppo(tmp_path, "lr", state, step, 2, manager=manager)
+    assert manager.all_steps() == []

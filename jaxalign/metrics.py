@@ -61,13 +61,18 @@ class MetricsWriter:
 
     When `tensorboardX` is importable, scalars also go to `<dir>/tensorboard/` (tag
     "stage/name"). The JSONL file is flushed after every record, so a killed run keeps what it
-    logged. Records are strict JSON: non-finite values are written as `null`.
+    logged. Records are strict JSON: non-finite values are written as `null`. Opening a file
+    whose last line was torn by a kill drops that line first (with a warning), so new records
+    never run into it.
     """
 
     def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
+        if self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size:
+            # a kill mid-write left a torn last line: drop it (read_metrics warns) before appending
+            self.path.write_text("".join(dumps(r) + "\n" for r in read_metrics(self.path)))
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:

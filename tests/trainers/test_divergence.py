@@ -111,6 +111,10 @@ def test_metrics_are_strict_json_and_a_torn_line_is_dropped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert f"{path}: line 3 is torn" in caplog.text
+    reopened = MetricsWriter(tmp_path, tensorboard=False)  # appending after a torn line repairs it first
+    reopened.write(3, {"loss": 2.0}, stage="x")
+    reopened.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     path.write_text('{"step": 1}\n{broken\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
         read_metrics(path)

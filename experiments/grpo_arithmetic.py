@@ -33,7 +33,7 @@ from jaxalign.rewards import exact_match_reward
 from jaxalign.trainers import create_train_state, make_sft_step, train_loop
 from jaxalign.trainers.rl_loop import evaluate_policy
 
-from experiments._common import RunDir, log_once
+from experiments._common import RunDir, draw_at, log_once
 from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_arithmetic")
@@ -126,7 +126,7 @@ def run(cfg: Config) -> dict:
 
     # --- GRPO against the exact-match reward, the SFT model as reference
     def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
-        chosen = np.random.default_rng([cfg.seed + 3, it]).choice(len(train), cfg.prompts_per_iteration, replace=False)
+        chosen = draw_at(cfg.seed + 3, it, len(train), cfg.prompts_per_iteration)
         batch = [train[i] for i in chosen]
         tokens, mask = jd.collate_prompts([p for p, _ in batch], tokenizer)
         return tokens, mask, {"answers": [a for _, a in batch]}

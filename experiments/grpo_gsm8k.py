@@ -46,7 +46,7 @@ from jaxalign.models import PRESETS, get_config, init_params, load_pretrained
 from jaxalign.rewards import exact_match_reward, format_reward, weighted_sum
 from jaxalign.trainers.rl_loop import evaluate_policy
 
-from experiments._common import RunDir, log_once
+from experiments._common import RunDir, draw_at, log_once
 from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_gsm8k")
@@ -169,7 +169,7 @@ def run(cfg: Config) -> dict:
     log_once(writer, 0, before, stage="grpo_eval")
 
     def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
-        chosen = np.random.default_rng([cfg.seed + 3, it]).choice(len(train), cfg.prompts_per_iteration, replace=False)
+        chosen = draw_at(cfg.seed + 3, it, len(train), cfg.prompts_per_iteration)
         batch = [train[i] for i in chosen]
         tokens, mask = collate(batch, tokenizer, buckets)
         return tokens, mask, {"answers": [r["answer"] for r in batch]}

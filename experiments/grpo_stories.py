@@ -46,7 +46,7 @@ from jaxalign.models import load_pretrained
 from jaxalign.rewards import keyword_reward
 from jaxalign.trainers.rl_loop import evaluate_policy
 
-from experiments._common import RunDir, log_once
+from experiments._common import RunDir, draw_at, log_once
 from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_stories")
@@ -157,9 +157,7 @@ def run(cfg: Config) -> dict:
     log_once(writer, 0, before, stage="grpo_eval")
 
     def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
-        chosen = np.random.default_rng([cfg.seed + 3, it]).choice(
-            len(TRAIN_OPENINGS), cfg.prompts_per_iteration, replace=cfg.prompts_per_iteration > len(TRAIN_OPENINGS)
-        )
+        chosen = draw_at(cfg.seed + 3, it, len(TRAIN_OPENINGS), cfg.prompts_per_iteration)
         tokens, mask = jd.collate_prompts([TRAIN_OPENINGS[i] for i in chosen], tokenizer, length=width)
         return tokens, mask, {}
 

@@ -32,15 +32,15 @@ GRPO_KILL_ARGS = ["--grpo-iterations", "4", "--prompts-per-iteration", "4", "--g
 
 @pytest.mark.slow
 def test_grpo_kill_and_resume_is_bit_identical(shared_data, tmp_path):
-    """SIGKILL before the first checkpoint and SIGINT after one, then --resume: the records,
-    summary and final checkpoint equal an uninterrupted run's; a changed flag is refused."""
+    """SIGINT after a checkpoint, then --resume: the records, summary and final checkpoint equal
+    an uninterrupted run's; a changed flag is refused; lr 1e6 stops the run."""
     from tests.experiments._kill import (
         assert_same_checkpoints, deterministic_records, deterministic_summary, run_killed,
     )
 
     whole = tmp_path / "whole"
     main(["--output-dir", str(whole), *GRPO_KILL_ARGS])
-    for name, step, how in (("early", 1, "kill"), ("late", 3, "sigint")):
+    for name, step, how in (("late", 3, "sigint"),):
         broken = tmp_path / name
         run_killed("experiments.grpo_stories", ["--output-dir", str(broken), *GRPO_KILL_ARGS],
                    stage="grpo", step=step, how=how)

@@ -18,6 +18,7 @@ from jaxalign.rollout import (
     reward_model_scorer,
 )
 from jaxalign.trainers import adaptive_kl_coef, create_train_state, make_ppo_step, ppo_update
+from tests._tolerance import ulps
 
 TOK = jd.byte_tokenizer()
 CONFIG = get_config("gpt2-tiny", vocab_size=TOK.vocab_size, max_seq_len=32)
@@ -48,16 +49,20 @@ def test_policy_and_values_shared_and_separate(policy):
     shared = init_actor_critic(policy, config=CONFIG, rng=jax.random.key(3))
     logits, values = policy_and_values(shared, CONFIG, tokens, mask, completion, critic="shared")
     hidden = completion_hidden(policy, CONFIG, tokens, mask, completion)
-    np.testing.assert_allclose(values, apply_scalar_head(shared["value"]["head"], hidden), rtol=1e-5)
+    # two programs through 2 layers of 64-term sums: 128 ulps of max|value|, not of each value (a
+    # value near 0 has the rounding of the large terms); measured equal
+    np.testing.assert_allclose(values, apply_scalar_head(shared["value"]["head"], hidden), rtol=0, atol=ulps(128, values))
     lp = jax.nn.log_softmax(logits.astype(jnp.float32))
     lp = jnp.take_along_axis(lp, completion[..., None], -1)[..., 0]
-    np.testing.assert_allclose(lp, completion_logps(policy, CONFIG, tokens, mask, completion), atol=1e-5)
+    # 256 ulps of max|logp| as in tests/test_decoding.py; measured 0.5
+    np.testing.assert_allclose(lp, completion_logps(policy, CONFIG, tokens, mask, completion), rtol=0, atol=ulps(256, lp))
 
     critic = init_scalar_model(CONFIG, jax.random.key(4))
     separate = init_actor_critic(policy, critic, config=CONFIG, rng=jax.random.key(3))
     _, v2 = policy_and_values(separate, CONFIG, tokens, mask, completion, critic="separate")
     np.testing.assert_allclose(
-        v2, apply_scalar_head(critic["head"], completion_hidden(critic["backbone"], CONFIG, tokens, mask, completion)), rtol=1e-5
+        v2, apply_scalar_head(critic["head"], completion_hidden(critic["backbone"], CONFIG, tokens, mask, completion)),
+        rtol=0, atol=ulps(128, v2),  # as above; measured equal
     )
     with pytest.raises(ValueError, match="critic='separate' needs"):
         policy_and_values(shared, CONFIG, tokens, mask, completion, critic="separate")
@@ -70,21 +75,28 @@ def test_rollout_rewards_kl_and_gae(policy):
     mask = np.asarray(ro.completion_mask)
     kl = (np.asarray(ro.old_logps) - np.asarray(ro.ref_logps)) * mask  # k1
     np.testing.assert_allclose(
-        ro.old_logps, completion_logps(policy, CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens) * mask, atol=1e-5
+        # generation vs teacher-forced: 256 ulps of max|logp| as in tests/test_decoding.py; measured 1.2
+        ro.old_logps, completion_logps(policy, CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens) * mask,
+        rtol=0, atol=ulps(256, ro.old_logps),
     )
     np.testing.assert_allclose(
-        ro.ref_logps, completion_logps(ref, CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens) * mask, atol=1e-5
+        # as above; measured 1.9
+        ro.ref_logps, completion_logps(ref, CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens) * mask,
+        rtol=0, atol=ulps(256, ro.ref_logps),
     )
     # summed per-token rewards = score − β·ΣKL; the score sits on the last response token
+    # sums of <= 8 terms, kl from logps ~ 7: atol is 12 ulps of them; measured 0.4
     np.testing.assert_allclose(np.sum(ro.rewards, 1), np.asarray(ro.scores) - 0.2 * kl.sum(1), rtol=1e-4, atol=1e-5)
     raw = np.asarray(count_a(None, None, ro.completion_tokens, ro.completion_mask))
     lengths = mask.sum(1).astype(int)
     has_eos = np.array([row[n - 1] == TOK.eos_id for row, n in zip(np.asarray(ro.completion_tokens), lengths)])
     np.testing.assert_allclose(ro.scores, raw - 1.0 * ~has_eos)
-    np.testing.assert_allclose(m["score"], np.mean(ro.scores), rtol=1e-6)
-    np.testing.assert_allclose(m["kl"], kl.sum(1).mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["score"], np.mean(ro.scores), rtol=1e-6)  # a mean of 8 small integers: 8 ulps
+    np.testing.assert_allclose(m["kl"], kl.sum(1).mean(), rtol=1e-4, atol=1e-6)  # differences of logps ~ 7; measured equal
     adv, ret = gae(ro.rewards, ro.old_values, ro.completion_mask, gamma=1.0, lam=0.95)
-    np.testing.assert_allclose(ro.returns, ret, rtol=1e-5, atol=1e-6)
+    # GAE, a <= 8-step scan of 3 ops each, fused into the rollout: 64 ulps of max|return|; measured equal
+    np.testing.assert_allclose(ro.returns, ret, rtol=0, atol=ulps(64, ret))
+    # whitening (a masked mean and std): atol is 25 ulps of |A| <= 3.4; measured equal
     np.testing.assert_allclose(ro.advantages, masked_whiten(adv, ro.completion_mask), rtol=1e-4, atol=1e-5)
 
 
@@ -95,7 +107,8 @@ def test_reward_model_scorer_equals_unpadded_score():
     cmask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.float32)
     s = reward_model_scorer(rm, CONFIG)(tokens, mask, completion, cmask)
     row0 = jnp.asarray([TOK.encode("ab") + [97, 98, TOK.eos_id]])
-    np.testing.assert_allclose(s[0], sequence_scores(rm, CONFIG, row0, jnp.ones_like(row0, jnp.float32)), rtol=1e-5)
+    # other shapes through 2 layers: 128 ulps of the scores (see test_policy_and_values...); measured 1.4
+    np.testing.assert_allclose(s[0], sequence_scores(rm, CONFIG, row0, jnp.ones_like(row0, jnp.float32)), rtol=0, atol=ulps(128, s))
 
 
 @pytest.mark.parametrize("critic", ["shared", "separate"])
@@ -108,6 +121,8 @@ def test_ppo_update_moves_policy_towards_advantage(policy, critic):
     step = make_ppo_step(CONFIG, tx, schedule, critic=critic)
     state = create_train_state(params, tx, 0)
     state, first = step(state, ro)  # the first step sees the rollout policy itself
+    # ratio − 1 ≈ the mean logp difference of rollout and step, ~ulps of |logp| ~ 7 (1e-5 is 12 of
+    # them; approx_kl < 1e-9 bounds its rms by 4.5e-5); measured equal
     np.testing.assert_allclose(first["ratio"], 1.0, atol=1e-5)
     assert float(first["clip_fraction"]) == 0.0 and float(first["approx_kl"]) < 1e-9
     state, m = ppo_update(step, state, ro, epochs=2, num_minibatches=2, seed=0)

@@ -42,10 +42,11 @@ def test_evaluate_policy_rewards_columns_and_kl():
     comp_mask = (np.arange(6)[None] < out.lengths[:, None]).astype(np.float32)
     lp = completion_logps(PARAMS, CONFIG, prompts, masks, jnp.asarray(out.tokens))
     ref = completion_logps(OTHER, CONFIG, prompts, masks, jnp.asarray(out.tokens))
+    # sums of <= 6 logp differences, |logp| <= 18: atol is 47 ulps of 18; measured 2.6
     np.testing.assert_allclose(out.kl, np.sum((lp - ref) * comp_mask, -1), rtol=1e-4, atol=1e-4)
     assert np.abs(out.kl).max() > 0.1
     same = evaluate_policy(PARAMS, CONFIG, tokens, mask, ref_params=PARAMS, **kw)
-    np.testing.assert_allclose(same.kl, 0.0, atol=1e-4)
+    np.testing.assert_allclose(same.kl, 0.0, atol=1e-4)  # as above; measured 2.4e-6
     assert evaluate_policy(PARAMS, CONFIG, tokens, mask, **kw).kl is None
 
 

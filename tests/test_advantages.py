@@ -12,6 +12,7 @@ from jaxalign.advantages import (
     ppo_token_rewards,
     rloo_advantages,
 )
+from tests._tolerance import ulps
 from tests.conftest import compile_count
 
 
@@ -36,11 +37,13 @@ def test_gae_hand_computed():
     adv, ret = gae(r, v, jnp.ones((1, 3)), gamma=0.9, lam=0.5)
     # δ2 = 2; δ1 = 0 + 0.9·0 − 1 = −1; δ0 = 1 + 0.9·1 − 0.5 = 1.4
     # A2 = 2; A1 = −1 + 0.45·2 = −0.1; A0 = 1.4 + 0.45·(−0.1) = 1.355
-    np.testing.assert_allclose(adv, [[1.355, -0.1, 2.0]], rtol=1e-6)
-    np.testing.assert_allclose(ret, [[1.855, 0.9, 2.0]], rtol=1e-6)
+    # a 3-step scan over terms <= 2 (−0.1 = −1 + 0.45·2 cancels, and FMA may fuse it): 16 ulps of 2,
+    # not relative to −0.1 (rtol=1e-6 there was under one ulp of the terms)
+    np.testing.assert_allclose(adv, [[1.355, -0.1, 2.0]], rtol=0, atol=ulps(16, 2.0))
+    np.testing.assert_allclose(ret, [[1.855, 0.9, 2.0]], rtol=0, atol=ulps(16, 2.0))
     # γ = λ = 1: every advantage is the final reward minus the value there
     adv, ret = gae(jnp.array([[0.0, 0.0, 1.0]]), jnp.full((1, 3), 0.25), jnp.ones((1, 3)), gamma=1.0, lam=1.0)
-    np.testing.assert_allclose(adv, [[0.75, 0.75, 0.75]], rtol=1e-6)
+    np.testing.assert_allclose(adv, [[0.75, 0.75, 0.75]], rtol=1e-6)  # exact in float32; 8 ulps of slack
     np.testing.assert_allclose(ret, [[1.0, 1.0, 1.0]], rtol=1e-6)
 
 
@@ -51,6 +54,7 @@ def test_gae_matches_numpy_reference():
     mask = (np.arange(9)[None] < lengths[:, None]).astype(np.float32)
     adv, ret = gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma=0.95, lam=0.9)
     ref_adv, ref_ret = np_gae(r, v, mask, 0.95, 0.9)
+    # a 9-step float32 scan vs float64, |values| <= 5: 1e-5 is 17 ulps of 5; measured 1
     np.testing.assert_allclose(adv, ref_adv, atol=1e-5)
     np.testing.assert_allclose(ret, ref_ret, atol=1e-5)
 
@@ -61,7 +65,9 @@ def test_gae_masked_equals_sliced():
     mask = jnp.asarray((np.arange(8) < 5).astype(np.float32)[None])
     full, _ = gae(r, v, mask, gamma=0.9, lam=0.8)
     sliced, _ = gae(r[:, :5], v[:, :5], jnp.ones((1, 5)), gamma=0.9, lam=0.8)
-    np.testing.assert_allclose(full[:, :5], sliced, atol=1e-6)
+    # the masked tail adds exact zeros; a 5-step scan compiled for other shapes may fuse its 3 ops
+    # differently: 16 ulps of max|A| (1e-6 was 4); measured equal
+    np.testing.assert_allclose(full[:, :5], sliced, rtol=0, atol=ulps(16, sliced))
     assert float(jnp.abs(full[:, 5:]).sum()) == 0.0
 
 
@@ -77,7 +83,8 @@ def test_kl_estimators_hand_computed_and_unbiased():
     lp, ref = jnp.array([[-1.0]]), jnp.array([[-2.0]])  # log π/π_ref = 1
     np.testing.assert_allclose(kl_penalty(lp, ref, kind="k1"), [[1.0]])
     np.testing.assert_allclose(kl_penalty(lp, ref, kind="k2"), [[0.5]])
-    np.testing.assert_allclose(kl_penalty(lp, ref, kind="k3"), [[np.exp(-1.0)]], rtol=1e-6)  # e^-1 - 1 + 1
+    # e^-1 + 1 − 1: terms up to 1 + e^-1 cancel, so 8 ulps of those rather than of e^-1
+    np.testing.assert_allclose(kl_penalty(lp, ref, kind="k3"), [[np.exp(-1.0)]], rtol=0, atol=ulps(8, 1 + np.exp(-1.0)))
     # Monte Carlo: E_{x~π}[k1] = E[k3] = KL(π‖π_ref) for two categoricals
     p = np.array([0.6, 0.3, 0.1])
     q = np.array([0.2, 0.5, 0.3])
@@ -85,6 +92,7 @@ def test_kl_estimators_hand_computed_and_unbiased():
     x = jax.random.choice(jax.random.key(0), 3, (200_000,), p=jnp.asarray(p))
     lp, ref = jnp.log(jnp.asarray(p))[x][None], jnp.log(jnp.asarray(q))[x][None]
     for kind in ("k1", "k3"):
+        # statistical, not rounding: the mean of 2e5 draws has a stderr of 0.5% (k1) / 0.12% (k3) of KL
         np.testing.assert_allclose(float(kl_penalty(lp, ref, kind=kind).mean()), exact, rtol=0.02)
     assert float(kl_penalty(lp, ref, kind="k3").min()) >= 0.0
     with pytest.raises(ValueError, match="kind"):
@@ -95,11 +103,13 @@ def test_group_advantages_hand_computed():
     r = jnp.array([1.0, 0.0, 3.0, 3.0])
     std = np.std([1.0, 0.0], ddof=1)  # 0.7071
     np.testing.assert_allclose(
+        # mean, std (2 terms, a sqrt) and a division: a few roundings, 8 ulps; measured 0.2
         group_advantages(r, group_size=2), [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0, 0.0], rtol=1e-6
     )
     np.testing.assert_allclose(group_advantages(r, group_size=2, scale="none"), [0.5, -0.5, 0.0, 0.0])
     batch_std = np.std([1.0, 0.0, 3.0, 3.0], ddof=1)
     np.testing.assert_allclose(
+        # as above, the std over 4 terms; measured 0.05
         group_advantages(r, group_size=2, scale="batch"), np.array([0.5, -0.5, 0, 0]) / (batch_std + 1e-4), rtol=1e-6
     )
     with pytest.raises(ValueError, match="groups"):
@@ -108,15 +118,16 @@ def test_group_advantages_hand_computed():
 
 def test_rloo_hand_computed():
     # leave-one-out baselines: 2.5, 2, 1.5
-    np.testing.assert_allclose(rloo_advantages(jnp.array([1.0, 2.0, 3.0]), group_size=3), [-1.5, 0.0, 1.5], rtol=1e-6)
+    np.testing.assert_allclose(rloo_advantages(jnp.array([1.0, 2.0, 3.0]), group_size=3), [-1.5, 0.0, 1.5], rtol=1e-6)  # exact
 
 
 def test_masked_whiten():
     x = jnp.array([[1.0, 2.0, 3.0, 100.0]])
     mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
     out = masked_whiten(x, mask)
-    np.testing.assert_allclose(out, [[-1.0, 0.0, 1.0, 0.0]], atol=1e-6)  # unbiased std of 1,2,3 is 1
-    np.testing.assert_allclose(masked_whiten(x, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], atol=1e-6)
+    # unbiased std of 1,2,3 is 1: exact here, but an approximate rsqrt may cost a few ulps of |x| <= 3
+    np.testing.assert_allclose(out, [[-1.0, 0.0, 1.0, 0.0]], rtol=0, atol=ulps(16, 3.0))
+    np.testing.assert_allclose(masked_whiten(x, mask, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], rtol=0, atol=ulps(16, 3.0))
 
 
 def test_ppo_token_rewards_hand_computed():
@@ -125,17 +136,19 @@ def test_ppo_token_rewards_hand_computed():
     mask = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     rewards, kl = ppo_token_rewards(jnp.array([2.0, -1.0]), logps, ref, mask, kl_coef=0.1)
     # k1 = logp - ref: row 0 [0.5, -1, 0], row 1 [-0.5]; score at the last response token
+    # one subtraction and one product each: 8 ulps
     np.testing.assert_allclose(kl, [[0.5, -1.0, 0.0, 0.0], [-0.5, 0.0, 0.0, 0.0]], rtol=1e-6)
     np.testing.assert_allclose(rewards, [[-0.05, 0.1, 2.0, 0.0], [0.05 - 1.0, 0.0, 0.0, 0.0]], rtol=1e-6)
     _, k3 = ppo_token_rewards(jnp.zeros(2), logps, ref, mask, kl_coef=0.1, kind="k3")
-    np.testing.assert_allclose(k3[0, 0], np.exp(-0.5) + 0.5 - 1, rtol=1e-6)
+    # e^-0.5 + 0.5 − 1 = 0.107 cancels terms <= 1: 8 ulps of 1, not of 0.107
+    np.testing.assert_allclose(k3[0, 0], np.exp(-0.5) + 0.5 - 1, rtol=0, atol=ulps(8, 1.0))
 
 
 def test_explained_variance():
     r = jnp.array([[1.0, 2.0, 3.0, 100.0]])
     mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
     np.testing.assert_allclose(explained_variance(r, r, mask), 1.0)
-    np.testing.assert_allclose(explained_variance(jnp.full_like(r, 7.0), r, mask), 0.0, atol=1e-6)
+    np.testing.assert_allclose(explained_variance(jnp.full_like(r, 7.0), r, mask), 0.0, atol=1e-6)  # exact: 1 − 1
     # V = R + noise: 1 - var(noise)/var(R) with var(R) = 2/3 over the masked entries
     v = r + jnp.array([[0.5, -0.5, 0.0, 0.0]])
-    np.testing.assert_allclose(explained_variance(v, r, mask), 1 - (1 / 6) / (2 / 3), rtol=1e-6)
+    np.testing.assert_allclose(explained_variance(v, r, mask), 1 - (1 / 6) / (2 / 3), rtol=1e-6)  # 3-term variances: 8 ulps

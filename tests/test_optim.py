@@ -6,18 +6,21 @@ import pytest
 
 from jaxalign.models import get_config, init_params
 from jaxalign.optim import OptimConfig, make_optimizer, weight_decay_mask
+from tests._tolerance import ulps
 
 
 def test_schedule_warmup_peak_and_end():
     _, schedule = make_optimizer(
         OptimConfig(learning_rate=1e-3, init_learning_rate=1e-4, end_learning_rate=1e-5, warmup_steps=10, total_steps=110)
     )
-    np.testing.assert_allclose(schedule(0), 1e-4, rtol=1e-6)
-    np.testing.assert_allclose(schedule(5), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-6)
-    np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
+    # optax interpolates in float32 between values up to the peak 1e-3: rounding in ulps of 1e-3, not
+    # of the value (schedule(0) is 9 ulps of 1e-4 off, 0.6 of rtol=1e-6); 8 ulps of the peak
+    np.testing.assert_allclose(schedule(0), 1e-4, rtol=0, atol=ulps(8, 1e-3))
+    np.testing.assert_allclose(schedule(5), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=0, atol=ulps(8, 1e-3))
+    np.testing.assert_allclose(schedule(10), 1e-3, rtol=0, atol=ulps(8, 1e-3))
     # halfway through the cosine: end + (peak - end) / 2
-    np.testing.assert_allclose(schedule(60), 1e-5 + 0.5 * (1e-3 - 1e-5), rtol=1e-5)
-    np.testing.assert_allclose(schedule(110), 1e-5, rtol=1e-5)
+    np.testing.assert_allclose(schedule(60), 1e-5 + 0.5 * (1e-3 - 1e-5), rtol=0, atol=ulps(8, 1e-3))  # as above
+    np.testing.assert_allclose(schedule(110), 1e-5, rtol=0, atol=ulps(8, 1e-3))  # (1 + cos π)·peak/2 + end
 
 
 def test_weight_decay_mask_skips_biases_norms_embeddings():
@@ -34,7 +37,7 @@ def test_weight_decay_applies_only_to_kernels():
     tx, _ = make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5, total_steps=10, max_grad_norm=None))
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)  # zero gradient: only decay moves
-    np.testing.assert_allclose(updates["w"]["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["w"]["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)  # 2 products: 8 ulps
     np.testing.assert_allclose(updates["b"]["bias"], 0.0)
 
 
@@ -43,9 +46,9 @@ def test_clipping_bounds_the_update_direction():
     tx, _ = make_optimizer(OptimConfig(learning_rate=1.0, total_steps=10, weight_decay=0.0, max_grad_norm=1.0, b1=0.0, b2=0.0, eps=0.0))
     g = {"w": jnp.array([30.0, 40.0, 0.0])}
     clipped, _ = optax.clip_by_global_norm(1.0).update(g, None)
-    np.testing.assert_allclose(optax.global_norm(clipped), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(optax.global_norm(clipped), 1.0, rtol=1e-6)  # a 3-term norm and a scaling: 8 ulps
     updates, _ = tx.update(g, tx.init(params), params)  # Adam with b1=b2=0: sign of the gradient
-    np.testing.assert_allclose(updates["w"][:2], [-1.0, -1.0], rtol=1e-5)
+    np.testing.assert_allclose(updates["w"][:2], [-1.0, -1.0], rtol=1e-5)  # g/sqrt(g²): 84 ulps; measured equal
 
 
 def test_gradient_accumulation_equals_mean_gradient():
@@ -59,7 +62,7 @@ def test_gradient_accumulation_equals_mean_gradient():
     u_a, state = tx2.update(g1, state, params)
     np.testing.assert_allclose(u_a["w"], 0.0)  # no update on the first micro-step
     u_b, state = tx2.update(g2, state, params)
-    np.testing.assert_allclose(u_b["w"], u_ref["w"], rtol=1e-6)
+    np.testing.assert_allclose(u_b["w"], u_ref["w"], rtol=1e-6)  # dyadic gradients: equal means; 8 ulps of slack
 
 
 def test_config_validation():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from jaxalign.losses import sft_loss
+from tests._tolerance import ulps
 from tests.conftest import compile_count
 
 
@@ -23,7 +24,7 @@ def test_hand_computed():
     labels = jnp.array([[1, 0, 1]])
     mask = jnp.array([[1.0, 1.0, 0.0]])
     loss, m = sft_loss(logits, labels, mask)
-    np.testing.assert_allclose(loss, (np.log(4 / 3) + np.log(4)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(loss, (np.log(4 / 3) + np.log(4)) / 2, rtol=1e-6)  # a few float32 roundings (exp/log1p within ~1 ulp each): 8 ulps
     assert float(m["num_tokens"]) == 2.0
     np.testing.assert_allclose(m["token_accuracy"], 0.5)
 
@@ -36,7 +37,7 @@ def test_matches_torch_cross_entropy(data, smoothing):
     ref = torch.nn.functional.cross_entropy(
         torch.tensor(logits.reshape(-1, 9)[sel]), torch.tensor(labels.reshape(-1)[sel]), label_smoothing=smoothing
     )
-    np.testing.assert_allclose(loss, ref.item(), rtol=1e-5)
+    np.testing.assert_allclose(loss, ref.item(), rtol=1e-5)  # vs torch, a mean of 9-way lse: 84 ulps; measured 0.6
 
 
 def test_masked_equals_sliced(data):
@@ -44,14 +45,15 @@ def test_masked_equals_sliced(data):
     full, _ = sft_loss(logits, labels, mask)
     row0, m0 = sft_loss(logits[:1, 2:5], labels[:1, 2:5], jnp.ones((1, 3)))
     row1, m1 = sft_loss(logits[1:, 1:], labels[1:, 1:], jnp.ones((1, 5)))
-    np.testing.assert_allclose(full, (m0["loss_sum"] + m1["loss_sum"]) / 8, rtol=1e-6)
+    # a sum of 8 per-token losses regrouped as 3 + 5: up to 8 roundings, 32 ulps; measured equal
+    np.testing.assert_allclose(full, (m0["loss_sum"] + m1["loss_sum"]) / 8, rtol=ulps(32))
 
 
 def test_chunked_equals_unchunked(data):
     logits, labels, mask = map(jnp.asarray, data)
     a, _ = sft_loss(logits, labels, mask, label_smoothing=0.1)
     b, _ = sft_loss(logits, labels, mask, label_smoothing=0.1, chunk_size=4)
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=ulps(32))  # chunks regroup the token sum (see above); measured equal
 
 
 def test_gradient_finite_and_matches_closed_form(data):
@@ -59,7 +61,7 @@ def test_gradient_finite_and_matches_closed_form(data):
     grad = jax.grad(lambda z: sft_loss(z, labels, mask)[0])(logits)
     assert np.all(np.isfinite(grad))
     expected = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, 9)) * mask[..., None] / mask.sum()
-    np.testing.assert_allclose(grad, expected, atol=1e-6)
+    np.testing.assert_allclose(grad, expected, atol=1e-6)  # |grad| <= 1/8: 67 ulps of it; measured equal
 
 
 def test_empty_mask_gives_zero_not_nan(data):

@@ -60,6 +60,7 @@ from jaxalign.trainers import (
     make_reward_step,
     make_sft_step,
 )
+from tests._tolerance import ulps
 
 TOK = jd.byte_tokenizer()
 CONFIG = get_config("gpt2-tiny", vocab_size=TOK.vocab_size, max_seq_len=32, n_layers=1)
@@ -204,20 +205,23 @@ def run_step(kind, params, batch, mesh_name, loss_agg="seq_mean_token_mean"):
     return float(metrics["loss"]), float(metrics["grad_norm"]), host(new.params), host(mu)
 
 
-def assert_same(reference, sharded, initial, grad_atol=1e-5):
+def assert_same(reference, sharded, initial, grad_atol=1e-5, update_rtol=1e-3):
     """Loss and grad norm to float32 rounding; the gradients (via Adam's first moment, linear in
-    them) elementwise to 1e-5 of the largest; the parameter update (new - initial params, the
-    whole tree) to 1e-3 of its L2 norm, since Adam's first step amplifies reduction-order noise in
-    near-zero gradients elementwise (see OPT)."""
+    them) elementwise to `grad_atol` of the largest; the parameter update (new - initial params, the
+    whole tree) to `update_rtol` of its L2 norm, since Adam's first step amplifies reduction-order
+    noise in near-zero gradients elementwise (see OPT)."""
     loss, norm, params, mu = sharded
-    np.testing.assert_allclose(loss, reference[0], rtol=2e-6)
-    np.testing.assert_allclose(norm, reference[1], rtol=2e-5)
+    # the loss: a mean over <= 8x31 tokens, split into per-shard partial sums: 32 ulps (measured <= 2.2)
+    np.testing.assert_allclose(loss, reference[0], rtol=ulps(32))
+    # the norm: a sqrt of a sum of ~1e5 squared gradients, each a reduction over the sharded batch:
+    # 512 ulps (measured <= 30)
+    np.testing.assert_allclose(norm, reference[1], rtol=ulps(512))
     scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(reference[3]))
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(reference[3])[0], jax.tree.leaves(mu)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=grad_atol * scale, err_msg="mu" + jax.tree_util.keystr(path))
     ref_update = jax.tree.map(np.subtract, reference[2], initial)
     diff = jax.tree.map(np.subtract, params, reference[2])
-    assert optax.global_norm(diff) <= 1e-3 * optax.global_norm(ref_update)
+    assert optax.global_norm(diff) <= update_rtol * optax.global_norm(ref_update)
 
 
 @eight_devices
@@ -227,13 +231,17 @@ def test_sharded_step_equals_one_device(kind, params, sft_batch, dpo_batch, roll
     reference = run_step(kind, params, batch, None)
     assert np.isfinite(reference[0]) and reference[1] > 0
     initial = trained_params(kind, params)
-    # A reward model's loss reads one position per sequence, so its trunk gradients are small sums
-    # with cancellation: measured up to 1.0e-7 apart (6e-5 of the largest gradient, the head's).
-    grad_atol = 1e-4 if kind == "reward" else 1e-5
+    # Gradients to 1e-5 of the largest: measured <= 7e-7 of it (<= 0.07 of the tolerance), both ISAs.
+    # A reward model's loss reads one position per sequence, and chosen and rejected share their
+    # prompt, so its trunk gradients are differences of near-equal sums: measured up to 1.2e-4 of the
+    # largest gradient (the head's), 0.95 of the old 1e-4, and Adam's first step turns that noise
+    # into an update 5e-4 of its norm apart (0.5 of the old 1e-3). Allow 10x both; a sharding bug
+    # moves gradients and updates by O(1) of themselves.
+    grad_atol, update_rtol = (1e-3, 1e-2) if kind == "reward" else (1e-5, 1e-3)
     # SFT on every mesh (pure data, data × fsdp, all three axes); the other steps share its
     # shardings code and run on (2, 2, 2), where each of data, fsdp and tensor splits in two.
     for name in MESHES if kind == "sft" else ["2x2x2"]:
-        assert_same(reference, run_step(kind, params, batch, name), initial, grad_atol)
+        assert_same(reference, run_step(kind, params, batch, name), initial, grad_atol, update_rtol)
 
 
 @eight_devices
@@ -361,7 +369,8 @@ def test_generation_under_mesh_matches_one_device(params):
         gen = generate(sharded_params, CONFIG, prompts["tokens"], prompts["mask"], **gen_kw)
     assert len(gen.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(gen.tokens, reference.tokens)
-    np.testing.assert_allclose(gen.model_logps, reference.model_logps, atol=1e-5)
+    # sharded vs one device: 256 ulps of max|logp| as in tests/test_decoding.py; measured <= 7.4
+    np.testing.assert_allclose(gen.model_logps, reference.model_logps, rtol=0, atol=ulps(256, reference.model_logps))
 
 
 @eight_devices

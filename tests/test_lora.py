@@ -353,10 +353,11 @@ def test_one_sft_step_changes_only_adapters(gpt2):
     state = create_train_state(ad, tx, 0)
     a0 = jax.tree.map(np.array, state.params)
 
-    # Optimizer state: two Adam moments per adapter value + two int32 counts, nothing base-sized.
+    # Optimizer state: two Adam moments per adapter value + two int32 counts, and apply_if_finite's
+    # two int32 counters and bool (9 bytes); nothing base-sized.
     n_adapter_leaves = len(jax.tree.leaves(ad))
-    assert len(jax.tree.leaves(state.opt_state)) == 2 * n_adapter_leaves + 2
-    assert nbytes(state.opt_state) == 2 * nbytes(ad) + 8
+    assert len(jax.tree.leaves(state.opt_state)) == 2 * n_adapter_leaves + 2 + 3
+    assert nbytes(state.opt_state) == 2 * nbytes(ad) + 8 + 9
     assert nbytes(ad) < nbytes(params) / 10
 
     losses = []

@@ -127,7 +127,9 @@ def test_loop_stops_an_update_larger_than_the_weights(tmp_path):
     step, state = setup(lr=1e6)
     _, metrics = step(state, batch(False))
     # Adam's first update is lr · sign(g) per coordinate: ‖Δ‖ / ‖w‖ = 1e6·√3 / (5·√3)
-    np.testing.assert_allclose(metrics["update_ratio"], 1e6 / 5, rtol=1e-5)
+    # up to Adam's eps/|g| (1e-9) and the rounding of two 3-term norms and a quotient: 1e-4 is
+    # ~800 ulps (measured 6.7e-6 relative under SSE4.2)
+    np.testing.assert_allclose(metrics["update_ratio"], 1e6 / 5, rtol=1e-4)
     step, state = setup(lr=1e6)
     manager = make_checkpoint_manager(tmp_path / "ckpt", save_every=1)
     writer = MetricsWriter(tmp_path, tensorboard=False)
@@ -136,7 +138,7 @@ def test_loop_stops_an_update_larger_than_the_weights(tmp_path):
                    log_every=5, checkpoints=manager, progress=False)
     manager.wait_until_finished()
     assert manager.all_steps() == []  # the diverged state was never saved
-    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["update_ratio"] == pytest.approx(2e5, rel=1e-5)
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["update_ratio"] == pytest.approx(2e5, rel=1e-4)  # as above
     # healthy steps sit far below the bound, and None switches the check off
     step, state = setup(lr=0.1)
     _, m = step(state, batch(False))

@@ -32,6 +32,20 @@ leading axis, except the attention output `wo` [N, H, D], which contracts (heads
 wq [D, N, H] -> [D, N·H] and wo [N, H, D] -> [N·H, D]; `apply_lora` infers the split from
 lora_a's first dimension. Biases, norms and embeddings are never adapted.
 
+Fully trained leaves (PEFT's `modules_to_save`). Some parameters cannot be trained through a
+low-rank update: the freshly initialised scalar head of a reward model (`{"backbone", "head":
+{"kernel": [D], "bias": []}}`, `jaxalign.models.heads`) or a PPO critic. As PEFT's
+`modules_to_save` (and TRL's reward trainer, which trains the `score` head that way),
+`LoraConfig.trainable` names such leaves by pattern; `init_lora` puts a copy of each into the
+adapter tree at its own path, e.g. `adapters["head"] = {"kernel": [D], "bias": []}`, and
+`apply_lora` (and the unmerged dropout path) substitute the copies for the base leaves, so they
+are trained in full while the base keeps its original values. An adapter tree thus holds two kinds
+of leaves, told apart by name: "lora_a"/"lora_b"/"magnitude" belong to the adapter of the module
+above them; any other leaf is the full copy of the base leaf at the same path. A leaf can be one
+or the other, never both (a targeted kernel is never also fully trained), though a module's bias
+may be fully trained while its kernel gets an adapter. `merge_lora` returns the trained copies in
+the base dtype; `unmerge_lora` cannot recover their base values (see there).
+
 Design decisions:
 * Dropout on the adapter input (PEFT's `lora_dropout`, `LoraConfig.dropout`) acts on activations,
   y = x·W + b + s·dropout(x)·A·B with a fresh mask per token, which no single W' can express. So
@@ -48,14 +62,19 @@ Design decisions:
   cost in gradient fidelity; the magnitude's gradient is unaffected at B = 0); set
   `dora_detach_norm=False` for the exact gradient of Eq. 5.
 * Weight decay: `jaxalign.optim.make_optimizer` decays only leaves named "kernel", so on an adapter
-  tree it decays nothing. `lora_weight_decay_mask` decays lora_a and lora_b (as PEFT under the HF
-  Trainer, and the LoRA paper's GPT-2 runs: AdamW, weight decay 0.01, Table 11) but never the DoRA
-  magnitude (a scale, like a norm gain, which decay would shrink towards zero);
-  `make_lora_optimizer` is `make_optimizer` with that mask.
+  tree it decays no LoRA leaf. `lora_weight_decay_mask` decays lora_a and lora_b (as PEFT under
+  the HF Trainer, and the LoRA paper's GPT-2 runs: AdamW, weight decay 0.01, Table 11) but never
+  the DoRA magnitude (a scale, like a norm gain, which decay would shrink towards zero); a fully
+  trained leaf is decayed exactly when `jaxalign.optim.weight_decay_mask` would decay it in full
+  fine-tuning (named "kernel": the scalar head's kernel yes, its bias no). `make_lora_optimizer`
+  is `make_optimizer` with that mask.
 * Precision: the update s·A·B is computed at HIGHEST matmul precision, added to W in the promoted
   dtype of (W, A): a bfloat16 base with float32 adapters gives float32 effective kernels, so small
-  updates are not rounded away before the model casts to its compute dtype. `merge_lora` casts
-  back to the base dtype for export.
+  updates are not rounded away before the model casts to its compute dtype. A fully trained leaf
+  is copied in the promoted dtype of (its own dtype, `param_dtype`): its own dtype, unless
+  `param_dtype` is wider (a bfloat16 head gets a float32 copy; a float32 head stays float32 even
+  with `param_dtype=bfloat16`), and `apply_lora` uses the copy in that dtype. `merge_lora` casts
+  everything back to the base dtype for export.
 * Memory: because the merged kernel W' is an operand of the model's matmul, autodiff keeps W' of
   every targeted kernel alive for the backward pass (a transient copy of the targeted weights);
   the unmerged form used with dropout keeps dropout(x) [B, T, in] and (x·A) [B, T, r] instead.
@@ -77,12 +96,13 @@ import optax
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.optim import OptimConfig, make_optimizer, weight_decay_mask
 
 Params = Any
 Adapters = dict
 
 LORA_A, LORA_B, MAGNITUDE = "lora_a", "lora_b", "magnitude"
+_LORA_KEYS = (LORA_A, LORA_B, MAGNITUDE)  # an adapter tree's other leaf names are full copies
 
 # Presets of `LoraConfig.targets`, as regular expressions over '/'-joined kernel paths such as
 # "layers_3/attn/wq/kernel". The embedding and the output head are never in a preset (as in PEFT);
@@ -113,10 +133,23 @@ class LoraConfig:
       dora: weight-decomposed adaptation (DoRA): also learn a magnitude m [out] per kernel.
       dora_detach_norm: treat ‖W + s·A·B‖_c as a constant in the backward pass (DoRA §4.3, PEFT).
       param_dtype: dtype of the adapter leaves (float32 keeps Adam updates exact even when the
-        frozen base is stored in bfloat16).
+        frozen base is stored in bfloat16); fully trained copies get the promoted dtype of their
+        own and this one.
+      trainable: regular expressions, each `re.search`ed in the '/'-joined path of every leaf of
+        the params (not only kernels); the matched leaves are trained in full, as PEFT's
+        `modules_to_save`: "head" matches "head/kernel" and "head/bias" of a reward model,
+        "^value/" everything under a critic's "value". Patterns are searched, not anchored:
+        "head" would also match "backbone/lm_head/kernel" of an untied trunk, so anchor
+        ("^head/") where that matters. Each must match at least one leaf, and none may match a
+        kernel that `targets` adapts. Default (): LoRA only, exactly as before.
+
+    `targets` stays required and non-empty even with `trainable`: a run that trains whole leaves
+    only is plain fine-tuning of part of the model (`optax.masked` or a frozen-leaf optimizer on
+    the params), not LoRA.
 
     Raises:
-      ValueError: rank < 1, dropout outside [0, 1), targets a string or empty, a bad pattern.
+      ValueError: rank < 1, dropout outside [0, 1), targets a string or empty, trainable a
+        string, a bad pattern in either.
     """
 
     rank: int = 8
@@ -126,6 +159,7 @@ class LoraConfig:
     dora: bool = False
     dora_detach_norm: bool = True
     param_dtype: Any = jnp.float32
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.rank < 1:
@@ -143,6 +177,17 @@ class LoraConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"LoraConfig.targets: bad regular expression {pattern!r}: {err}") from err
+        if isinstance(self.trainable, str):
+            raise ValueError(
+                f"LoraConfig.trainable must be a tuple of patterns, got the string {self.trainable!r}"
+            )
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"LoraConfig.trainable: bad regular expression {pattern!r}: {err}"
+                ) from err
 
     @property
     def scaling(self) -> float:
@@ -175,6 +220,11 @@ def lora_targets(params: Params, config: LoraConfig) -> list[str]:
     Raises:
       ValueError: a target pattern matches no kernel (a typo would otherwise train nothing).
     """
+    return sorted(_path_str(path[:-1]) for path in _target_kernels(params, config))
+
+
+def _target_kernels(params: Params, config: LoraConfig) -> set[tuple[str, ...]]:
+    """Paths (ending in "kernel") of the kernels `config.targets` matches; see `lora_targets`."""
     kernels = [
         path for path in traverse_util.flatten_dict(params) if path and path[-1] == "kernel"
     ]
@@ -188,7 +238,60 @@ def lora_targets(params: Params, config: LoraConfig) -> list[str]:
                 f"{sorted(names.values())[:4]}"
             )
         chosen.update(hits)
-    return sorted(_path_str(path[:-1]) for path in chosen)
+    return chosen
+
+
+def lora_trainable(params: Params, config: LoraConfig) -> list[str]:
+    """'/'-joined paths of the leaves `config.trainable` trains in full (PEFT's `modules_to_save`),
+    sorted; [] when `config.trainable` is empty.
+
+    Raises:
+      ValueError: a trainable pattern matches no leaf (with example paths); a matched leaf is also
+        a kernel that `config.targets` adapts (a leaf gets an adapter or is trained in full, not
+        both); a matched leaf is not floating point, or is named like an adapter leaf ("lora_a",
+        "lora_b", "magnitude", which the adapter tree reserves). Also `lora_targets`' errors.
+    """
+    return [_path_str(path) for path in _trainable_paths(params, config)]
+
+
+def _trainable_paths(params: Params, config: LoraConfig) -> list[tuple[str, ...]]:
+    """The paths of `lora_trainable`, as key tuples, sorted by their '/'-joined names."""
+    if not config.trainable:
+        return []
+    flat = traverse_util.flatten_dict(params)
+    names = {path: _path_str(path) for path in flat}
+    chosen: set[tuple[str, ...]] = set()
+    for pattern in config.trainable:
+        hits = [path for path, name in names.items() if re.search(pattern, name)]
+        if not hits:
+            raise ValueError(
+                f"LoraConfig.trainable pattern {pattern!r} matches no parameter; parameter paths "
+                f"are e.g. {sorted(names.values())[:4]}"
+            )
+        chosen.update(hits)
+    targeted = _target_kernels(params, config)
+    for path in sorted(chosen):
+        if path in targeted:
+            raise ValueError(
+                f"{names[path]!r} is both a LoRA target kernel (LoraConfig.targets) and trained in "
+                f"full (LoraConfig.trainable); narrow one of the patterns (anchor it, e.g. '^head/', or name "
+                "the leaves exactly)"
+            )
+        if path[-1] in _LORA_KEYS:
+            raise ValueError(
+                f"trainable leaf {names[path]!r}: the names {_LORA_KEYS} are reserved for adapter leaves"
+            )
+        if not jnp.issubdtype(flat[path].dtype, jnp.inexact):
+            raise ValueError(
+                f"trainable leaf {names[path]!r} has dtype {flat[path].dtype}; only floating-point "
+                "leaves can be trained"
+            )
+    return sorted(chosen, key=names.__getitem__)
+
+
+def _full_copy_dtype(dtype: Any, param_dtype: Any) -> jnp.dtype:
+    """The dtype of a fully trained copy: its own, or `param_dtype` where that is wider."""
+    return jnp.promote_types(dtype, param_dtype)
 
 
 def init_lora(params: Params, config: LoraConfig, rng: jax.Array) -> Adapters:
@@ -197,17 +300,28 @@ def init_lora(params: Params, config: LoraConfig, rng: jax.Array) -> Adapters:
     A ~ U(-1/√in, 1/√in) (PEFT's and loralib's `kaiming_uniform_(a=√5)`), B = 0 (LoRA §4.1), and
     with DoRA m = ‖W‖_c (the column norms of W over its input axis, DoRA Eq. 2).
 
+    The leaves `config.trainable` matches (PEFT's `modules_to_save`) are copied as they are (no
+    randomness is drawn for them, so the LoRA leaves are the same as without `trainable`).
+
     Args:
-      params: the base parameter pytree (only shapes/dtypes are read, plus W for DoRA's m).
+      params: the base parameter pytree (only shapes/dtypes are read, plus W for DoRA's m and the
+        values of the fully trained leaves).
       config: the LoRA configuration.
       rng: a `jax.random.key`.
 
     Returns:
       Nested dict mirroring the targeted module paths, leaves "lora_a" [in, r], "lora_b" [r, out]
-      and (DoRA) "magnitude" [out], all in `config.param_dtype`.
+      and (DoRA) "magnitude" [out], all in `config.param_dtype`; plus, at its own path, a copy of
+      each fully trained leaf in its shape and `jnp.promote_types(its dtype, param_dtype)` (e.g.
+      `adapters["head"] = {"kernel": [D], "bias": []}`). The copies are new buffers, never the
+      base's arrays, so donating the adapters (the train step does) leaves the base intact.
+
+    Raises:
+      ValueError: see `lora_targets` and `lora_trainable`.
     """
     flat = traverse_util.flatten_dict(params)
     modules = lora_targets(params, config)
+    full = _trainable_paths(params, config)
     keys = jax.random.split(rng, len(modules))
     adapters: dict[tuple[str, ...], jax.Array] = {}
     for key, module in zip(keys, modules):
@@ -224,6 +338,10 @@ def init_lora(params: Params, config: LoraConfig, rng: jax.Array) -> Adapters:
         if config.dora:
             norm = _column_norm(jnp.reshape(w, (d_in, d_out)))
             adapters[path + (MAGNITUDE,)] = norm.astype(config.param_dtype)
+    for path in full:
+        leaf = flat[path]
+        # jnp.array copies (astype to the same dtype would alias the base buffer)
+        adapters[path] = jnp.array(leaf, _full_copy_dtype(leaf.dtype, config.param_dtype), copy=True)
     return traverse_util.unflatten_dict(adapters)
 
 
@@ -258,18 +376,41 @@ def _effective_kernel(w: jax.Array, adapter: Mapping[str, jax.Array], config: Lo
     return jnp.reshape(v, w.shape)
 
 
-def _adapter_modules(adapters: Adapters) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+def _split_adapters(
+    adapters: Adapters,
+) -> tuple[dict[tuple[str, ...], dict[str, jax.Array]], dict[tuple[str, ...], jax.Array]]:
+    """(LoRA adapters by module path {"lora_a", "lora_b"(, "magnitude")}, fully trained copies by
+    leaf path): a leaf named "lora_a"/"lora_b"/"magnitude" belongs to the adapter of the module
+    above it, any other leaf is the full copy of the base leaf at its path."""
     modules: dict[tuple[str, ...], dict[str, jax.Array]] = {}
+    full: dict[tuple[str, ...], jax.Array] = {}
     for path, leaf in traverse_util.flatten_dict(adapters).items():
-        modules.setdefault(path[:-1], {})[path[-1]] = leaf
-    return modules
+        if path[-1] in _LORA_KEYS:
+            modules.setdefault(path[:-1], {})[path[-1]] = leaf
+        else:
+            full[path] = leaf
+    return modules, full
 
 
-def _checked_modules(
+def _adapter_modules(adapters: Adapters) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    """The LoRA adapters by module path (fully trained copies left out; see `_split_adapters`)."""
+    return _split_adapters(adapters)[0]
+
+
+def _checked_adapters(
     flat_params: Mapping[tuple[str, ...], jax.Array], adapters: Adapters, config: LoraConfig
-) -> dict[tuple[str, ...], dict[str, jax.Array]]:
-    """The adapters by module path, after checking each against the params and the config."""
-    modules = _adapter_modules(adapters)
+) -> tuple[dict[tuple[str, ...], dict[str, jax.Array]], dict[tuple[str, ...], jax.Array]]:
+    """`_split_adapters`, after checking each part against the params and the config.
+
+    Raises:
+      KeyError: an adapter names a module without a kernel in the params, or a full copy a leaf
+        the params lack.
+      ValueError: DoRA config but an adapter without a magnitude (or the reverse); a kernel with
+        both an adapter and a full copy; a full copy whose shape differs from its base leaf's, or
+        whose dtype is not floating or narrower than the base's (`init_lora` makes it the base's
+        dtype, or `param_dtype` where that is wider).
+    """
+    modules, full = _split_adapters(adapters)
     for module, adapter in modules.items():
         if module + ("kernel",) not in flat_params:
             raise KeyError(f"adapter for {_path_str(module)!r}: params have no such kernel")
@@ -278,16 +419,45 @@ def _checked_modules(
                 f"adapter {_path_str(module)!r}: LoraConfig.dora={config.dora} but the adapter "
                 f"{'has' if MAGNITUDE in adapter else 'lacks'} a magnitude"
             )
-    return modules
+        if module + ("kernel",) in full:
+            raise ValueError(
+                f"adapters hold both a LoRA adapter and a full copy of "
+                f"{_path_str(module + ('kernel',))!r}; a kernel is adapted or trained in full, not both"
+            )
+    for path, copy in full.items():
+        if path not in flat_params:
+            raise KeyError(f"fully trained leaf {_path_str(path)!r} in the adapters: params have no such leaf")
+        base = flat_params[path]
+        if copy.shape != base.shape:
+            raise ValueError(
+                f"fully trained leaf {_path_str(path)!r}: shape {copy.shape} in the adapters, "
+                f"{base.shape} in the params"
+            )
+        if not jnp.issubdtype(copy.dtype, jnp.inexact) or jnp.promote_types(base.dtype, copy.dtype) != copy.dtype:
+            raise ValueError(
+                f"fully trained leaf {_path_str(path)!r}: dtype {copy.dtype} in the adapters, "
+                f"{base.dtype} in the params (the copy must be the base's dtype or a wider float)"
+            )
+    return modules, full
+
+
+def _checked_modules(
+    flat_params: Mapping[tuple[str, ...], jax.Array], adapters: Adapters, config: LoraConfig
+) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    """The LoRA adapters by module path, after checking the whole adapter tree against the params
+    and the config (`_checked_adapters`)."""
+    return _checked_adapters(flat_params, adapters, config)[0]
 
 
 def apply_lora(params: Params, adapters: Adapters, config: LoraConfig) -> Params:
-    """Effective parameters: every adapted kernel replaced by W + (α/r)·A·B (or the DoRA weight).
+    """Effective parameters: every adapted kernel replaced by W + (α/r)·A·B (or the DoRA weight),
+    every fully trained leaf by its copy in the adapters (PEFT's `modules_to_save`).
 
     Pure and jit-able; call it inside the loss so that gradients reach the adapters only:
-    `forward(apply_lora(base, adapters, cfg), model_cfg, tokens)`. Leaves without adapters are
-    passed through unchanged (the same arrays). `config.dropout` plays no part here (see
-    `make_lora_loss_fn`).
+    `forward(apply_lora(base, adapters, cfg), model_cfg, tokens)`. The full copies are used as
+    they are (the same arrays, in their own dtype), so the gradient of a copy is the gradient the
+    base leaf would get in full fine-tuning. Leaves with neither are passed through unchanged (the
+    same arrays). `config.dropout` plays no part here (see `make_lora_loss_fn`).
 
     Args:
       params: base parameter pytree (nested dicts, as from `init_params` / `load_hf_checkpoint`).
@@ -295,13 +465,18 @@ def apply_lora(params: Params, adapters: Adapters, config: LoraConfig) -> Params
       config: the `LoraConfig` the adapters were made with.
 
     Raises:
-      KeyError: an adapter names a module without a kernel in `params`.
-      ValueError: DoRA config but adapters without magnitudes (or the reverse).
+      KeyError: an adapter names a module without a kernel in `params`, or a full copy a leaf
+        that `params` lacks.
+      ValueError: DoRA config but adapters without magnitudes (or the reverse); a kernel with both
+        an adapter and a full copy; a full copy of another shape than its base leaf, or of a
+        non-float or narrower dtype.
     """
     flat = traverse_util.flatten_dict(params)
-    for module, adapter in _checked_modules(flat, adapters, config).items():
+    modules, full = _checked_adapters(flat, adapters, config)
+    for module, adapter in modules.items():
         key = module + ("kernel",)
         flat[key] = _effective_kernel(flat[key], adapter, config)
+    flat.update(full)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -363,31 +538,63 @@ def _dropout_interceptor(config: LoraConfig, rng: jax.Array) -> Callable:
 
 
 def _adapters_beside_kernels(params: Params, adapters: Adapters, config: LoraConfig) -> Params:
-    """The base params with each module's adapter leaves added next to its kernel."""
+    """The base params with each module's adapter leaves added next to its kernel, and each fully
+    trained leaf replaced by its copy (which the model then reads, as in `apply_lora`)."""
     flat = traverse_util.flatten_dict(params)
-    for module, adapter in _checked_modules(flat, adapters, config).items():
+    modules, full = _checked_adapters(flat, adapters, config)
+    for module, adapter in modules.items():
         flat.update({module + (name,): leaf for name, leaf in adapter.items()})
+    flat.update(full)
     return traverse_util.unflatten_dict(flat)
 
 
 def merge_lora(params: Params, adapters: Adapters, config: LoraConfig) -> Params:
-    """`apply_lora` materialised in the base dtypes: a plain parameter tree for inference/export."""
+    """`apply_lora` materialised in the base dtypes: a plain parameter tree for inference/export.
+
+    Adapted kernels become W' and fully trained leaves their trained copies, each cast to the
+    dtype of the base leaf it replaces (a float32 copy of a bfloat16 head is rounded to bfloat16).
+    """
     merged = apply_lora(params, adapters, config)
     return jax.tree.map(lambda new, old: new.astype(old.dtype), merged, params)
 
 
-def unmerge_lora(merged: Params, adapters: Adapters, config: LoraConfig) -> Params:
+def unmerge_lora(
+    merged: Params, adapters: Adapters, config: LoraConfig, *, strict: bool = False
+) -> Params:
     """Recovers the base from LoRA-merged params: W = W' - (α/r)·A·B (up to float rounding).
+
+    Fully trained leaves (`LoraConfig.trainable`) cannot be recovered: the merged tree holds their
+    trained values and the adapters hold the same values, so nothing records the base's. By
+    default they are returned as they are in `merged`, i.e. trained. That is what resuming needs
+    (`apply_lora` replaces those leaves by the adapters' copies anyway, so `apply_lora(unmerged,
+    adapters)` is the merged model again, up to rounding), and a typical trained-in-full leaf, a reward/value
+    head, is a fresh initialisation nobody needs back. It is not the base there: do not use the
+    result as a reference model for those leaves. `strict=True` raises instead.
+
+    Args:
+      merged: `merge_lora(base, adapters, config)` (or params merged the same way).
+      adapters: the adapters that were merged.
+      config: their `LoraConfig`.
+      strict: raise ValueError if the adapters hold fully trained leaves, i.e. if the result would
+        not be the base everywhere.
 
     Raises:
       ValueError: for DoRA, which cannot be undone from (W', adapters): W' fixes only the
         direction of each column of V = W + s·A·B, not its length ‖V‖_c, so W is not determined.
-        Keep the base.
+        Keep the base. With `strict`, adapters holding fully trained leaves (named in the message).
     """
     if config.dora:
         raise ValueError("unmerge_lora: DoRA merges are not invertible; keep the base params")
+    modules, full = _split_adapters(adapters)
+    if strict and full:
+        names = sorted(_path_str(path) for path in full)
+        raise ValueError(
+            f"unmerge_lora(strict=True): the fully trained leaves {names[:4]}"
+            f"{f' (and {len(names) - 4} more)' if len(names) > 4 else ''} keep no record of "
+            "their base values; keep the base params"
+        )
     flat = traverse_util.flatten_dict(merged)
-    for module, adapter in _adapter_modules(adapters).items():
+    for module, adapter in modules.items():
         key = module + ("kernel",)
         w = flat[key]
         a, b = adapter[LORA_A], adapter[LORA_B]
@@ -412,7 +619,8 @@ def make_lora_loss_fn(loss_fn: Callable, config: LoraConfig, *, dropout: bool = 
     With `config.dropout > 0`, `dropout` and a `dropout_rng`, the loss instead runs
     `loss_fn(base with the adapters beside its kernels, ...)` under a flax method interceptor
     that adds the adapter branch on dropped-out inputs (see the module docstring); the masks come
-    from `fold_in(dropout_rng, 1)`, apart from the model's own dropout stream. Params without
+    from `fold_in(dropout_rng, 1)`, apart from the model's own dropout stream. Fully trained leaves
+    (`LoraConfig.trainable`) are replaced by the adapters' copies on both paths. Params without
     adapter leaves (a reference passed in `extra`) run the plain model either way.
 
     Args:
@@ -434,31 +642,38 @@ def make_lora_loss_fn(loss_fn: Callable, config: LoraConfig, *, dropout: bool = 
 
 
 def lora_weight_decay_mask(adapters: Adapters) -> Adapters:
-    """Pytree of bools over an adapter tree: True on lora_a / lora_b, False on DoRA magnitudes.
+    """Pytree of bools over an adapter tree: True on lora_a / lora_b, False on DoRA magnitudes;
+    on a fully trained copy, what `jaxalign.optim.weight_decay_mask` gives that leaf in full
+    fine-tuning (True on a "kernel", e.g. a reward head's; False on biases, norm scales and
+    embeddings).
 
     Use with optax directly, e.g. `optax.adamw(schedule, weight_decay=0.01,
     mask=lora_weight_decay_mask)`, or through `make_lora_optimizer`. (`jaxalign.optim`'s
-    `weight_decay_mask` decays leaves named "kernel" only, i.e. no adapter leaf.)
+    `weight_decay_mask` decays leaves named "kernel" only, i.e. no LoRA leaf.)
     """
 
     def decays(path, leaf) -> bool:
         del leaf
         return str(getattr(path[-1], "key", path[-1])) in (LORA_A, LORA_B)
 
-    return jax.tree_util.tree_map_with_path(decays, adapters)
+    lora = jax.tree_util.tree_map_with_path(decays, adapters)
+    return jax.tree.map(lambda a, b: a or b, lora, weight_decay_mask(adapters))
 
 
 def make_lora_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, Callable]:
     """`jaxalign.optim.make_optimizer` with `lora_weight_decay_mask` instead of the kernel mask:
-    clip_by_global_norm -> adamw(warmup-cosine, decay on lora_a/lora_b), in MultiSteps if
-    `config.grad_accum_steps > 1`. The optimizer state has exactly the same leaves.
+    clip_by_global_norm -> adamw(warmup-cosine, decay on lora_a/lora_b and fully trained
+    kernels), in MultiSteps if `config.grad_accum_steps > 1`. The optimizer state has exactly the
+    same leaves.
 
     Args:
-      config: the optimiser hyperparameters (`weight_decay` applies to lora_a and lora_b).
+      config: the optimiser hyperparameters (`weight_decay` applies to lora_a, lora_b and fully
+        trained leaves named "kernel").
     """
     return make_optimizer(config, decay_mask=lora_weight_decay_mask)
 
 
 def num_lora_params(adapters: Adapters) -> int:
-    """Number of trainable adapter values."""
+    """Number of trainable values in an adapter tree: the LoRA/DoRA leaves plus the fully
+    trained copies (`LoraConfig.trainable`)."""
     return sum(x.size for x in jax.tree.leaves(adapters))

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -14,16 +15,19 @@ from jaxalign.lora import (
     apply_lora,
     init_lora,
     lora_targets,
+    lora_trainable,
     lora_weight_decay_mask,
     make_lora_loss_fn,
     make_lora_optimizer,
     merge_lora,
+    num_lora_params,
     unmerge_lora,
 )
 from jaxalign.lora import _adapters_beside_kernels, _dropout_interceptor, _unmerged_delta
 from jaxalign.models import forward as _forward
 from jaxalign.models import get_config, init_params, load_hf_checkpoint
 from jaxalign.models.config import RopeScaling
+from jaxalign.models.heads import init_scalar_model, sequence_scores
 from jaxalign.models.hf_export import export_hf
 from jaxalign.optim import OptimConfig, make_optimizer, weight_decay_mask
 from jaxalign.trainers import create_train_state, make_train_step
@@ -484,3 +488,229 @@ def test_export_merged_weights_to_hf(case, tmp_path):
         assert not config2.rope_interleaved and config2.kv_heads == 2
         # re-imported rotate-half layout: other sums, 128 ulps of max|logit|; measured 2.4
         np.testing.assert_allclose(forward(params2, config2, tokens), want, rtol=0, atol=ulps(128, want))
+
+
+# --- fully trained leaves (LoraConfig.trainable, PEFT's modules_to_save) -----------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model():  # gpt2-tiny ties its embeddings: no lm_head, so "head" matches head/* only
+    config = get_config("gpt2-tiny", vocab_size=V)
+    return config, init_scalar_model(config, jax.random.key(4))
+
+
+RM_LORA = LoraConfig(rank=2, targets=("attention",), trainable=("head",))
+
+
+def bt_loss(params, config, batch):
+    """The reward model's Bradley–Terry loss −mean log σ(r_c − r_r) + 0.01·mean (r_c + r_r)² on a
+    preference batch (the centring term, TRL's `center_rewards_coefficient`, is what gives the
+    head's bias a gradient: Bradley–Terry alone sees r_c − r_r, where the bias cancels)."""
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])  # [2B,T]
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])  # [2B,T]
+    scores = sequence_scores(params, config, tokens, mask)  # [2B]
+    b = batch["chosen_tokens"].shape[0]
+    chosen, rejected = scores[:b], scores[b:]
+    return -jnp.mean(jax.nn.log_sigmoid(chosen - rejected)) + 0.01 * jnp.mean((chosen + rejected) ** 2)
+
+
+bt_loss_jit = jax.jit(bt_loss, static_argnums=1)  # for comparisons that need no exactness
+
+
+def moved_head(params, seed=0):
+    """A 'trained' head: kernel moved by O(its own size), bias 0.7 (the fresh one is 0)."""
+    kernel = params["head"]["kernel"]
+    noise = jax.random.normal(jax.random.key(seed), kernel.shape, kernel.dtype)
+    return {"kernel": kernel + 0.3 * noise, "bias": jnp.asarray(0.7, params["head"]["bias"].dtype)}
+
+
+def test_trainable_head_copies_apply_and_gradients(reward_model):
+    config, params = reward_model
+    ad = init_lora(params, RM_LORA, jax.random.key(0))
+    assert lora_trainable(params, RM_LORA) == ["head/bias", "head/kernel"]
+    assert set(ad) == {"backbone", "head"} and set(ad["head"]) == {"kernel", "bias"}
+    assert set(ad["backbone"]["layers_0"]["attn"]["wq"]) == {"lora_a", "lora_b"}
+    for name in ("kernel", "bias"):  # a copy of the base head, in its own dtype (float32)
+        assert ad["head"][name].dtype == jnp.float32
+        np.testing.assert_array_equal(ad["head"][name], params["head"][name])
+    # The LoRA leaves are bit for bit those made without `trainable` (no key is drawn for copies).
+    lora_only = init_lora(params, LoraConfig(rank=2, targets=("attention",)), jax.random.key(0))
+    assert jax.tree.structure(ad["backbone"]) == jax.tree.structure(lora_only["backbone"])
+    for got, want in zip(jax.tree.leaves(ad["backbone"]), jax.tree.leaves(lora_only["backbone"])):
+        np.testing.assert_array_equal(got, want)
+    assert num_lora_params(ad) == num_lora_params(lora_only) + config.d_model + 1
+    # The copies are new buffers: donating the adapters (as the train step does) keeps the base.
+    base = jax.tree.map(jnp.copy, params)
+    jax.jit(lambda a: jax.tree.map(lambda x: x + 1, a), donate_argnums=0)(init_lora(base, RM_LORA, jax.random.key(0)))
+    assert not base["head"]["kernel"].is_deleted() and not base["head"]["bias"].is_deleted()
+    np.testing.assert_array_equal(base["head"]["kernel"], params["head"]["kernel"])
+
+    # apply_lora: the copies at head/*, the base everywhere else (B = 0: W + s·A·0 is W exactly).
+    head = moved_head(params)
+    trained = {**ad, "head": head}
+    eff = apply_lora(params, trained, RM_LORA)
+    assert eff["head"]["kernel"] is head["kernel"] and eff["head"]["bias"] is head["bias"]
+    assert jax.tree.structure(eff) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(eff["backbone"]), jax.tree.leaves(params["backbone"])):
+        np.testing.assert_array_equal(got, want)
+
+    # Gradients reach the copies, and are the full-fine-tuning gradients of the head. Exact: the
+    # effective backbone is bit for bit the base and the head copy is the head leaf, so both are
+    # the same primitives on the same values, run op by op (no jit: no program-dependent fusion).
+    batch = pair_batch(b=4)
+    g = jax.grad(lambda a: bt_loss(apply_lora(params, a, RM_LORA), config, batch))(trained)
+    g_full = jax.grad(lambda p: bt_loss(p, config, batch))({"backbone": params["backbone"], "head": head})
+    for name in ("kernel", "bias"):
+        assert float(jnp.abs(g["head"][name]).max()) > 1e-3
+        np.testing.assert_array_equal(g["head"][name], g_full["head"][name])
+    wq = g["backbone"]["layers_0"]["attn"]["wq"]
+    assert float(jnp.abs(wq["lora_b"]).max()) > 0 and not np.any(np.asarray(wq["lora_a"]))  # B = 0
+    # ... and a different head gives a different loss: the copies, not the base head, are used.
+    assert abs(float(bt_loss_jit(eff, config, batch)) - float(bt_loss_jit(params, config, batch))) > 1e-3
+
+
+def test_trainable_head_on_the_dropout_path(reward_model):
+    """With adapter dropout the loss runs the base with the adapters beside its kernels under
+    the interceptor; the trained head copies must be used there too. At B = 0 the adapter branch
+    adds exactly 0, so the loss is exactly the full model's with the trained head (op by op, as
+    above), and differs from the base head's."""
+    config, params = reward_model
+    cfg = LoraConfig(rank=2, targets=("attention",), trainable=("head",), dropout=0.1)
+    head = moved_head(params, seed=1)
+    trained = {**init_lora(params, cfg, jax.random.key(0)), "head": head}
+    beside = _adapters_beside_kernels(params, trained, cfg)
+    assert beside["head"]["kernel"] is head["kernel"] and beside["head"]["bias"] is head["bias"]
+    assert set(beside["backbone"]["layers_0"]["attn"]["wq"]) == {"kernel", "bias", "lora_a", "lora_b"}
+    batch = pair_batch(b=4)
+    loss_fn = make_lora_loss_fn(lambda p, b, rng: bt_loss(p, config, b), cfg)
+    loss, g = jax.value_and_grad(loss_fn)(trained, batch, jax.random.key(3), params)
+    want, g_want = jax.value_and_grad(lambda p: bt_loss(p, config, batch))(
+        {"backbone": params["backbone"], "head": head}
+    )
+    np.testing.assert_array_equal(loss, want)
+    for name in ("kernel", "bias"):
+        assert float(jnp.abs(g["head"][name]).max()) > 1e-3
+        np.testing.assert_array_equal(g["head"][name], g_want["head"][name])
+    assert abs(float(loss) - float(bt_loss_jit(params, config, batch))) > 1e-3  # base head: another loss
+    # It was the dropout path: B's gradient sees the dropped-out inputs x̃, not x.
+    g_plain = jax.grad(loss_fn)(trained, batch, None, params)  # no key: weight-space apply_lora
+    np.testing.assert_array_equal(g_plain["head"]["kernel"], g_want["head"]["kernel"])
+    b_drop = g["backbone"]["layers_0"]["attn"]["wv"]["lora_b"]
+    b_plain = g_plain["backbone"]["layers_0"]["attn"]["wv"]["lora_b"]
+    assert not np.allclose(b_drop, b_plain, rtol=1e-2)
+
+
+def test_trainable_bias_of_an_adapted_module(reward_model):
+    """A fully trained bias beside an adapted kernel: both paths use the copy (B = 0, so both
+    equal the full model with that bias, exactly)."""
+    config, params = reward_model
+    cfg = LoraConfig(rank=2, targets=("attn/wq",), trainable=(r"layers_0/attn/wq/bias$",), dropout=0.1)
+    ad = init_lora(params, cfg, jax.random.key(0))
+    bias = ad["backbone"]["layers_0"]["attn"]["wq"]["bias"]  # [N, H]
+    bias = bias + jax.random.normal(jax.random.key(1), bias.shape)
+    ad["backbone"]["layers_0"]["attn"]["wq"]["bias"] = bias
+    assert set(ad["backbone"]["layers_0"]["attn"]["wq"]) == {"lora_a", "lora_b", "bias"}
+    assert apply_lora(params, ad, cfg)["backbone"]["layers_0"]["attn"]["wq"]["bias"] is bias
+    full = jax.tree.map(lambda x: x, params)
+    full["backbone"]["layers_0"]["attn"]["wq"]["bias"] = bias
+    batch = pair_batch(b=2)
+    want = bt_loss(full, config, batch)
+    loss_fn = make_lora_loss_fn(lambda p, b, rng: bt_loss(p, config, b), cfg)
+    np.testing.assert_array_equal(loss_fn(ad, batch, None, params), want)  # apply_lora
+    np.testing.assert_array_equal(loss_fn(ad, batch, jax.random.key(1), params), want)  # interceptor
+    assert abs(float(want) - float(bt_loss_jit(params, config, batch))) > 1e-3
+
+
+def test_trainable_errors(reward_model):
+    config, params = reward_model
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"'value' matches no parameter.*'backbone/"):
+        init_lora(params, LoraConfig(targets=("attention",), trainable=("value",)), key)
+    overlap = LoraConfig(targets=("attention",), trainable=("head", "layers_1/attn/wq"))
+    for fn in (lambda: init_lora(params, overlap, key), lambda: lora_trainable(params, overlap)):
+        with pytest.raises(ValueError, match="'backbone/layers_1/attn/wq/kernel' is both a LoRA target"):
+            fn()
+    with pytest.raises(ValueError, match="string"):
+        LoraConfig(trainable="head")
+    with pytest.raises(ValueError, match="bad regular expression"):
+        LoraConfig(trainable=("head[",))
+    tree = {"dense": {"kernel": jnp.zeros((4, 3))}, "count": jnp.zeros((), jnp.int32), "x": {"magnitude": jnp.ones(3)}}
+    with pytest.raises(ValueError, match="'count' has dtype int32"):
+        init_lora(tree, LoraConfig(targets=("dense",), trainable=("count",)), key)
+    with pytest.raises(ValueError, match="reserved"):
+        init_lora(tree, LoraConfig(targets=("dense",), trainable=("x/",)), key)
+    # Hand-edited adapter trees, checked by apply_lora and the dropout path alike.
+    ad = init_lora(params, RM_LORA, key)
+    bad = {
+        KeyError: ({**ad, "value": {"bias": jnp.zeros(())}}, "'value/bias'.*no such leaf"),
+        ValueError: ({**ad, "head": {**ad["head"], "kernel": jnp.zeros(3)}}, r"'head/kernel': shape \(3,\)"),
+    }
+    drop = LoraConfig(rank=2, targets=("attention",), trainable=("head",), dropout=0.1)
+    for error, (tree, message) in bad.items():
+        with pytest.raises(error, match=message):
+            apply_lora(params, tree, RM_LORA)
+        with pytest.raises(error, match=message):
+            _adapters_beside_kernels(params, tree, drop)
+    narrow = {**ad, "head": {**ad["head"], "kernel": ad["head"]["kernel"].astype(jnp.bfloat16)}}
+    with pytest.raises(ValueError, match="'head/kernel': dtype bfloat16 in the adapters, float32"):
+        apply_lora(params, narrow, RM_LORA)
+    both = jax.tree.map(lambda x: x, ad)
+    both["backbone"]["layers_0"]["attn"]["wq"]["kernel"] = params["backbone"]["layers_0"]["attn"]["wq"]["kernel"]
+    with pytest.raises(ValueError, match="'backbone/layers_0/attn/wq/kernel'; a kernel is adapted or trained in full"):
+        apply_lora(params, both, RM_LORA)
+
+
+def test_trainable_merge_unmerge_and_dtypes(reward_model):
+    config, params = reward_model
+    key = jax.random.key(0)
+    # A bfloat16 base: the head copy is float32 (promoted to param_dtype), exactly the base values.
+    base16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    ad16 = init_lora(base16, RM_LORA, key)
+    assert ad16["head"]["kernel"].dtype == jnp.float32
+    np.testing.assert_array_equal(ad16["head"]["kernel"], base16["head"]["kernel"].astype(jnp.float32))
+    trained16 = perturb(ad16, 1)  # B != 0 and a moved head
+    assert apply_lora(base16, trained16, RM_LORA)["head"]["kernel"].dtype == jnp.float32
+    merged16 = merge_lora(base16, trained16, RM_LORA)
+    for name in ("kernel", "bias"):  # the trained head, cast to the base dtype
+        assert merged16["head"][name].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(merged16["head"][name], trained16["head"][name].astype(jnp.bfloat16))
+    assert not np.array_equal(merged16["head"]["kernel"], base16["head"]["kernel"])
+    # A float32 leaf stays float32 with a bfloat16 param_dtype (never lowered).
+    low = init_lora(params, dataclasses.replace(RM_LORA, param_dtype=jnp.bfloat16), key)
+    assert low["head"]["kernel"].dtype == jnp.float32
+    assert low["backbone"]["layers_0"]["attn"]["wq"]["lora_a"].dtype == jnp.bfloat16
+
+    # unmerge: the kernels come back, the head keeps its trained value; strict refuses.
+    trained = perturb(init_lora(params, RM_LORA, key), 2)
+    merged = merge_lora(params, trained, RM_LORA)
+    np.testing.assert_array_equal(merged["head"]["kernel"], trained["head"]["kernel"])  # float32 -> float32
+    restored = unmerge_lora(merged, trained, RM_LORA)
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(restored["head"][name], trained["head"][name])
+    for got, want in zip(jax.tree.leaves(restored["backbone"]), jax.tree.leaves(params["backbone"])):
+        np.testing.assert_allclose(got, want, atol=1e-6)  # (W + s·AB) − s·AB: 1e-6 is 100 ulps of |W| ~ 0.08
+    for got, want in zip(jax.tree.leaves(apply_lora(restored, trained, RM_LORA)["head"]), jax.tree.leaves(merged["head"])):
+        np.testing.assert_array_equal(got, want)  # re-applying gives the merged head back
+    with pytest.raises(ValueError, match=r"strict=True.*'head/bias', 'head/kernel'"):
+        unmerge_lora(merged, trained, RM_LORA, strict=True)
+    lora_only = LoraConfig(rank=2, targets=("attention",))
+    plain = perturb(init_lora(params, lora_only, key), 2)
+    unmerge_lora(merge_lora(params, plain, lora_only), plain, lora_only, strict=True)  # nothing to lose
+
+
+def test_trainable_weight_decay_mask_and_dora(reward_model):
+    config, params = reward_model
+    cfg = dataclasses.replace(RM_LORA, dora=True)
+    ad = init_lora(params, cfg, jax.random.key(0))
+    mask = lora_weight_decay_mask(ad)
+    # the head as in full fine-tuning (jaxalign.optim decays kernels only), LoRA as before
+    assert mask["head"] == {"kernel": True, "bias": False} == weight_decay_mask(params)["head"]
+    assert mask["backbone"]["layers_0"]["attn"]["wq"] == {"lora_a": True, "lora_b": True, "magnitude": False}
+    assert apply_lora(params, ad, cfg)["head"]["kernel"] is ad["head"]["kernel"]
+    ad["head"]["bias"] = jnp.asarray(0.5, jnp.float32)  # nonzero, so that decay would show
+    opt = OptimConfig(learning_rate=0.1, weight_decay=0.5, total_steps=10, max_grad_norm=None)
+    tx, _ = make_lora_optimizer(opt)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, ad), tx.init(ad), ad)
+    # −lr·wd·w, two float32 products: 8 ulps
+    np.testing.assert_allclose(updates["head"]["kernel"], -0.1 * 0.5 * ad["head"]["kernel"], rtol=ulps(8))
+    assert float(updates["head"]["bias"]) == 0.0

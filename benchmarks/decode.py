@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.decoding import generate, prompt_positions
+from jaxalign.decoding import SamplingConfig, generate, prompt_positions
 from jaxalign.models import (
     TransformerConfig,
     forward,
@@ -309,7 +309,7 @@ def benchmark_case(case: Case, config: TransformerConfig, params, cfg: Config) -
 
     # KV cache: a warm-up call (compile + first run), then timed calls with the same shapes.
     def cache_call():
-        return generate(params, config, prompt, mask, max_new_tokens=n, rng=key, temperature=0.0)
+        return generate(params, config, prompt, mask, rng=key, sampling=SamplingConfig(max_new_tokens=n, temperature=0.0))
 
     before = generate._cache_size()
     start = time.perf_counter()
@@ -424,7 +424,7 @@ def compile_count_check(config: TransformerConfig, params, prompt_len: int) -> l
         tokens, mask = prompt(bb, pp)
         before = generate._cache_size()
         jax.block_until_ready(
-            generate(params, config, tokens, mask, max_new_tokens=nn, rng=jax.random.key(100 + i), **sampling)
+            generate(params, config, tokens, mask, rng=jax.random.key(100 + i), sampling=SamplingConfig(max_new_tokens=nn, **sampling))
         )
         rows.append({"call": desc, "new_compiles": generate._cache_size() - before, "expected": expected})
     return rows

@@ -12,6 +12,7 @@ Shapes: B batch, P prompt length, N max_new_tokens, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -22,6 +23,49 @@ import jax.numpy as jnp
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import KVCache, forward_with_cache, init_cache
 from jaxalign.ops import select
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How `generate` samples: one frozen, hashable value (a static argument of the compiled
+    program) that travels from a script's flags to `generate`, the rollouts and
+    `evaluate_policy`.
+
+    Attributes:
+      max_new_tokens: N >= 1, tokens generated per row at most.
+      temperature: 0.0 for greedy (argmax) decoding, else the softmax temperature (> 0).
+      top_k: optional top-k filtering, k >= 1 (checked against the vocabulary by `generate`;
+        see `sampling_logits`).
+      top_p: optional nucleus filtering, in (0, 1]; 1.0 is no filtering.
+      eos_id: a row stops after emitting it (None: always N tokens).
+      pad_id: written after a row's EOS.
+
+    Raises:
+      ValueError: on construction, max_new_tokens < 1, temperature < 0, top_k < 1 or top_p
+        outside (0, 1] (the message names the field).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"SamplingConfig.top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding (temperature 0)."""
+        return self.temperature == 0.0
 
 
 @flax.struct.dataclass
@@ -166,72 +210,55 @@ def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
     return jnp.where(real, jnp.cumsum(real, axis=-1) - 1, -1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"),
-)
+@functools.partial(jax.jit, static_argnames=("config", "sampling"))
 def generate(
     params,
     config: TransformerConfig,
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
     *,
-    max_new_tokens: int,
+    sampling: SamplingConfig,
     rng: jax.Array,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    pad_id: int = 0,
 ) -> Generation:
-    """Samples up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache.
+    """Samples up to `sampling.max_new_tokens` tokens after each left-padded prompt, with a KV
+    cache.
 
-    One compiled program per (shapes, config, sampling settings): the prompt is prefilled in one
-    call, then a `jax.lax.while_loop` decodes one token per iteration until every row has emitted
-    `eos_id` or `max_new_tokens` is reached. The cache is pre-allocated with P + N slots, or with
-    `config.sliding_window` slots used as a rolling buffer.
+    One compiled program per (shapes, config, sampling): the prompt is prefilled in one call,
+    then a `jax.lax.while_loop` decodes one token per iteration until every row has emitted
+    `sampling.eos_id` or N = `sampling.max_new_tokens` is reached. The cache is pre-allocated
+    with P + N slots, or with `config.sliding_window` slots used as a rolling buffer.
 
     Args:
       params, config: the model.
       prompt_tokens: int32 [B, P], left-padded; every row needs at least one real token, and
         P < config.max_seq_len (the cache holds P + N positions).
       prompt_mask: [B, P], 1 on real prompt tokens, 0 on padding.
-      max_new_tokens: N.
+      sampling: the `SamplingConfig` (N, temperature, top-k, top-p, EOS and padding ids).
       rng: a PRNG key (unused for greedy decoding).
-      temperature: 0.0 for greedy (argmax) decoding, else the softmax temperature.
-      top_k: optional top-k filtering, in [1, V] (see `sampling_logits`).
-      top_p: optional nucleus filtering, in (0, 1]; 1.0 is no filtering (see `sampling_logits`).
-      eos_id: a row stops after emitting it (None: always N tokens).
-      pad_id: written after a row's EOS.
 
     Returns:
       `Generation` (tokens, logps, model_logps, mask, lengths).
 
     Raises:
       ValueError: raised at trace time, before any compute: P >= config.max_seq_len ("prompt is
-        P tokens ..., the model's context is M (config.max_seq_len)"), max_new_tokens < 1,
-        P + N > config.max_seq_len, temperature < 0, top_k outside [1, V], top_p outside (0, 1].
+        P tokens ..., the model's context is M (config.max_seq_len)"), P + N >
+        config.max_seq_len, top_k > config.vocab_size (and `SamplingConfig`'s own checks).
       AssertionError: (chex) prompt_tokens not rank 2, or prompt_mask of another shape.
     """
     chex.assert_rank(prompt_tokens, 2)
     chex.assert_equal_shape((prompt_tokens, prompt_mask))
     b, p = prompt_tokens.shape
-    n = max_new_tokens
-    if p >= config.max_seq_len:  # before the max_new_tokens checks: the prompt is the cause
+    n, eos_id, pad_id = sampling.max_new_tokens, sampling.eos_id, sampling.pad_id
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+    if p >= config.max_seq_len:  # before the max_new_tokens check: the prompt is the cause
         raise ValueError(
             f"prompt is {p} tokens (the left-padded batch width), the model's context is "
             f"{config.max_seq_len} (config.max_seq_len): no room for a new token"
         )
-    if n < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {n}")
     if p + n > config.max_seq_len:
         raise ValueError(f"prompt length {p} + max_new_tokens {n} exceeds max_seq_len {config.max_seq_len}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size], got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k > config.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={config.vocab_size}], got {top_k}")
 
     positions = prompt_positions(prompt_mask)  # [B,P]
     cache = init_cache(config, b, p + n)

@@ -19,10 +19,24 @@ import jax.numpy as jnp
 from jaxalign.ops import masked_mean, masked_sum
 
 
-def _over_sequence_chunks(
+def over_sequence_chunks(
     fn: Callable[..., jax.Array], chunk_size: int | None, *arrays: jax.Array
 ) -> jax.Array:
-    """Applies `fn(*arrays) -> [B, t]` over sequence chunks of size `chunk_size` (axis 1)."""
+    """Applies `fn(*arrays) -> [B, t]` over sequence chunks of size `chunk_size` (axis 1), one
+    chunk at a time (`jax.lax.map`), so per-token work on [B, T, V] logits (log-probs, entropy,
+    the SFT NLL) holds only a [B, chunk_size, V] slice of temporaries at once.
+
+    Args:
+      fn: maps arrays [B, c, ...] to [B, c]; applied to each chunk and to the remainder.
+      chunk_size: tokens per chunk; None (or >= T) applies `fn` to the whole sequence.
+      *arrays: [B, T, ...] each, chunked along axis 1.
+
+    Returns:
+      [B, T], the chunks' outputs concatenated.
+
+    Raises:
+      ValueError: chunk_size <= 0.
+    """
     t = arrays[0].shape[1]
     if chunk_size is None or chunk_size >= t:
         return fn(*arrays)
@@ -81,7 +95,7 @@ def token_logps(
     chex.assert_rank(logits, 3)
     chex.assert_rank(labels, 2)
     chex.assert_equal_shape_prefix((logits, labels), 2)
-    return _over_sequence_chunks(_token_logps, chunk_size, logits, labels)
+    return over_sequence_chunks(_token_logps, chunk_size, logits, labels)
 
 
 _SUM_BLOCK = 256
@@ -138,7 +152,7 @@ def entropy(logits: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
       ValueError: a non-positive chunk_size.
     """
     chex.assert_rank(logits, 3)
-    return _over_sequence_chunks(_entropy, chunk_size, logits)
+    return over_sequence_chunks(_entropy, chunk_size, logits)
 
 
 def sequence_logps(

@@ -98,15 +98,28 @@ bf16, do not; on those backends the bf16 figures here are the intended count, no
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from jaxalign.lora import LoraConfig, init_lora
 from jaxalign.models.config import TransformerConfig, num_params
 from jaxalign.models.transformer import init_params
+from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.sharding import (
+    DEFAULT_RULES,
+    LogicalRules,
+    abstract_params,
+    batch_axes,
+    opt_state_like_params,
+    param_specs,
+)
 
 Attention = Literal["xla", "flash"]
 
@@ -150,7 +163,7 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
     # output feeds only frozen kernels (q/k/v, up/gate).
     frozen_down = frozen_wo = norms_feeding_frozen = 0
     for layer in range(config.n_layers):
-        hit = lambda *names: any(f"layers_{layer}/{name}" in targeted_modules for name in names)
+        hit = lambda *names: any(f"layers_{layer}/{name}" in targeted_modules for name in names)  # noqa: B023 - called within this iteration
         frozen_down += not hit("mlp/down")
         frozen_wo += not hit("attn/wo")
         norms_feeding_frozen += (not hit("attn/wq", "attn/wk", "attn/wv")) + (not hit("mlp/up", "mlp/gate"))
@@ -183,7 +196,7 @@ def activation_bytes_per_layer(
     total += 2 * btd * c  # the two residual sums
     total += b * t * (n + 2 * k) * h * c  # q, k, v
     total += b * t * n * h * c  # attention output (input of wo)
-    total += (3 if config.family == "gpt2" else 5) * b * t * f * c
+    total += (3 if config.mlp == "gelu" else 5) * b * t * f * c  # GELU: up, gelu(up); SwiGLU: gate, up, silu, product
     if attention == "xla":
         total += b * n * t * t * (12 + (c if c != 4 else 0))
     elif attention == "flash":
@@ -337,7 +350,7 @@ def _frozen_base_savings(
     final norm feeds the frozen output head); the embedding lookup's output is not kept.
     """
     d, f, nh = config.d_model, config.ff_dim, config.n_heads * config.head_dim
-    rms = config.family != "gpt2"
+    rms = config.norm == "rmsnorm"
     blocks = sizes["frozen_down"] * f + sizes["frozen_wo"] * nh + 2 * config.n_layers * d
     blocks += sizes["norms_feeding_frozen"] * d if rms else 0
     head = (2 if rms else 1) * d + d  # the final norm, the embedding output
@@ -348,7 +361,96 @@ def _norm_and_bias_count(config: TransformerConfig) -> int:
     """Parameters that are not matmul weights: norm scales/biases and projection biases."""
     d, l = config.d_model, config.n_layers
     h, n, k, f = config.head_dim, config.n_heads, config.kv_heads, config.ff_dim
-    if config.family == "gpt2":
-        return l * (n * h + 2 * k * h + d + f + d + 4 * d) + 2 * d
-    qkv = (n * h + 2 * k * h) if config.qkv_bias else 0
-    return l * (qkv + 2 * d) + d
+    qkv = (n * h + 2 * k * h) if config.qkv_biases else 0
+    out = (d + f + d) if config.output_biases else 0  # wo, up and down biases
+    norms = (4 * d, 2 * d) if config.norm == "layernorm" else (2 * d, d)  # per block, final
+    return l * (qkv + out + norms[0]) + norms[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Per device: the same figures under a mesh's shardings.
+
+
+def _shard_bytes(shape: Sequence[int], dtype, spec: PartitionSpec, mesh_shape: dict[str, int]) -> int:
+    """Bytes one device holds of an array of `shape` split by `spec` (spec entries divide)."""
+    n = 1
+    for dim, size in enumerate(shape):
+        entry = spec[dim] if dim < len(spec) else None
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        n *= size // math.prod(mesh_shape[a] for a in axes)
+    return n * np.dtype(dtype).itemsize
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def per_device_memory(
+    config: TransformerConfig,
+    mesh: Mesh | AbstractMesh,
+    *,
+    batch: int,
+    seq_len: int,
+    tx: optax.GradientTransformation | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+    attention: str = "xla",
+    remat: bool = False,
+) -> dict[str, int]:
+    """Bytes per device of one train step of `config` on `mesh`, from the shardings.
+
+    params, grads (laid out like the params) and optimizer state are exact: each leaf's shard
+    shape under `param_specs` / `opt_state_like_params`, summed (a replicated leaf counts in
+    full on every device). Activations are `estimate_memory`'s for the per-device batch
+    B / (data × fsdp) — with tensor > 1 an upper bound, since the head- and width-split tensors
+    inside a block shrink by the tensor size too.
+
+    Args:
+      config: the model (param_dtype for storage, dtype for compute).
+      mesh: a `Mesh` or `AbstractMesh` (see `jaxalign.sharding.abstract_mesh`) with the
+        (data, fsdp, tensor) axes.
+      batch: global batch B; seq_len: T of the forward pass.
+      tx: the optimizer (default: `make_optimizer(OptimConfig())`, clipped AdamW).
+      rules: the logical-axis rules.
+      attention, remat: passed to `estimate_memory` ("flash" and remat=True are planning
+        figures: the model runs XLA attention and no rematerialisation today).
+
+    Returns:
+      dict of int bytes per device: params, grads, optimizer_state, activations, inputs,
+      temporaries = max(activations, 2 × grads) and total = params + optimizer_state + inputs +
+      temporaries (see the module docstring for why gradients and activations do not add up).
+
+    Raises:
+      ValueError: `batch` not divisible by the batch shards.
+    """
+    if tx is None:
+        tx = make_optimizer(OptimConfig())[0]
+    mesh_shape = dict(mesh.shape)
+    shards = math.prod(mesh_shape[a] for a in batch_axes(mesh, rules))
+    if batch % shards:
+        raise ValueError(f"batch {batch} is not divisible by the {shards} batch shards {batch_axes(mesh, rules)}")
+    shapes = abstract_params(config)
+    specs = param_specs(config, mesh, rules)
+    params = sum(
+        _shard_bytes(x.shape, x.dtype, s, mesh_shape)
+        for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=_is_spec))
+    )
+    opt_shapes = jax.eval_shape(tx.init, shapes)
+    opt_specs = opt_state_like_params(tx, shapes, specs, PartitionSpec())
+    optimizer_state = sum(
+        _shard_bytes(x.shape, x.dtype, s, mesh_shape)
+        for x, s in zip(jax.tree.leaves(opt_shapes), jax.tree.leaves(opt_specs, is_leaf=_is_spec))
+    )
+    local = estimate_memory(
+        config, batch=batch // shards, seq_len=seq_len, param_dtype=config.param_dtype,
+        compute_dtype=config.dtype, attention=attention, remat=remat,
+    )
+    out = {
+        "params": params,
+        "grads": params,
+        "optimizer_state": optimizer_state,
+        "activations": local["activations"],
+        "inputs": local["inputs"],
+        "temporaries": peak_temporaries(local["activations"], params),  # grads are laid out as params
+    }
+    out["total"] = params + optimizer_state + out["inputs"] + out["temporaries"]
+    return {k: int(v) for k, v in out.items()}

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-
 log = logging.getLogger(__name__)
 
 

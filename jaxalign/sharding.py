@@ -42,13 +42,20 @@ written and read collectively by every process; a checkpoint restores onto any m
 with `abstract_state(...)` shardings of the new mesh).
 
 Shapes: B batch (global), T sequence.
+
+Where the rest lives: a train step's shardings (`StepShardings`, `step_shardings`) beside the
+step builder in `jaxalign.trainers.step`; the reward-model and actor-critic shardings beside
+their parameter layouts (`jaxalign.scoring`); per-device memory planning in `jaxalign.memory`.
+This module imports nothing above `jaxalign.models`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,11 +64,8 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxalign.memory import estimate_memory, peak_temporaries
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import ACTIVATION_BATCH_AXES, init_params, param_logical_axes
-from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.trainers.state import create_train_state
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
@@ -248,6 +252,14 @@ def param_specs(config: TransformerConfig, mesh: Mesh | AbstractMesh, rules: Log
     return partition_specs(param_logical_axes(config), abstract_params(config), mesh, rules)
 
 
+def named_shardings(logical_axes, shapes, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """`NamedSharding` tree of a tree of arrays (or `ShapeDtypeStruct`s) `shapes` whose logical
+    names are `logical_axes` (see `partition_specs`): the shardings of any parameter layout that
+    names its axes (the transformer, a reward model, an actor-critic)."""
+    specs = partition_specs(logical_axes, shapes, mesh, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+
 def param_shardings(config: TransformerConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
     """`NamedSharding` tree of the model's parameters (same structure as `init_params`)."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(config, mesh, rules), is_leaf=_is_spec)
@@ -262,25 +274,6 @@ def opt_state_like_params(tx: optax.GradientTransformation, params, per_param, o
     return optax.tree_map_params(
         tx, lambda _, s: s, abstract, per_param, transform_non_params=lambda _: other,
         is_leaf=lambda x: isinstance(x, (NamedSharding, PartitionSpec)),
-    )
-
-
-def train_state_shardings(abstract_state, tx: optax.GradientTransformation, params_shardings, mesh: Mesh):
-    """Shardings of a `TrainState` (same structure): params as given, optimizer state following
-    its params, step and rng replicated.
-
-    Args:
-      abstract_state: the state or `jax.eval_shape` of its creation (only structure is used).
-      tx: the state's optax transformation.
-      params_shardings: tree like `abstract_state.params` of `NamedSharding`s.
-      mesh: the mesh of those shardings.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return abstract_state.replace(
-        step=replicated,
-        rng=replicated,
-        params=params_shardings,
-        opt_state=opt_state_like_params(tx, abstract_state.params, params_shardings, replicated),
     )
 
 
@@ -350,221 +343,48 @@ def activation_sharding(mesh: Mesh | AbstractMesh, rules: LogicalRules = DEFAULT
         ACTIVATION_BATCH_AXES.reset(token)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepShardings:
-    """How `make_train_step(..., shardings=...)` compiles a step on a mesh.
+# Names that moved out of this module in the restructuring; importing them from here still works
+# for one release (with a DeprecationWarning), resolved lazily so this module imports nothing
+# above `jaxalign.models`.
+_MOVED = {
+    "StepShardings": "jaxalign.trainers.step",
+    "step_shardings": "jaxalign.trainers.step",
+    "params_step_shardings": "jaxalign.trainers.step",
+    "train_state_shardings": "jaxalign.trainers.step",
+    "scalar_model_shardings": "jaxalign.scoring",
+    "actor_critic_shardings": "jaxalign.scoring",
+    "per_device_memory": "jaxalign.memory",
+}
 
-    Attributes:
-      mesh: the device mesh.
-      state: `TrainState` of `NamedSharding`s (see `train_state_shardings`); also the output's.
-      batch: sharding (or tree prefix of shardings) of the batch; None = `batch_sharding(mesh)`.
-      extra: one sharding tree per extra step argument (e.g. frozen reference params).
-      rules: logical-axis rules (the "batch" rule also splits the activations).
-    """
 
-    mesh: Mesh
-    state: Any
-    batch: Any = None
-    extra: tuple = ()
-    rules: LogicalRules = DEFAULT_RULES
-
-    def jit(self, fn, *, donate_argnums: tuple[int, ...] = ()):
-        """`jax.jit(fn)` with in/out shardings; `fn(state, batch, *extra) -> (state, metrics)` is
-        traced under `activation_sharding`. Metrics come back replicated."""
-        batch = self.batch if self.batch is not None else batch_sharding(self.mesh, self.rules)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-
-        def traced(state, batch_, *extra):
-            with activation_sharding(self.mesh, self.rules):
-                return fn(state, batch_, *extra)
-
-        return jax.jit(
-            traced,
-            in_shardings=(self.state, batch, *self.extra),
-            out_shardings=(self.state, replicated),
-            donate_argnums=donate_argnums,
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(
+            f"jaxalign.sharding.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2
         )
-
-
-def step_shardings(
-    config: TransformerConfig,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    rules: LogicalRules = DEFAULT_RULES,
-    num_extra_params: int = 0,
-) -> StepShardings:
-    """`StepShardings` of a full-parameter train step of `config` with optimizer `tx`:
-    the state sharded by `rules`, the batch over the batch axes, and `num_extra_params` extra
-    arguments (e.g. DPO's reference params) sharded like the params."""
-    params = param_shardings(config, mesh, rules)
-    return params_step_shardings(
-        abstract_params(config), params, tx, mesh, rules=rules, extra=(params,) * num_extra_params
-    )
-
-
-def params_step_shardings(
-    abstract_params_tree,
-    params_shardings,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    rules: LogicalRules = DEFAULT_RULES,
-    extra: tuple = (),
-) -> StepShardings:
-    """`StepShardings` of a train step over any params tree (a reward model, PPO's actor-critic).
-
-    Args:
-      abstract_params_tree: `ShapeDtypeStruct` tree of the trained params (`jax.eval_shape`).
-      params_shardings: same-structure tree of `NamedSharding`s (`scalar_model_shardings`,
-        `actor_critic_shardings`).
-      tx: the optimizer; its state follows the params.
-      mesh, rules: as `step_shardings`.
-      extra: sharding trees of the step's extra arguments (e.g. `param_shardings` of a frozen
-        reference).
-    """
-    state = jax.eval_shape(lambda p: create_train_state(p, tx, 0), abstract_params_tree)
-    return StepShardings(
-        mesh=mesh,
-        state=train_state_shardings(state, tx, params_shardings, mesh),
-        extra=tuple(extra),
-        rules=tuple(rules),
-    )
-
-
-def scalar_head_shardings(config: TransformerConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
-    """Shardings of a scalar head `{"kernel": [D], "bias": []}`: the kernel's D as "embed"."""
-    spec, _ = logical_to_spec(("embed",), (config.d_model,), mesh, rules)
-    return {"kernel": NamedSharding(mesh, spec), "bias": NamedSharding(mesh, PartitionSpec())}
-
-
-def scalar_model_shardings(config: TransformerConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
-    """Shardings of a reward / value model `{"backbone", "head"}` (`init_scalar_model`)."""
-    return {"backbone": param_shardings(config, mesh, rules), "head": scalar_head_shardings(config, mesh, rules)}
-
-
-def actor_critic_shardings(
-    config: TransformerConfig,
-    mesh: Mesh,
-    *,
-    critic: str = "shared",
-    value_config: TransformerConfig | None = None,
-    rules: LogicalRules = DEFAULT_RULES,
-):
-    """Shardings of PPO's `{"policy", "value"}` (`jaxalign.rollout.init_actor_critic`): a value
-    head on the policy trunk (critic="shared") or a separate `{"backbone", "head"}` critic."""
-    if critic == "shared":
-        value = {"head": scalar_head_shardings(config, mesh, rules)}
-    else:
-        value = scalar_model_shardings(value_config or config, mesh, rules)
-    return {"policy": param_shardings(config, mesh, rules), "value": value}
-
-
-def _shard_bytes(shape: Sequence[int], dtype, spec: PartitionSpec, mesh_shape: dict[str, int]) -> int:
-    """Bytes one device holds of an array of `shape` split by `spec` (spec entries divide)."""
-    n = 1
-    for dim, size in enumerate(shape):
-        entry = spec[dim] if dim < len(spec) else None
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        n *= size // math.prod(mesh_shape[a] for a in axes)
-    return n * np.dtype(dtype).itemsize
-
-
-def per_device_memory(
-    config: TransformerConfig,
-    mesh: Mesh | AbstractMesh,
-    *,
-    batch: int,
-    seq_len: int,
-    tx: optax.GradientTransformation | None = None,
-    rules: LogicalRules = DEFAULT_RULES,
-    attention: str = "xla",
-    remat: bool = False,
-) -> dict[str, int]:
-    """Bytes per device of one train step of `config` on `mesh`, from the shardings.
-
-    params, grads (laid out like the params) and optimizer state are exact: each leaf's shard
-    shape under `param_specs` / `opt_state_like_params`, summed (a replicated leaf counts in
-    full on every device). Activations are `jaxalign.memory.estimate_memory`'s for the per-device
-    batch B / (data × fsdp) — with tensor > 1 an upper bound, since the head- and width-split
-    tensors inside a block shrink by the tensor size too.
-
-    Args:
-      config: the model (param_dtype for storage, dtype for compute).
-      mesh: a `Mesh` or `AbstractMesh` (see `abstract_mesh`) with the (data, fsdp, tensor) axes.
-      batch: global batch B; seq_len: T of the forward pass.
-      tx: the optimizer (default: `make_optimizer(OptimConfig())`, clipped AdamW).
-      rules: the logical-axis rules.
-      attention, remat: passed to `estimate_memory` ("flash" and remat=True are planning
-        figures: the model runs XLA attention and no rematerialisation today).
-
-    Returns:
-      dict of int bytes per device: params, grads, optimizer_state, activations, inputs,
-      temporaries = max(activations, 2 × grads) and total = params + optimizer_state + inputs +
-      temporaries (see `jaxalign.memory` for why gradients and activations do not add up).
-
-    Raises:
-      ValueError: `batch` not divisible by the batch shards.
-    """
-    if tx is None:
-        tx = make_optimizer(OptimConfig())[0]
-    mesh_shape = dict(mesh.shape)
-    shards = math.prod(mesh_shape[a] for a in batch_axes(mesh, rules))
-    if batch % shards:
-        raise ValueError(f"batch {batch} is not divisible by the {shards} batch shards {batch_axes(mesh, rules)}")
-    shapes = abstract_params(config)
-    specs = param_specs(config, mesh, rules)
-    params = sum(
-        _shard_bytes(x.shape, x.dtype, s, mesh_shape)
-        for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=_is_spec))
-    )
-    opt_shapes = jax.eval_shape(tx.init, shapes)
-    opt_specs = opt_state_like_params(tx, shapes, specs, PartitionSpec())
-    optimizer_state = sum(
-        _shard_bytes(x.shape, x.dtype, s, mesh_shape)
-        for x, s in zip(jax.tree.leaves(opt_shapes), jax.tree.leaves(opt_specs, is_leaf=_is_spec))
-    )
-    local = estimate_memory(
-        config, batch=batch // shards, seq_len=seq_len, param_dtype=config.param_dtype,
-        compute_dtype=config.dtype, attention=attention, remat=remat,
-    )
-    out = {
-        "params": params,
-        "grads": params,
-        "optimizer_state": optimizer_state,
-        "activations": local["activations"],
-        "inputs": local["inputs"],
-        "temporaries": peak_temporaries(local["activations"], params),  # grads are laid out as params
-    }
-    out["total"] = params + optimizer_state + out["inputs"] + out["temporaries"]
-    return {k: int(v) for k, v in out.items()}
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'jaxalign.sharding' has no attribute {name!r}")
 
 
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
+    "LogicalRules",
     "MeshConfig",
-    "StepShardings",
     "abstract_mesh",
     "abstract_params",
     "abstract_state",
     "activation_sharding",
-    "actor_critic_shardings",
     "batch_axes",
     "batch_sharding",
     "logical_to_spec",
     "make_mesh",
+    "named_shardings",
     "opt_state_like_params",
     "param_shardings",
     "param_specs",
-    "params_step_shardings",
     "partition_specs",
-    "per_device_memory",
-    "scalar_head_shardings",
-    "scalar_model_shardings",
     "shard_batch",
     "shard_state",
     "sharding_fallbacks",
-    "step_shardings",
-    "train_state_shardings",
 ]

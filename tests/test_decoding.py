@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.decoding import generate, prompt_positions, sampling_logits
+from jaxalign.decoding import SamplingConfig, generate, prompt_positions, sampling_logits
 from jaxalign.logprobs import token_logps
 from jaxalign.models import forward, forward_with_cache, get_config, init_cache, init_params
 from tests._tolerance import ulps
@@ -52,7 +52,7 @@ def test_generation_logps_equal_teacher_forced(model, sampling):
     config, params = model
     prompt = jnp.asarray(np.random.RandomState(2).randint(0, 97, (3, 6)))
     mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
-    gen = generate(params, config, prompt, mask, max_new_tokens=10, rng=jax.random.key(3), **sampling)
+    gen = generate(params, config, prompt, mask, rng=jax.random.key(3), sampling=SamplingConfig(max_new_tokens=10, **sampling))
     assert gen.tokens.shape == (3, 10) and float(gen.mask.sum()) == 30
     ref = teacher_forced(config, params, prompt, mask, gen)
     # cached vs one pass: 2·64 ulps of the logits (see above), doubled for the 97-way log-softmax;
@@ -71,7 +71,7 @@ def test_left_padding_does_not_change_greedy_completion(model):
     for pad in (0, 3, 7):
         toks = jnp.asarray(np.concatenate([np.full(pad, 11), prompt])[None])
         mask = jnp.asarray(np.concatenate([np.zeros(pad), np.ones(5)])[None])
-        outs.append(generate(params, config, toks, mask, max_new_tokens=12, rng=jax.random.key(0), temperature=0.0))
+        outs.append(generate(params, config, toks, mask, rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=12, temperature=0.0)))
     for g in outs[1:]:
         np.testing.assert_array_equal(g.tokens, outs[0].tokens)
         # padded rows sum over more (masked) keys: 256 ulps as in the teacher-forced test; measured <= 8
@@ -86,10 +86,10 @@ def test_batched_rows_with_different_padding_match_single_rows(model):
     width = max(lengths)
     toks = jnp.asarray(np.stack([np.concatenate([np.full(width - n, 0), p]) for n, p in zip(lengths, prompts)]))
     mask = jnp.asarray(np.stack([np.concatenate([np.zeros(width - n), np.ones(n)]) for n in lengths]))
-    batched = generate(params, config, toks, mask, max_new_tokens=8, rng=jax.random.key(0), temperature=0.0)
+    batched = generate(params, config, toks, mask, rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=8, temperature=0.0))
     for i, p in enumerate(prompts):
-        single = generate(params, config, jnp.asarray(p[None]), jnp.ones((1, len(p))), max_new_tokens=8,
-                          rng=jax.random.key(0), temperature=0.0)
+        single = generate(params, config, jnp.asarray(p[None]), jnp.ones((1, len(p))),
+                          rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=8, temperature=0.0))
         np.testing.assert_array_equal(batched.tokens[i], single.tokens[0])
 
 
@@ -99,7 +99,7 @@ def test_sliding_window_decoding_equals_windowed_attention(model):
     wconfig = config.replace(sliding_window=window)
     prompt = jnp.asarray(np.random.RandomState(6).randint(0, 97, (2, 7)))  # longer than the window
     mask = jnp.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])
-    gen = generate(params, wconfig, prompt, mask, max_new_tokens=9, rng=jax.random.key(1), temperature=1.0)
+    gen = generate(params, wconfig, prompt, mask, rng=jax.random.key(1), sampling=SamplingConfig(max_new_tokens=9, temperature=1.0))
     assert init_cache(wconfig, 2, 16).size == window  # rolling buffer: O(window) memory
     # cached vs one pass: 256 ulps of max|logp| (see above); measured <= 5.4
     np.testing.assert_allclose(
@@ -129,10 +129,10 @@ def test_eos_stops_each_row(model):
     config, params = model
     prompt = jnp.asarray(np.random.RandomState(8).randint(0, 97, (2, 4)))
     mask = jnp.ones((2, 4))
-    free = generate(params, config, prompt, mask, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0)
+    free = generate(params, config, prompt, mask, rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=10, temperature=0.0))
     eos = int(free.tokens[0, 3])  # row 0 emits this at step 3 (maybe earlier)
     first0 = int(np.argmax(np.asarray(free.tokens[0]) == eos))
-    gen = generate(params, config, prompt, mask, max_new_tokens=10, rng=jax.random.key(0), temperature=0.0, eos_id=eos, pad_id=96)
+    gen = generate(params, config, prompt, mask, rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=10, temperature=0.0, eos_id=eos, pad_id=96))
     assert int(gen.lengths[0]) == first0 + 1
     np.testing.assert_array_equal(gen.tokens[0, : first0 + 1], free.tokens[0, : first0 + 1])
     assert np.all(np.asarray(gen.tokens[0, first0 + 1 :]) == 96)
@@ -158,7 +158,7 @@ def test_sampling_logits_filters_hand_computed():
 def test_top_k_samples_stay_in_top_k(model):
     config, params = model
     prompt = jnp.zeros((16, 1), jnp.int32)
-    gen = generate(params, config, prompt, jnp.ones((16, 1)), max_new_tokens=1, rng=jax.random.key(9), top_k=3)
+    gen = generate(params, config, prompt, jnp.ones((16, 1)), rng=jax.random.key(9), sampling=SamplingConfig(max_new_tokens=1, top_k=3))
     logits = forward(params, config, prompt)[0, -1]
     top3 = set(np.argsort(-np.asarray(logits))[:3].tolist())
     assert set(np.asarray(gen.tokens[:, 0]).tolist()) <= top3
@@ -170,7 +170,7 @@ def test_compiles_once_per_shape(model):
     prompt = jnp.asarray(np.random.RandomState(10).randint(0, 97, (2, 5)))
     before = generate._cache_size()
     for seed in range(3):
-        generate(params, config, prompt + seed, jnp.ones((2, 5)), max_new_tokens=4, rng=jax.random.key(seed))
+        generate(params, config, prompt + seed, jnp.ones((2, 5)), rng=jax.random.key(seed), sampling=SamplingConfig(max_new_tokens=4))
     assert generate._cache_size() == before + 1
 
 
@@ -178,9 +178,16 @@ def test_bad_arguments(model):
     config, params = model
     prompt = jnp.zeros((1, 60), jnp.int32)
     with pytest.raises(ValueError, match="max_seq_len"):
-        generate(params, config, prompt, jnp.ones((1, 60)), max_new_tokens=10, rng=jax.random.key(0))
-    with pytest.raises(ValueError, match="top_p"):
-        generate(params, config, prompt[:, :2], jnp.ones((1, 2)), max_new_tokens=2, rng=jax.random.key(0), top_p=0.0)
+        generate(params, config, prompt, jnp.ones((1, 60)), rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=10))
+    with pytest.raises(ValueError, match="SamplingConfig.top_p"):
+        SamplingConfig(max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="SamplingConfig.temperature"):
+        SamplingConfig(max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k must be in"):  # k > V is only known to generate
+        generate(params, config, prompt[:, :2], jnp.ones((1, 2)), rng=jax.random.key(0),
+                 sampling=SamplingConfig(max_new_tokens=2, top_k=config.vocab_size + 1))
+    # hashable and frozen: the compiled program's static argument
+    assert hash(SamplingConfig(4, top_p=0.9)) == hash(SamplingConfig(4, top_p=0.9))
 
 
 # --- top-k / top-p against Hugging Face's logits warpers (transformers 5.24, test-only oracle) ---
@@ -314,12 +321,16 @@ def test_prompt_that_fills_the_context_is_refused_before_compute(model, monkeypa
 
     calls = []
     monkeypatch.setattr(decoding, "forward_with_cache", lambda *a, **k: calls.append(a) or 1 / 0)
-    for p, n in ((64, 1), (70, -6)):  # -6: what `min(N, max_seq_len - P)` gives a too-long prompt
+    # a SamplingConfig cannot hold N < 1 (what `min(N, max_seq_len - P)` gives a too-long prompt),
+    # so the prompt is the only cause generate can report
+    with pytest.raises(ValueError, match=r"SamplingConfig.max_new_tokens must be >= 1, got -6"):
+        SamplingConfig(max_new_tokens=-6)
+    for p, n in ((64, 1), (70, 1)):
         prompt = jnp.zeros((1, p), jnp.int32)
         with pytest.raises(ValueError, match=rf"prompt is {p} tokens .*context is 64 \(config.max_seq_len\)"):
-            generate(params, config, prompt, jnp.ones((1, p)), max_new_tokens=n, rng=jax.random.key(0))
+            generate(params, config, prompt, jnp.ones((1, p)), rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=n))
     assert calls == []  # refused before the model was traced
     monkeypatch.undo()
     # 63 prompt tokens leave room for exactly one
-    gen = generate(params, config, jnp.zeros((1, 63), jnp.int32), jnp.ones((1, 63)), max_new_tokens=1, rng=jax.random.key(0))
+    gen = generate(params, config, jnp.zeros((1, 63), jnp.int32), jnp.ones((1, 63)), rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=1))
     assert gen.tokens.shape == (1, 1) and int(gen.lengths[0]) == 1

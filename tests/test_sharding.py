@@ -27,31 +27,28 @@ from jax.sharding import PartitionSpec as P
 
 import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
-from jaxalign.decoding import generate
-from jaxalign.memory import estimate_memory
+from jaxalign.decoding import SamplingConfig, generate
+from jaxalign.memory import estimate_memory, per_device_memory
 from jaxalign.models import get_config, init_params, param_logical_axes
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.models import init_scalar_model
-from jaxalign.rollout import PPORollout, Rollout, init_actor_critic
+from jaxalign.rollout import PPORollout, Rollout
+from jaxalign.scoring import actor_critic_shardings, init_actor_critic, scalar_model_shardings
 from jaxalign.sharding import (
     MeshConfig,
     abstract_mesh,
     abstract_params,
     abstract_state,
     activation_sharding,
-    actor_critic_shardings,
     logical_to_spec,
     make_mesh,
     param_shardings,
     param_specs,
-    params_step_shardings,
-    per_device_memory,
-    scalar_model_shardings,
     shard_batch,
     shard_state,
     sharding_fallbacks,
-    step_shardings,
 )
+from jaxalign.trainers.step import params_step_shardings, step_shardings
 from jaxalign.trainers import (
     create_train_state,
     make_dpo_step,
@@ -186,7 +183,7 @@ def run_step(kind, params, batch, mesh_name, loss_agg="seq_mean_token_mean"):
     elif kind == "reward":
         step = make_reward_step(CONFIG, tx, schedule, shardings=shardings)
     elif kind == "ppo":
-        step = make_ppo_step(CONFIG, tx, schedule, critic="separate", shardings=shardings)
+        step = make_ppo_step(CONFIG, tx, schedule, shardings=shardings)  # critic read from the tree
     else:
         step = make_grpo_step(CONFIG, tx, schedule, loss_agg=loss_agg, shardings=shardings)
     params = trained
@@ -358,7 +355,7 @@ def test_checkpoint_restores_onto_other_meshes(params, tmp_path):
 @eight_devices
 def test_generation_under_mesh_matches_one_device(params):
     tokens, mask = jd.collate_prompts(["3 1 2 =", "9 8 =", "5 =", "7 7 1 4 ="], TOK)
-    gen_kw = dict(max_new_tokens=6, rng=jax.random.key(0), temperature=0.0, pad_id=TOK.pad_id)
+    gen_kw = dict(rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=6, temperature=0.0, pad_id=TOK.pad_id))
     big = jax.tree.map(lambda x: x * 4, params)  # sharper logits: distinct greedy choices
     reference = generate(big, CONFIG, jnp.asarray(tokens), jnp.asarray(mask), **gen_kw)
 

@@ -29,8 +29,8 @@ from jaxalign.data.datasets import (
     train_val_split,
     val_split_size,
 )
-from jaxalign.data.ranking import ranked_pairs
 from jaxalign.data.gsm8k import R1_TEMPLATE, gsm8k_final_answer, load_gsm8k, r1_completion, r1_prompt
+from jaxalign.data.ranking import ranked_pairs
 from jaxalign.data.synthetic import sorting_task
 from jaxalign.data.tokenizers import (
     SentencePieceTokenizer,

@@ -119,7 +119,7 @@ def _load_dataset(source: str | os.PathLike, builder: str | None, split: str) ->
         if builder is None:
             return datasets.load_dataset(os.fspath(source), split=split)
         return datasets.load_dataset(builder, data_files=os.fspath(source), split="train")
-    except (*_LOAD_ERRORS, *(() if builder is None else (OSError,))) as err:
+    except (*_LOAD_ERRORS, *(() if builder is None else (OSError,))) as err:  # noqa: B030 - a tuple of exception classes
         raise ValueError(_explain_load_failure(source, builder, err)) from err
 
 
@@ -251,7 +251,7 @@ def stack_exchange_prompt(question: str) -> str:
 # Validation: each required field has a checker returning a problem description or None.
 
 
-def _text_problem(value: Any) -> str | None:
+def text_problem(value: Any) -> str | None:
     """Why ``value`` is not a usable text field (``None`` if it is a non-blank string)."""
     if value is None:
         return "is missing"
@@ -269,7 +269,7 @@ def _messages_problem(value: Any) -> str | None:
     for turn, message in enumerate(value):
         if not isinstance(message, Mapping) or message.get("role") not in _ROLE_HEADERS:
             return f"message {turn} needs a role among {sorted(_ROLE_HEADERS)}"
-        if (problem := _text_problem(message.get("content"))) is not None:
+        if (problem := text_problem(message.get("content"))) is not None:
             return f"message {turn} content {problem}"
     if value[-1]["role"] != "assistant":
         return f"must end with an 'assistant' message, not {value[-1]['role']!r}"
@@ -277,7 +277,7 @@ def _messages_problem(value: Any) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Format:
+class RowFormat:
     """A row format: its required columns (with their checks) and a batched conversion.
 
     ``convert`` maps a batch of input columns (lists) to the output columns (lists of str).
@@ -298,8 +298,8 @@ class _Format:
 
 
 def _texts(*fields: str) -> dict[str, Callable[[Any], str | None]]:
-    """Required text fields, all checked with ``_text_problem``."""
-    return {field: _text_problem for field in fields}
+    """Required text fields, all checked with ``text_problem``."""
+    return dict.fromkeys(fields, text_problem)
 
 
 def _alpaca_prompts(batch: Batch) -> list[str]:
@@ -371,16 +371,16 @@ def _pair(batch: Batch, chosen: str, rejected: str) -> Batch:
 
 
 _SFT_FORMATS = (
-    _Format(
+    RowFormat(
         required=_texts("instruction", "output"),
         optional=("input",),
         convert=lambda b: {"prompt": _alpaca_prompts(b), "completion": b["output"]},
     ),
-    _Format(
+    RowFormat(
         required=_texts("prompt", "completion"),
         convert=lambda b: {"prompt": b["prompt"], "completion": b["completion"]},
     ),
-    _Format(
+    RowFormat(
         required={"messages": _messages_problem},
         convert=lambda b: {
             "prompt": [messages_prompt(m[:-1]) for m in b["messages"]],
@@ -390,23 +390,23 @@ _SFT_FORMATS = (
 )
 
 _PREFERENCE_FORMATS = (
-    _Format(
+    RowFormat(
         required=_texts("prompt", "chosen", "rejected"),
         convert=lambda b: {"prompt": b["prompt"], **_pair(b, "chosen", "rejected")},
     ),
-    _Format(
+    RowFormat(
         required=_texts("instruction", "chosen", "rejected"),
         optional=("input",),
         convert=lambda b: {"prompt": _alpaca_prompts(b), **_pair(b, "chosen", "rejected")},
     ),
-    _Format(  # lvwerra/stack-exchange-paired: response_j is the preferred answer
+    RowFormat(  # lvwerra/stack-exchange-paired: response_j is the preferred answer
         required=_texts("question", "response_j", "response_k"),
         convert=lambda b: {
             "prompt": [stack_exchange_prompt(q) for q in b["question"]],
             **_pair(b, "response_j", "response_k"),
         },
     ),
-    _Format(  # Anthropic/hh-rlhf: two whole transcripts, split at the last shared assistant turn
+    RowFormat(  # Anthropic/hh-rlhf: two whole transcripts, split at the last shared assistant turn
         required=_texts("chosen", "rejected"),
         convert=_split_transcripts,
         row_problems=_transcript_row_problems,
@@ -415,8 +415,8 @@ _PREFERENCE_FORMATS = (
 
 
 def _detect_format(
-    dataset: datasets.Dataset, formats: Sequence[_Format], label: str, kind: str
-) -> _Format:
+    dataset: datasets.Dataset, formats: Sequence[RowFormat], label: str, kind: str
+) -> RowFormat:
     """The first format whose required columns are all present.
 
     Raises:
@@ -433,7 +433,7 @@ def _detect_format(
     )
 
 
-def _validate(dataset: datasets.Dataset, fmt: _Format, label: str) -> None:
+def _validate(dataset: datasets.Dataset, fmt: RowFormat, label: str) -> None:
     """Check every required field of every row, reading each column once as a Python list.
 
     Raises:
@@ -456,10 +456,10 @@ def _validate(dataset: datasets.Dataset, fmt: _Format, label: str) -> None:
         raise ValueError(f"{label}: row {row}: field '{field}' {problem}")
 
 
-def _canonical(
+def load_canonical(
     source: str | os.PathLike,
     split: str,
-    formats: Sequence[_Format],
+    formats: Sequence[RowFormat],
     kind: str,
     columns: Sequence[str],
 ) -> datasets.Dataset:
@@ -504,7 +504,7 @@ def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> data
         A ``datasets.Dataset`` with exactly the string columns ``prompt`` and ``completion``,
         in source order.
     """
-    return _canonical(source, split, _SFT_FORMATS, "SFT", ("prompt", "completion"))
+    return load_canonical(source, split, _SFT_FORMATS, "SFT", ("prompt", "completion"))
 
 
 def load_preference_dataset(
@@ -539,7 +539,7 @@ def load_preference_dataset(
         A ``datasets.Dataset`` with exactly the string columns ``prompt``, ``chosen``,
         ``rejected``, in source order (minus the dropped pairs).
     """
-    dataset = _canonical(
+    dataset = load_canonical(
         source, split, _PREFERENCE_FORMATS, "preference", ("prompt", "chosen", "rejected")
     )
     distinct = dataset.filter(

@@ -25,7 +25,7 @@ from typing import Any
 
 import datasets
 
-from jaxalign.data.datasets import _canonical, _Format, _text_problem
+from jaxalign.data.datasets import RowFormat, load_canonical, text_problem
 
 __all__ = ["R1_TEMPLATE", "r1_prompt", "r1_completion", "gsm8k_final_answer", "load_gsm8k"]
 
@@ -61,14 +61,14 @@ def gsm8k_final_answer(solution: str) -> str | None:
 
 def _solution_problem(value: Any) -> str | None:
     """Why `value` is not a GSM8K solution (None if it is text ending in `#### <number>`)."""
-    if (problem := _text_problem(value)) is not None:
+    if (problem := text_problem(value)) is not None:
         return problem
     if gsm8k_final_answer(value) is None:
         return f"does not end in '#### <number>': {value.strip()[-60:]!r}"
     return None
 
 
-def _gsm8k_format(template: Callable[[str], str]) -> _Format:
+def _gsm8k_format(template: Callable[[str], str]) -> RowFormat:
     def convert(batch):
         return {
             "prompt": [template(q) for q in batch["question"]],
@@ -77,7 +77,7 @@ def _gsm8k_format(template: Callable[[str], str]) -> _Format:
             "answer": [gsm8k_final_answer(s) for s in batch["answer"]],
         }
 
-    return _Format(required={"question": _text_problem, "answer": _solution_problem}, convert=convert)
+    return RowFormat(required={"question": text_problem, "answer": _solution_problem}, convert=convert)
 
 
 def load_gsm8k(
@@ -107,6 +107,6 @@ def load_gsm8k(
         A `datasets.Dataset` with the string columns `prompt`, `question`, `reasoning`, `answer`
         (the final number), in source order.
     """
-    return _canonical(
+    return load_canonical(
         source, split, (_gsm8k_format(template),), "GSM8K", ("prompt", "question", "reasoning", "answer")
     )

@@ -6,7 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxalign.logprobs import _over_sequence_chunks, clamp_labels
+from jaxalign.logprobs import clamp_labels, over_sequence_chunks
 from jaxalign.ops import masked_count, masked_sum
 
 
@@ -62,7 +62,7 @@ def sft_loss(
     chex.assert_equal_shape_prefix((logits, labels), 2)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    nll = _over_sequence_chunks(
+    nll = over_sequence_chunks(
         lambda z, y: _token_nll(z, y, label_smoothing), chunk_size, logits, labels
     )  # [B,T]
     loss_sum = masked_sum(nll, mask)

@@ -119,9 +119,32 @@ class TransformerConfig:
         """MLP hidden width F (GPT-2 default 4·D; Llama presets set d_ff explicitly)."""
         return self.d_ff or 4 * self.d_model
 
+    # Family differences, derived here once: the model, the memory planner and the parameter
+    # counts read these properties, never `family` itself.
+
     @property
     def learned_positions(self) -> bool:
-        """GPT-2 adds a learned position embedding; Llama rotates q and k instead."""
+        """GPT-2 adds a learned position embedding; Llama rotates q and k instead (RoPE)."""
+        return self.family == "gpt2"
+
+    @property
+    def norm(self) -> Literal["layernorm", "rmsnorm"]:
+        """GPT-2: LayerNorm with a bias; Llama: RMSNorm (scale only)."""
+        return "layernorm" if self.family == "gpt2" else "rmsnorm"
+
+    @property
+    def mlp(self) -> Literal["gelu", "swiglu"]:
+        """GPT-2: up -> GELU (tanh) -> down; Llama: SwiGLU, down(silu(gate(x)) · up(x))."""
+        return "gelu" if self.family == "gpt2" else "swiglu"
+
+    @property
+    def qkv_biases(self) -> bool:
+        """Biases on the q/k/v projections: always for GPT-2, `qkv_bias` for Llama (Qwen2)."""
+        return self.family == "gpt2" or self.qkv_bias
+
+    @property
+    def output_biases(self) -> bool:
+        """Biases on the attention output and MLP projections (GPT-2 only)."""
         return self.family == "gpt2"
 
     def replace(self, **changes) -> "TransformerConfig":
@@ -187,16 +210,12 @@ def num_params(config: TransformerConfig, *, embeddings: bool = True) -> int:
     d, f, l = config.d_model, config.ff_dim, config.n_layers
     h, n, k = config.head_dim, config.n_heads, config.kv_heads
     attn = d * n * h + 2 * d * k * h + n * h * d
-    if config.family == "gpt2":
-        attn += n * h + 2 * k * h + d  # q/k/v and output biases
-        mlp = 2 * d * f + f + d
-        norms = 2 * 2 * d  # two LayerNorms (scale, bias)
-        final = 2 * d
-    else:
-        attn += (n * h + 2 * k * h) if config.qkv_bias else 0
-        mlp = 3 * d * f  # gate, up, down; no biases
-        norms = 2 * d  # two RMSNorm scales
-        final = d
+    attn += (n * h + 2 * k * h) if config.qkv_biases else 0
+    attn += d if config.output_biases else 0  # the attention output's bias
+    mlp = (2 if config.mlp == "gelu" else 3) * d * f  # up, down (+ gate for SwiGLU)
+    mlp += (f + d) if config.output_biases else 0
+    per_norm = 2 * d if config.norm == "layernorm" else d  # LayerNorm: scale and bias
+    norms, final = 2 * per_norm, per_norm  # two per block, one final
     total = l * (attn + mlp + norms) + final
     if embeddings:
         total += config.vocab_size * d

@@ -18,10 +18,11 @@ from typing import Literal
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from jaxalign.ops import last_token_index, masked_mean
 from jaxalign.models.config import TransformerConfig
-from jaxalign.models.transformer import forward, init_params
+from jaxalign.models.transformer import forward, init_params, param_logical_axes
+from jaxalign.ops import last_token_index, masked_mean
 
 Params = dict
 
@@ -54,6 +55,17 @@ def init_scalar_model(config: TransformerConfig, rng: jax.Array, backbone: Param
     if backbone is None:
         backbone = init_params(config, k_trunk)
     return {"backbone": backbone, "head": init_scalar_head(config, k_head)}
+
+
+def scalar_head_logical_axes() -> Params:
+    """Logical axis names of `init_scalar_head`'s leaves: the kernel's D is "embed" (split like
+    the trunk's width), the bias is replicated (for `jaxalign.sharding.partition_specs`)."""
+    return {"kernel": PartitionSpec("embed"), "bias": PartitionSpec()}
+
+
+def scalar_model_logical_axes(config: TransformerConfig) -> Params:
+    """Logical axis names of `init_scalar_model`'s `{"backbone", "head"}` tree."""
+    return {"backbone": param_logical_axes(config), "head": scalar_head_logical_axes()}
 
 
 def apply_scalar_head(head: Params, hidden: jax.Array) -> jax.Array:

@@ -135,7 +135,7 @@ def _residual_std(config: TransformerConfig) -> float:
 
 
 def _norm(config: TransformerConfig, name: str) -> nn.Module:
-    if config.family == "gpt2":
+    if config.norm == "layernorm":
         return nn.LayerNorm(
             epsilon=config.norm_eps,
             dtype=config.dtype,
@@ -228,14 +228,13 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        gpt2 = cfg.family == "gpt2"
-        qkv_bias = gpt2 or cfg.qkv_bias
+        qkv_bias = cfg.qkv_biases
         std = 0.02
         q = _dense(cfg, (n, h), ("embed", "heads", "head_dim"), std=std, name="wq", use_bias=qkv_bias)(x)
         kk = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wk", use_bias=qkv_bias)(x)
         v = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wv", use_bias=qkv_bias)(x)
         # q [B,T,N,H]; kk, v [B,T,K,H]
-        if not gpt2:
+        if not cfg.learned_positions:  # RoPE
             inv_freq = rope_frequencies(cfg)
             rope_pos = jnp.maximum(positions, 0)
             q = apply_rope(q, rope_pos, inv_freq, interleaved=cfg.rope_interleaved)
@@ -256,7 +255,7 @@ class Attention(nn.Module):
             out, new_cache = _cached_attention(cfg, q, kk, v, positions, layer_cache, plan)
         out = _dense(
             cfg, cfg.d_model, ("heads", "head_dim", "embed"), std=_residual_std(cfg), name="wo",
-            axis=(-2, -1), use_bias=gpt2,
+            axis=(-2, -1), use_bias=cfg.output_biases,
         )(out)  # [B,T,D]
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic), new_cache
 
@@ -308,15 +307,15 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
-        gpt2 = cfg.family == "gpt2"
-        up = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="up", use_bias=gpt2)(x)  # [B,T,F]
-        if gpt2:
+        bias = cfg.output_biases
+        up = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="up", use_bias=bias)(x)  # [B,T,F]
+        if cfg.mlp == "gelu":
             h = jax.nn.gelu(up, approximate=True)  # GPT-2's "gelu_new"
         else:
             gate = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="gate", use_bias=False)(x)
             h = jax.nn.silu(gate) * up  # [B,T,F]
         out = _dense(
-            cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down", use_bias=gpt2
+            cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down", use_bias=bias
         )(h)  # [B,T,D]
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 

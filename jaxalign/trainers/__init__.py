@@ -1,5 +1,7 @@
-"""Trainers: jit-compiled steps composed from pure losses, and the loop that drives them."""
+"""Trainers: jit-compiled steps composed from pure losses (one step builder, `step.py`), and the
+loops that drive them (`loop.py` for supervised stages, `rl_loop.py` for GRPO and PPO)."""
 
+from jaxalign.rollout import evaluate_policy
 from jaxalign.trainers.dpo import (
     dpo_batch_loss,
     make_dpo_step,
@@ -8,6 +10,7 @@ from jaxalign.trainers.dpo import (
     reference_logps,
 )
 from jaxalign.trainers.grpo import grpo_batch_loss, make_grpo_step
+from jaxalign.trainers.loop import count_tokens, train_loop
 from jaxalign.trainers.ppo import adaptive_kl_coef, make_ppo_step, ppo_batch_loss, ppo_update
 from jaxalign.trainers.reward import (
     evaluate_reward_model,
@@ -16,37 +19,51 @@ from jaxalign.trainers.reward import (
     pair_scores,
     reward_batch_loss,
 )
-from jaxalign.trainers.loop import count_tokens, train_loop
-from jaxalign.trainers.rl_loop import PolicySamples, evaluate_policy, grpo_loop
+from jaxalign.trainers.rl_loop import PolicyFn, PPOState, PromptsAt, grpo_loop, ppo_loop
 from jaxalign.trainers.sft import make_sft_eval_step, make_sft_step, sft_batch_loss
-from jaxalign.trainers.state import TrainState, create_train_state, make_train_step
+from jaxalign.trainers.step import (
+    StepShardings,
+    TrainState,
+    create_train_state,
+    make_train_step,
+    params_step_shardings,
+    step_shardings,
+    train_state_shardings,
+)
 
 __all__ = [
-    "PolicySamples",
+    "PPOState",
+    "PolicyFn",
+    "PromptsAt",
+    "StepShardings",
     "TrainState",
     "adaptive_kl_coef",
-    "evaluate_reward_model",
-    "make_ppo_step",
-    "make_reward_eval_step",
-    "make_reward_step",
-    "pair_scores",
-    "ppo_batch_loss",
-    "ppo_update",
-    "reward_batch_loss",
     "count_tokens",
     "create_train_state",
     "dpo_batch_loss",
     "evaluate_policy",
+    "evaluate_reward_model",
     "grpo_batch_loss",
     "grpo_loop",
     "make_dpo_step",
     "make_grpo_step",
     "make_pair_logps_fn",
+    "make_ppo_step",
+    "make_reward_eval_step",
+    "make_reward_step",
     "make_sft_eval_step",
     "make_sft_step",
     "make_train_step",
     "pair_logps",
+    "pair_scores",
+    "params_step_shardings",
+    "ppo_batch_loss",
+    "ppo_loop",
+    "ppo_update",
     "reference_logps",
+    "reward_batch_loss",
     "sft_batch_loss",
+    "step_shardings",
     "train_loop",
+    "train_state_shardings",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +16,11 @@ import numpy as np
 import optax
 
 from jaxalign.logprobs import sequence_logps, token_logps
+from jaxalign.lora import LoraConfig
 from jaxalign.losses.dpo import dpo_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
-from jaxalign.lora import LoraConfig, make_lora_loss_fn
-from jaxalign.trainers.state import Batch, Metrics, make_train_step
-
-if TYPE_CHECKING:  # jaxalign.sharding imports the trainers
-    from jaxalign.sharding import StepShardings
+from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 
 def pair_logps(
@@ -119,7 +115,6 @@ def make_dpo_step(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    grad_accum_steps: int = 1,
     chunk_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
@@ -134,7 +129,7 @@ def make_dpo_step(
     pass the base itself as `ref_params` (adapters off = the reference, no second copy), or
     precompute reference log-probs with `reference_logps(base_params, ...)`; `lora.dropout`
     applies to the policy only (and not with `dropout=False`). `shardings`
-    (`jaxalign.sharding.step_shardings(..., num_extra_params=1)` with `ref_params`) compiles
+    (`jaxalign.trainers.step_shardings(..., num_extra_params=1)` with `ref_params`) compiles
     the step for a device mesh.
     """
 
@@ -143,7 +138,7 @@ def make_dpo_step(
             params,
             config,
             batch,
-            dropout_rng if dropout and config.dropout > 0 else None,
+            dropout_rng,
             ref_params,
             beta=beta,
             loss_type=loss_type,
@@ -151,10 +146,8 @@ def make_dpo_step(
             chunk_size=chunk_size,
         )
 
-    if lora is not None:  # train adapters only; the base params become an extra argument
-        loss_fn = make_lora_loss_fn(loss_fn, lora, dropout=dropout)
     return make_train_step(
-        loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
     )
 
 

@@ -8,19 +8,16 @@ iterations; with μ = 1 the ratio is 1 and the clip is inactive on the first and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import optax
 
-from jaxalign.lora import LoraConfig, make_lora_loss_fn
+from jaxalign.lora import LoraConfig
 from jaxalign.losses.grpo import grpo_loss
 from jaxalign.models.config import TransformerConfig
-from jaxalign.rollout import Rollout, completion_logps
-from jaxalign.trainers.state import Metrics, make_train_step
-
-if TYPE_CHECKING:  # jaxalign.sharding imports the trainers
-    from jaxalign.sharding import StepShardings
+from jaxalign.rollout.grpo import Rollout
+from jaxalign.scoring import completion_logps
+from jaxalign.trainers.step import Metrics, StepShardings, make_train_step
 
 
 def grpo_batch_loss(
@@ -80,7 +77,7 @@ def make_grpo_step(
     `loss_kwargs` are `grpo_batch_loss`'s options (clip_eps, clip_eps_high, beta, kl_kind,
     loss_agg, importance_level, max_length). Dropout is off by default: it would make the first
     inner iteration's ratio differ from 1 (TRL disables it for the same reason). `shardings`
-    (`jaxalign.sharding.step_shardings(config, tx, mesh)`) compiles the step for a device mesh:
+    (`jaxalign.trainers.step_shardings(config, tx, mesh)`) compiles the step for a device mesh:
     the rollout's rows are split over the batch axes and the loss stays the whole batch's.
 
     With `lora`, the state's params are the adapters (`jaxalign.lora.init_lora`) and the step is
@@ -91,9 +88,8 @@ def make_grpo_step(
     """
 
     def loss_fn(params, rollout, dropout_rng):
-        rng = dropout_rng if dropout and config.dropout > 0 else None
-        return grpo_batch_loss(params, config, rollout, rng, **loss_kwargs)
+        return grpo_batch_loss(params, config, rollout, dropout_rng, **loss_kwargs)
 
-    if lora is not None:  # train adapters only; the base params become an extra argument
-        loss_fn = make_lora_loss_fn(loss_fn, lora, dropout=dropout)
-    return make_train_step(loss_fn, tx, schedule, shardings=shardings)
+    return make_train_step(
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
+    )

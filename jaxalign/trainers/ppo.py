@@ -9,7 +9,6 @@ then `adaptive_kl_coef` moves β towards a target KL (Ziegler et al. 2019, arXiv
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +17,13 @@ import optax
 
 from jaxalign.advantages import explained_variance
 from jaxalign.logprobs import entropy, token_logps
-from jaxalign.ops import masked_mean
+from jaxalign.lora import LoraConfig
 from jaxalign.losses.ppo import ppo_policy_loss, ppo_value_loss
 from jaxalign.models.config import TransformerConfig
-from jaxalign.rollout import Critic, PPORollout, policy_and_values
-from jaxalign.trainers.state import Metrics, TrainState, make_train_step
-
-if TYPE_CHECKING:
-    from jaxalign.sharding import StepShardings
+from jaxalign.ops import masked_mean
+from jaxalign.rollout.ppo import PPORollout
+from jaxalign.scoring import policy_and_values
+from jaxalign.trainers.step import Metrics, StepShardings, TrainState, make_train_step
 
 
 def ppo_batch_loss(
@@ -34,7 +32,6 @@ def ppo_batch_loss(
     rollout: PPORollout,
     dropout_rng: jax.Array | None = None,
     *,
-    critic: Critic = "shared",
     value_config: TransformerConfig | None = None,
     clip_eps: float = 0.2,
     value_clip_eps: float = 0.2,
@@ -45,8 +42,9 @@ def ppo_batch_loss(
     (PPO paper Eq. 9 with the signs of a loss to minimise; TRL defaults c_v = 0.1, c_ent = 0).
 
     Args:
-      params: `{"policy", "value"}` (`jaxalign.rollout.init_actor_critic`).
-      config, value_config, critic: see `jaxalign.rollout.policy_and_values`.
+      params: `{"policy", "value"}` (`jaxalign.scoring.init_actor_critic`; the critic kind is
+        read from the tree).
+      config, value_config: see `jaxalign.scoring.policy_and_values`.
       rollout: a `PPORollout` (or a minibatch of one).
       dropout_rng: enables dropout.
       clip_eps: ε of the policy ratio clip; value_clip_eps: ε of the value clip.
@@ -60,7 +58,7 @@ def ppo_batch_loss(
     mask = rollout.completion_mask
     logits, values = policy_and_values(
         params, config, rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens,
-        critic=critic, value_config=value_config, dropout_rng=dropout_rng,
+        value_config=value_config, dropout_rng=dropout_rng,
     )  # [B,N,V], [B,N]
     logps = token_logps(logits, rollout.completion_tokens)  # [B,N]
     pg_loss, pg = ppo_policy_loss(logps, rollout.old_logps, rollout.advantages, mask, clip_eps=clip_eps)
@@ -87,21 +85,27 @@ def make_ppo_step(
     schedule: optax.Schedule,
     *,
     dropout: bool = False,
+    lora: LoraConfig | None = None,
     shardings: StepShardings | None = None,
     **loss_kwargs,
 ) -> Callable:
     """jit-compiled `step(state, rollout) -> (state, metrics)` minimising `ppo_batch_loss`.
 
-    `loss_kwargs` are `ppo_batch_loss`'s options (critic, value_config, clip_eps,
-    value_clip_eps, vf_coef, ent_coef). Dropout is off by default so that the first minibatch's
-    ratio is exactly 1 (TRL sets dropout to 0 for PPO for the same reason).
+    `loss_kwargs` are `ppo_batch_loss`'s options (value_config, clip_eps, value_clip_eps,
+    vf_coef, ent_coef). Dropout is off by default so that the first minibatch's ratio is exactly
+    1 (TRL sets dropout to 0 for PPO for the same reason). With `lora`, the state's params are
+    adapters of the `{"policy", "value"}` tree and the step is `step(state, rollout,
+    base_params)`; train the critic in full with e.g. `LoraConfig(trainable=("value",))`, and
+    sample with `merge_lora(base_params, adapters, lora)` (`ppo_loop`'s `policy_fn`).
+    `shardings`: `params_step_shardings(..., jaxalign.scoring.actor_critic_shardings(...))`.
     """
 
     def loss_fn(params, rollout, dropout_rng):
-        rng = dropout_rng if dropout and config.dropout > 0 else None
-        return ppo_batch_loss(params, config, rollout, rng, **loss_kwargs)
+        return ppo_batch_loss(params, config, rollout, dropout_rng, **loss_kwargs)
 
-    return make_train_step(loss_fn, tx, schedule, shardings=shardings)
+    return make_train_step(
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
+    )
 
 
 def ppo_update(
@@ -112,6 +116,7 @@ def ppo_update(
     epochs: int,
     num_minibatches: int,
     seed: int,
+    step_args: tuple = (),
 ) -> tuple[TrainState, dict[str, float]]:
     """`epochs` passes over `rollout` in `num_minibatches` shuffled minibatches of equal size.
 
@@ -122,6 +127,7 @@ def ppo_update(
       epochs: PPO epochs K (TRL `num_ppo_epochs`, default 4).
       num_minibatches: minibatches per epoch (TRL `num_mini_batches`).
       seed: shuffling seed (pass e.g. the iteration number for reproducible runs).
+      step_args: extra arguments of every step call (a LoRA step's base params).
 
     Returns:
       (state, metrics): metrics averaged over every minibatch step, plus the last step's values
@@ -144,8 +150,8 @@ def ppo_update(
         perm = order.permutation(b)
         for k in range(num_minibatches):
             idx = jnp.asarray(perm[k * size : (k + 1) * size])
-            minibatch = jax.tree.map(lambda x: x[idx], rollout)
-            state, metrics = step(state, minibatch)
+            minibatch = jax.tree.map(lambda x, idx=idx: x[idx], rollout)
+            state, metrics = step(state, minibatch, *step_args)
             history.append(metrics)
     history = jax.device_get(history)
     mean = {k: float(np.mean([m[k] for m in history])) for k in history[0]}

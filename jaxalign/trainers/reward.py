@@ -10,20 +10,18 @@ The batch is a preference batch from `jaxalign.data.collate_preference`: `chosen
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxalign.lora import LoraConfig
 from jaxalign.losses.reward import pairwise_reward_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.heads import sequence_scores
 from jaxalign.ops import masked_count, masked_sum, select
-from jaxalign.trainers.state import Batch, Metrics, make_train_step
-
-if TYPE_CHECKING:
-    from jaxalign.sharding import StepShardings
+from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 
 def pair_scores(
@@ -73,20 +71,26 @@ def make_reward_step(
     *,
     pool: Literal["last", "mean"] = "last",
     center_coef: float = 0.0,
-    grad_accum_steps: int = 1,
     dropout: bool = True,
+    lora: LoraConfig | None = None,
     shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled `step(state, batch) -> (state, metrics)` minimising `reward_batch_loss`.
 
-    Metrics: loss, accuracy, margin, chosen/rejected_rewards, grad_norm, learning_rate.
+    Metrics: loss, accuracy, margin, chosen/rejected_rewards (and `make_train_step`'s). With
+    `lora`, the state's params are adapters of the `{"backbone", "head"}` tree and the step is
+    `step(state, batch, base_params)`; train the fresh head in full with
+    `LoraConfig(trainable=("head",))` (PEFT's `modules_to_save`, as TRL's reward trainer does
+    with a peft config). `shardings`: `params_step_shardings(...,
+    jaxalign.scoring.scalar_model_shardings(config, mesh), ...)`.
     """
 
     def loss_fn(params, batch, dropout_rng):
-        rng = dropout_rng if dropout and config.dropout > 0 else None
-        return reward_batch_loss(params, config, batch, rng, pool=pool, center_coef=center_coef)
+        return reward_batch_loss(params, config, batch, dropout_rng, pool=pool, center_coef=center_coef)
 
-    return make_train_step(loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings)
+    return make_train_step(
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
+    )
 
 
 def make_reward_eval_step(config: TransformerConfig, *, pool: Literal["last", "mean"] = "last") -> Callable:

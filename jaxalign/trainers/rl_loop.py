@@ -1,14 +1,16 @@
-"""The RL outer loops and their evaluation: sample from the policy, score, optimise, repeat.
+"""The RL outer loops: sample from the policy, score, optimise, repeat.
 
 `grpo_loop` runs GRPO iterations (DeepSeekMath arXiv 2402.03300, Alg. 1): a `grpo_rollout` with
-the current parameters, then μ calls of a `make_grpo_step` step on that rollout, logging each
+the current policy, then μ calls of a `make_grpo_step` step on that rollout, logging each
 iteration and evaluating every few. `ppo_loop` is its PPO twin (a `ppo_rollout`, `ppo_update`'s
-epochs over minibatches, the adaptive KL controller). Both resume exactly from their own
-checkpoints and stop on non-finite rollouts or repeatedly skipped updates. `evaluate_policy` samples completions of held-out prompts and
-returns their rewards and, given a reference model, each completion's KL estimate, the two
-numbers an RL-from-rules run reports before and after training.
+epochs over minibatches, the adaptive KL controller). Both take a `policy_fn` that turns the
+train state into the params to sample with (default: the state's params; a LoRA run merges its
+adapters into the base) and `step_args` for the step's extra arguments (a LoRA step's base), so
+full and LoRA runs go through the same loop. Both resume exactly from their own checkpoints and
+stop on non-finite rollouts or repeatedly skipped updates. Held-out evaluation is
+`jaxalign.rollout.evaluate_policy` (re-exported here).
 
-Shapes: B prompts, S samples per prompt, P prompt length, N completion length.
+Shapes: B prompts, P prompt length, N completion length.
 """
 
 from __future__ import annotations
@@ -24,104 +26,21 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jaxalign.checkpoint import NonFiniteError, save_checkpoint
-from jaxalign.decoding import generate
 from jaxalign.metrics import MetricsWriter, read_metrics
 from jaxalign.models.config import TransformerConfig
-from jaxalign.ops import masked_sum
-from jaxalign.rollout import _jitted_completion_logps, decode_completions, grpo_rollout, ppo_rollout
+from jaxalign.rollout import evaluate_policy, grpo_rollout, ppo_rollout
 from jaxalign.trainers.loop import check_skipped, check_update_ratio
 from jaxalign.trainers.ppo import adaptive_kl_coef, ppo_update
-from jaxalign.trainers.state import TrainState
+from jaxalign.trainers.step import TrainState
 
 # prompts_at(iteration) -> (prompt_tokens int32 [B,P] left-padded, prompt_mask [B,P], columns)
 PromptsAt = Callable[[int], tuple[np.ndarray, np.ndarray, Mapping[str, Sequence[Any]]]]
+# policy_fn(state) -> the params the rollout samples with (and eval_fn evaluates)
+PolicyFn = Callable[[Any], Any]
 
 
-class PolicySamples(NamedTuple):
-    """Completions sampled from a policy, scored (host arrays, prompt-major: the S samples of
-    prompt b are rows b·S … b·S + S − 1).
-
-    Attributes:
-      completions: B·S decoded completions (EOS dropped).
-      rewards: float32 [B·S] from the reward function.
-      kl: float32 [B·S] Σ_t (log π − log π_ref) over each completion (the k1 estimate of
-        KL(π‖π_ref) of the whole sequence, in nats), or None without a reference.
-      tokens: int32 [B·S, N] completion tokens (padding after EOS).
-      lengths: int32 [B·S] completion lengths, EOS included.
-    """
-
-    completions: list[str]
-    rewards: np.ndarray
-    kl: np.ndarray | None
-    tokens: np.ndarray
-    lengths: np.ndarray
-
-
-def evaluate_policy(
-    params,
-    config: TransformerConfig,
-    prompt_tokens: np.ndarray,
-    prompt_mask: np.ndarray,
-    *,
-    reward_fn: Callable[..., np.ndarray],
-    decode: Callable[[Sequence[int]], str],
-    rng: jax.Array,
-    max_new_tokens: int,
-    eos_id: int | None,
-    pad_id: int = 0,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    samples: int = 1,
-    columns: Mapping[str, Sequence[Any]] | None = None,
-    ref_params=None,
-) -> PolicySamples:
-    """Samples S completions per prompt, scores them, and measures their KL to a reference.
-
-    With temperature 0 (greedy) use S = 1; at temperature > 0 the mean reward over S draws is the
-    policy's expected reward (pass@1 for a 0/1 reward), what GRPO maximises. The KL is sampled
-    from the policy itself, so it is an unbiased estimate of KL(π‖π_ref) only at temperature 1
-    without top-k / top-p (otherwise it is the log-ratio under the truncated sampler).
-
-    Args:
-      params, config: the policy.
-      prompt_tokens, prompt_mask: [B, P] left-padded prompts (`jaxalign.data.collate_prompts`).
-      reward_fn: `reward_fn(completions, **columns) -> float32 [B·S]` (`jaxalign.rewards`).
-      decode: token ids -> text.
-      rng: PRNG key for sampling.
-      max_new_tokens, eos_id, pad_id, temperature, top_k, top_p: as `generate`.
-      samples: S >= 1.
-      columns: per-prompt data (length B), repeated S times for the reward function.
-      ref_params: the reference model (same config) for `kl`; None skips it.
-
-    Returns:
-      `PolicySamples`.
-
-    Raises:
-      ValueError: S < 1, or a reward of the wrong shape (and what `generate` raises).
-    """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    b = prompt_tokens.shape[0]
-    prompts = jnp.asarray(np.repeat(prompt_tokens, samples, axis=0))  # [B·S,P]
-    masks = jnp.asarray(np.repeat(prompt_mask, samples, axis=0))  # [B·S,P]
-    gen = generate(
-        params, config, prompts, masks, max_new_tokens=max_new_tokens, rng=rng,
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
-    )
-    tokens, lengths = jax.device_get((gen.tokens, gen.lengths))
-    completions = decode_completions(tokens, lengths, decode, eos_id)
-    repeated = {k: [v for v in vals for _ in range(samples)] for k, vals in (columns or {}).items()}
-    rewards = np.asarray(reward_fn(completions, **repeated), np.float32)
-    if rewards.shape != (b * samples,):
-        raise ValueError(f"reward_fn returned shape {rewards.shape}, expected ({b * samples},)")
-    kl = None
-    if ref_params is not None:
-        ref_logps = _jitted_completion_logps(config)(
-            ref_params, prompt_tokens=prompts, prompt_mask=masks, completion_tokens=gen.tokens
-        )  # [B·S,N]
-        kl = np.asarray(masked_sum(gen.model_logps - ref_logps, gen.mask, axis=-1), np.float32)
-    return PolicySamples(completions, rewards, kl, np.asarray(tokens), np.asarray(lengths))
+def _params_of(state) -> Any:
+    return state.params
 
 
 def check_finite_rollout(values: Mapping[str, Any], *, stage: str, iteration: int) -> None:
@@ -167,6 +86,8 @@ def grpo_loop(
     writer: MetricsWriter,
     ref_params=None,
     inner_steps: int = 1,
+    policy_fn: PolicyFn = _params_of,
+    step_args: tuple = (),
     eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
     eval_every: int = 0,
     checkpoints: ocp.CheckpointManager | None = None,
@@ -186,7 +107,7 @@ def grpo_loop(
     killed and resumed run logs every iteration once.
 
     Args:
-      step_fn: `make_grpo_step(...)`'s `step(state, rollout) -> (state, metrics)`.
+      step_fn: `make_grpo_step(...)`'s `step(state, rollout, *step_args) -> (state, metrics)`.
       state: the policy's `TrainState` (its params are donated to the step), fresh or restored.
       prompts_at: `prompts_at(it) -> (prompt_tokens [B, P], prompt_mask [B, P], columns)`, the
         prompts of iteration it and their reward columns (e.g. {"answers": [...]}, length B).
@@ -199,7 +120,11 @@ def grpo_loop(
       ref_params: the frozen reference for the KL term (None when β = 0). Must not share buffers
         with `state.params` (the step donates them): pass a copy.
       inner_steps: μ, optimiser steps per rollout.
-      eval_fn: `eval_fn(params) -> dict of floats`, every `eval_every` iterations and at the end.
+      policy_fn: `policy_fn(state) -> params` to sample with and evaluate (default: the
+        state's params; a LoRA run passes `lambda s: merge_lora(base, s.params, lora)`).
+      step_args: extra arguments of every step call (a LoRA step's base params).
+      eval_fn: `eval_fn(policy_params) -> dict of floats`, every `eval_every` iterations and at
+        the end.
       eval_every: 0 evaluates only at the end.
       checkpoints: an orbax manager; the state is offered to it after each iteration (step = it)
         and saved at the end.
@@ -208,8 +133,8 @@ def grpo_loop(
         non-finite gradients (`jaxalign.trainers.loop`).
       max_update_ratio: stop when an update's norm exceeds this fraction of the parameters'
         (`jaxalign.trainers.loop.check_update_ratio`); None disables it.
-      **rollout_kwargs: `grpo_rollout`'s options (group_size, reward_fn, decode, max_new_tokens,
-        eos_id, pad_id, temperature, top_k, top_p, scale, filter_zero_variance).
+      **rollout_kwargs: `grpo_rollout`'s options (group_size, reward_fn, decode, sampling,
+        scale, filter_zero_variance).
 
     Returns:
       (state, summary): summary `reward_mean` (per iteration, list, from the run's records so a
@@ -233,8 +158,8 @@ def grpo_loop(
             tokens, mask, columns = prompts_at(it)
             rng, key = jax.random.split(rng)
             t0 = time.perf_counter()
-            rollout, roll_metrics, _ = grpo_rollout(
-                state.params, config, tokens, mask, rng=key, ref_params=ref_params, columns=columns,
+            rollout, _, roll_metrics, _ = grpo_rollout(
+                policy_fn(state), config, tokens, mask, rng=key, ref_params=ref_params, columns=columns,
                 **rollout_kwargs,
             )
             check_finite_rollout(
@@ -242,7 +167,7 @@ def grpo_loop(
             )
             t1 = time.perf_counter()
             for _ in range(inner_steps):
-                state, metrics = step_fn(state, rollout)
+                state, metrics = step_fn(state, rollout, *step_args)
             record = {**jax.device_get(metrics), **roll_metrics}
             timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
             for k, v in timing.items():
@@ -252,7 +177,7 @@ def grpo_loop(
             check_skipped(record, stage="grpo", step=it, max_skipped_steps=max_skipped_steps)
             check_finite_rollout({"kl": record.get("kl", 0.0)}, stage="grpo", iteration=it)
             if eval_fn is not None and ((eval_every and it % eval_every == 0) or it == num_iterations):
-                final_eval = dict(eval_fn(state.params))
+                final_eval = dict(eval_fn(policy_fn(state)))
                 writer.write(it, final_eval, stage="grpo_eval")
             _save(checkpoints, it, state, final=it == num_iterations, stage="grpo")
             bar.set_postfix(reward=f"{roll_metrics['reward_mean']:.3f}")
@@ -288,6 +213,8 @@ def ppo_loop(
     num_minibatches: int = 1,
     kl_target: float | None = None,
     kl_horizon: float = 10_000.0,
+    policy_fn: PolicyFn = _params_of,
+    step_args: tuple = (),
     rollout_metrics: Callable[[Any], Mapping[str, float]] | None = None,
     eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
     eval_every: int = 0,
@@ -307,7 +234,7 @@ def ppo_loop(
     have had (records of "ppo"/"ppo_eval" after its iteration are dropped first).
 
     Args:
-      step_fn: `make_ppo_step(...)`'s `step(state, minibatch)`.
+      step_fn: `make_ppo_step(...)`'s `step(state, minibatch, *step_args)`.
       state: `PPOState(train_state, kl_coef)`, fresh or restored (the params are donated).
       prompts_at: `prompts_at(it) -> (prompt_tokens [B, P], prompt_mask [B, P])`.
       config: the policy's config.
@@ -319,17 +246,21 @@ def ppo_loop(
       score_fn: `score_fn(prompt_tokens, prompt_mask, completion_tokens, completion_mask) -> [B]`.
       epochs, num_minibatches: `ppo_update`'s K and minibatch count.
       kl_target, kl_horizon: the adaptive controller (`adaptive_kl_coef`); None: fixed β.
-      rollout_metrics: optional `fn(rollout) -> dict of floats` logged with each iteration (e.g. a
-        gold score of the decoded completions).
-      eval_fn: `eval_fn(train_params) -> dict of floats`, every `eval_every` iterations and at the end.
+      policy_fn: `policy_fn(train_state) -> {"policy", "value"}` params to sample with and
+        evaluate (default: the state's params; LoRA: `merge_lora(base, s.params, lora)`).
+      step_args: extra arguments of every step call (a LoRA step's base params).
+      rollout_metrics: optional `fn(output) -> dict of floats` of the iteration's
+        `RolloutOutput`, logged with it (e.g. a gold score of `output.completions`; pass
+        `decode` in the rollout options to get them).
+      eval_fn: `eval_fn(policy_params) -> dict of floats`, every `eval_every` iterations and at
+        the end.
       eval_every: 0 evaluates only at the end.
       checkpoints: an orbax manager; the `PPOState` is offered to it after each iteration.
       progress: show a tqdm bar.
       max_skipped_steps: stop after this many consecutive skipped (non-finite) updates.
       max_update_ratio: stop when an update's norm exceeds this fraction of the parameters'.
-      **rollout_kwargs: `ppo_rollout`'s sampling and advantage options (max_new_tokens, eos_id,
-        pad_id, temperature, top_k, top_p, kl_kind, gamma, lam, whiten_advantages,
-        missing_eos_penalty, critic, value_config).
+      **rollout_kwargs: `ppo_rollout`'s sampling and advantage options (sampling, decode,
+        kl_kind, gamma, lam, whiten_advantages, missing_eos_penalty, value_config).
 
     Returns:
       (state, summary): summary `score` and `kl_coef` per iteration (lists, from the records),
@@ -353,17 +284,20 @@ def ppo_loop(
             tokens, mask = prompts_at(it)
             rng, key = jax.random.split(rng)
             t0 = time.perf_counter()
-            rollout, roll = ppo_rollout(
-                train.params, config, tokens, mask, ref_params=ref_params, score_fn=score_fn, rng=key,
+            output = ppo_rollout(
+                policy_fn(train), config, tokens, mask, ref_params=ref_params, score_fn=score_fn, rng=key,
                 kl_coef=kl_coef, **rollout_kwargs,
             )
-            extra = dict(rollout_metrics(rollout)) if rollout_metrics is not None else {}
+            rollout, roll = output.batch, output.metrics
+            extra = dict(rollout_metrics(output)) if rollout_metrics is not None else {}
             check_finite_rollout(
                 {"scores": rollout.scores, "rewards": rollout.rewards, "advantages": rollout.advantages, **roll},
                 stage="ppo", iteration=it,
             )
             t1 = time.perf_counter()
-            train, upd = ppo_update(step_fn, train, rollout, epochs=epochs, num_minibatches=num_minibatches, seed=it)
+            train, upd = ppo_update(
+                step_fn, train, rollout, epochs=epochs, num_minibatches=num_minibatches, seed=it, step_args=step_args
+            )
             timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
             for k, v in timing.items():
                 seconds[k] += v
@@ -375,7 +309,7 @@ def ppo_loop(
                     adaptive_kl_coef(kl_coef, roll["kl"], tokens.shape[0], target=kl_target, horizon=kl_horizon)
                 ))
             if eval_fn is not None and ((eval_every and it % eval_every == 0) or it == num_iterations):
-                final_eval = dict(eval_fn(train.params))
+                final_eval = dict(eval_fn(policy_fn(train)))
                 writer.write(it, final_eval, stage="ppo_eval")
             _save(checkpoints, it, PPOState(train, jnp.float32(kl_coef)), final=it == num_iterations, stage="ppo")
             bar.set_postfix(score=f"{roll['score']:.3f}")
@@ -392,3 +326,14 @@ def ppo_loop(
         **seconds,
     }
     return PPOState(train, jnp.float32(kl_coef)), summary
+
+
+__all__ = [
+    "PPOState",
+    "PolicyFn",
+    "PromptsAt",
+    "check_finite_rollout",
+    "evaluate_policy",  # re-exported from jaxalign.rollout, where it moved
+    "grpo_loop",
+    "ppo_loop",
+]

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import optax
 
+from jaxalign.lora import LoraConfig
 from jaxalign.losses.sft import sft_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
-from jaxalign.lora import LoraConfig, make_lora_loss_fn
-from jaxalign.trainers.state import Batch, Metrics, make_train_step
-
-if TYPE_CHECKING:  # jaxalign.sharding imports the trainers
-    from jaxalign.sharding import StepShardings
+from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 
 def sft_batch_loss(
@@ -56,7 +52,6 @@ def make_sft_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     *,
-    grad_accum_steps: int = 1,
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
     dropout: bool = True,
@@ -65,27 +60,21 @@ def make_sft_step(
 ) -> Callable:
     """jit-compiled SFT step `step(state, batch) -> (state, metrics)`.
 
-    Metrics: loss, loss_sum, num_tokens, token_accuracy, grad_norm, learning_rate.
-    `dropout=False` trains deterministically even when config.dropout > 0 (or
-    `lora.dropout` > 0). With `lora`, the state's params are the adapters
+    Metrics: loss, loss_sum, num_tokens, token_accuracy, grad_norm, learning_rate (and
+    `make_train_step`'s). `dropout=False` trains deterministically even when config.dropout > 0
+    (or `lora.dropout` > 0). With `lora`, the state's params are the adapters
     (`jaxalign.lora.init_lora`) and the step is `step(state, batch, base_params)`. `shardings`
-    (`jaxalign.sharding.step_shardings`) compiles the step for a device mesh.
+    (`jaxalign.trainers.step_shardings`) compiles the step for a device mesh. Gradient
+    accumulation is the optimizer's (`OptimConfig.grad_accum_steps`).
     """
 
     def loss_fn(params, batch, dropout_rng):
         return sft_batch_loss(
-            params,
-            config,
-            batch,
-            dropout_rng if dropout and config.dropout > 0 else None,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
+            params, config, batch, dropout_rng, label_smoothing=label_smoothing, chunk_size=chunk_size
         )
 
-    if lora is not None:  # train adapters only; the base params become an extra argument
-        loss_fn = make_lora_loss_fn(loss_fn, lora, dropout=dropout)
     return make_train_step(
-        loss_fn, tx, schedule, grad_accum_steps=grad_accum_steps, shardings=shardings
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
     )
 
 

@@ -26,7 +26,7 @@ def quadratic_loss(params, batch, rng):
 def setup(lr=0.1, accum=1):
     tx, schedule = make_optimizer(OptimConfig(learning_rate=lr, total_steps=100, weight_decay=0.0, grad_accum_steps=accum))
     state = create_train_state({"w": jnp.full(3, 5.0)}, tx, 0)
-    return make_train_step(quadratic_loss, tx, schedule, grad_accum_steps=accum, donate=False), state
+    return make_train_step(quadratic_loss, tx, schedule, donate=False), state
 
 
 def batch(bad: bool):
@@ -59,6 +59,20 @@ def test_nonfinite_micro_batch_never_reaches_the_accumulator():
     poisoned, m = step(poisoned, batch(False))  # completes the update with two clean ones
     np.testing.assert_array_equal(poisoned.params["w"], clean.params["w"])
     assert first_nonfinite(poisoned) is None
+
+
+def test_logged_learning_rate_is_the_one_each_update_uses():
+    """Accumulation is given once (to the optimizer): the step reads the update count from the
+    optimizer state, so a skipped micro-batch does not advance the logged schedule either."""
+    step, state = setup(accum=2)
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=0.1, total_steps=100, weight_decay=0.0, grad_accum_steps=2))
+    logged = []
+    for bad in (False, True, False, False, False):  # micro-steps 0..4; 1 is skipped
+        state, m = step(state, batch(bad))
+        logged.append(float(m["learning_rate"]))
+    # updates complete at micro-steps 2 and 4; micro-steps // 2 would say s(1) at 2 and s(2) at 4
+    expected = [float(schedule(n)) for n in (0, 0, 0, 1, 1)]
+    assert logged == expected and expected[0] != expected[3]
 
 
 def test_without_the_guard_there_are_no_counters():

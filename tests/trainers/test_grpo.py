@@ -6,16 +6,21 @@ import pytest
 
 import jaxalign.data as jd
 from jaxalign.advantages import kl_penalty
-from jaxalign.decoding import generate
+from jaxalign.decoding import SamplingConfig, generate
 from jaxalign.lora import LoraConfig, apply_lora, init_lora, merge_lora
 from jaxalign.models import get_config, init_params
 from jaxalign.rewards import exact_match_reward
-from jaxalign.rollout import completion_logps, grpo_rollout
+from jaxalign.rollout import grpo_rollout
+from jaxalign.scoring import completion_logps
 from jaxalign.trainers import create_train_state, make_grpo_step
 from tests._tolerance import ulps
 
 TOK = jd.byte_tokenizer()
 CONFIG = get_config("gpt2-tiny", vocab_size=TOK.vocab_size, max_seq_len=32)
+
+
+def sampling(n):
+    return SamplingConfig(max_new_tokens=n, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +30,7 @@ def params():
 
 def test_completion_logps_equal_generation_logps(params):
     tokens, mask = jd.collate_prompts(["1+2=", "10+20=", "7="], TOK)
-    gen = generate(params, CONFIG, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=5,
-                   rng=jax.random.key(1), eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+    gen = generate(params, CONFIG, jnp.asarray(tokens), jnp.asarray(mask), rng=jax.random.key(1), sampling=sampling(5))
     lp = completion_logps(params, CONFIG, jnp.asarray(tokens), jnp.asarray(mask), gen.tokens)
     # teacher-forced vs cached: 256 ulps of max|logp| as in tests/test_decoding.py; measured 2.2
     np.testing.assert_allclose(lp * gen.mask, gen.model_logps, rtol=0, atol=ulps(256, gen.model_logps))
@@ -41,12 +45,13 @@ def test_rollout_rewards_advantages_and_filter(params):
         assert len(answers) == 8 and answers[:4] == ["2"] * 4  # columns repeated G times, prompt-major
         return np.array([float(len(c) % 2) for c in completions], np.float32)
 
-    ro, metrics, completions = grpo_rollout(
+    ro, rewards, metrics, completions = grpo_rollout(
         params, CONFIG, tokens, mask, group_size=4, reward_fn=reward, decode=TOK.decode,
-        rng=jax.random.key(2), max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
-        ref_params=params, columns={"answers": ["2", "4"]}, filter_zero_variance=True,
+        sampling=sampling(6), rng=jax.random.key(2), ref_params=params, columns={"answers": ["2", "4"]},
+        filter_zero_variance=True,
     )
     assert ro.completion_tokens.shape == (8, 6) and len(completions) == 8
+    np.testing.assert_array_equal(rewards, ro.rewards)
     r = np.asarray(ro.rewards).reshape(2, 4)
     expected = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
     # mean, std and a division over 4 rewards: a few ulps of |A| <= 1.5; 1e-6 is 5 ulps; measured equal
@@ -61,11 +66,10 @@ def test_rollout_rewards_advantages_and_filter(params):
 
 def test_grpo_step_moves_logps_along_advantages(params):
     tokens, mask = jd.collate_prompts(["12+30=", "5+5=", "40+2=", "9+9="], TOK)
-    ro, _, _ = grpo_rollout(
+    ro = grpo_rollout(
         params, CONFIG, tokens, mask, group_size=6, reward_fn=exact_match_reward, decode=TOK.decode,
-        rng=jax.random.key(3), max_new_tokens=4, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
-        columns={"answers": ["42", "10", "42", "18"]},
-    )
+        sampling=sampling(4), rng=jax.random.key(3), columns={"answers": ["42", "10", "42", "18"]},
+    ).batch
     # random model: rewards are all 0, so use synthetic advantages to test the update direction
     adv = jnp.asarray(np.random.RandomState(0).randn(24).astype(np.float32))
     ro = ro.replace(advantages=adv)
@@ -88,11 +92,11 @@ def test_lora_grpo_step_trains_adapters_against_the_base_as_reference(params):
     tokens, mask = jd.collate_prompts(["12+30=", "5+5=", "40+2="], TOK)
     lora = LoraConfig(rank=4, targets=("all",))
     adapters = init_lora(params, lora, jax.random.key(5))
-    ro, _, _ = grpo_rollout(
+    ro = grpo_rollout(
         merge_lora(params, adapters, lora), CONFIG, tokens, mask, group_size=4,
-        reward_fn=exact_match_reward, decode=TOK.decode, rng=jax.random.key(3), max_new_tokens=4,
-        eos_id=TOK.eos_id, pad_id=TOK.pad_id, ref_params=params, columns={"answers": ["42", "10", "42"]},
-    )
+        reward_fn=exact_match_reward, decode=TOK.decode, sampling=sampling(4), rng=jax.random.key(3),
+        ref_params=params, columns={"answers": ["42", "10", "42"]},
+    ).batch
     # B = 0: policy == base, from two programs: 256 ulps of max|logp| as in tests/test_decoding.py; measured 2
     np.testing.assert_allclose(ro.ref_logps, ro.old_logps, rtol=0, atol=ulps(256, ro.old_logps))
     ro = ro.replace(advantages=jnp.asarray(np.random.RandomState(1).randn(12).astype(np.float32)))

@@ -5,16 +5,18 @@ import pytest
 
 import jaxalign.data as jd
 from jaxalign.advantages import gae
+from jaxalign.decoding import SamplingConfig
 from jaxalign.ops import masked_whiten
 from jaxalign.models import get_config, init_params, init_scalar_model, sequence_scores
 from jaxalign.models.heads import apply_scalar_head
 from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.rollout import (
+from jaxalign.rollout import ppo_rollout
+from jaxalign.scoring import (
     completion_hidden,
     completion_logps,
+    critic_kind,
     init_actor_critic,
     policy_and_values,
-    ppo_rollout,
     reward_model_scorer,
 )
 from jaxalign.trainers import adaptive_kl_coef, create_train_state, make_ppo_step, ppo_update
@@ -35,19 +37,27 @@ def count_a(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
     return jnp.sum((completion_tokens == ord("a")) * completion_mask, axis=1)
 
 
-def make_rollout(params, ref, *, critic="shared", seed=1, **kw):
+def make_rollout(params, ref, *, seed=1, **kw):
     tokens, mask = jd.collate_prompts(PROMPTS, TOK)
-    return ppo_rollout(
-        params, CONFIG, tokens, mask, ref_params=ref, score_fn=count_a, rng=jax.random.key(seed),
-        max_new_tokens=8, eos_id=TOK.eos_id, pad_id=TOK.pad_id, critic=critic, **kw,
+    out = ppo_rollout(
+        params, CONFIG, tokens, mask, ref_params=ref, score_fn=count_a,
+        sampling=SamplingConfig(max_new_tokens=8, eos_id=TOK.eos_id, pad_id=TOK.pad_id), rng=jax.random.key(seed),
+        decode=TOK.decode, **kw,
     )
+    # the record every rollout returns: the scores as rewards, the decoded completions
+    np.testing.assert_array_equal(out.rewards, out.batch.scores)
+    lengths = np.asarray(out.batch.completion_mask).sum(1).astype(int)
+    tokens = np.asarray(out.batch.completion_tokens)
+    assert out.completions == [TOK.decode([t for t in row[:n] if t != TOK.eos_id]) for row, n in zip(tokens, lengths)]
+    return out.batch, out.metrics
 
 
 def test_policy_and_values_shared_and_separate(policy):
     tokens, mask = (jnp.asarray(x) for x in jd.collate_prompts(PROMPTS[:3], TOK))
     completion = jax.random.randint(jax.random.key(2), (3, 5), 0, TOK.vocab_size)
     shared = init_actor_critic(policy, config=CONFIG, rng=jax.random.key(3))
-    logits, values = policy_and_values(shared, CONFIG, tokens, mask, completion, critic="shared")
+    assert critic_kind(shared) == "shared"
+    logits, values = policy_and_values(shared, CONFIG, tokens, mask, completion)
     hidden = completion_hidden(policy, CONFIG, tokens, mask, completion)
     # two programs through 2 layers of 64-term sums: 128 ulps of max|value|, not of each value (a
     # value near 0 has the rounding of the large terms); measured equal
@@ -59,13 +69,16 @@ def test_policy_and_values_shared_and_separate(policy):
 
     critic = init_scalar_model(CONFIG, jax.random.key(4))
     separate = init_actor_critic(policy, critic, config=CONFIG, rng=jax.random.key(3))
-    _, v2 = policy_and_values(separate, CONFIG, tokens, mask, completion, critic="separate")
+    assert critic_kind(separate) == "separate"
+    _, v2 = policy_and_values(separate, CONFIG, tokens, mask, completion)
     np.testing.assert_allclose(
         v2, apply_scalar_head(critic["head"], completion_hidden(critic["backbone"], CONFIG, tokens, mask, completion)),
         rtol=0, atol=ulps(128, v2),  # as above; measured equal
     )
-    with pytest.raises(ValueError, match="critic='separate' needs"):
-        policy_and_values(shared, CONFIG, tokens, mask, completion, critic="separate")
+    with pytest.raises(ValueError, match=r"params\['value'\] must be \{'head'\}"):
+        policy_and_values({"policy": policy, "value": {"kernel": 0}}, CONFIG, tokens, mask, completion)
+    with pytest.raises(ValueError, match="PPO params must be"):
+        critic_kind(policy)
 
 
 def test_rollout_rewards_kl_and_gae(policy):
@@ -116,9 +129,10 @@ def test_ppo_update_moves_policy_towards_advantage(policy, critic):
     value = init_scalar_model(CONFIG, jax.random.key(4), jax.tree.map(jnp.copy, policy)) if critic == "separate" else None
     params = init_actor_critic(jax.tree.map(jnp.copy, policy), value, config=CONFIG, rng=jax.random.key(3))
     ref = jax.tree.map(jnp.copy, policy)
-    ro, _ = make_rollout(params, ref, critic=critic, kl_coef=0.05)
+    ro, _ = make_rollout(params, ref, kl_coef=0.05)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=8, weight_decay=0.0))
-    step = make_ppo_step(CONFIG, tx, schedule, critic=critic)
+    step = make_ppo_step(CONFIG, tx, schedule)
+    assert critic_kind(params) == critic
     state = create_train_state(params, tx, 0)
     state, first = step(state, ro)  # the first step sees the rollout policy itself
     # ratio − 1 ≈ the mean logp difference of rollout and step, ~ulps of |logp| ~ 7 (1e-5 is 12 of

@@ -7,13 +7,17 @@ import pytest
 
 import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager
+from jaxalign.decoding import SamplingConfig
+from jaxalign.lora import LoraConfig, init_lora, merge_lora
 from jaxalign.metrics import MetricsWriter, read_metrics
 from jaxalign.models import get_config, init_params
-from jaxalign.rollout import completion_logps
+from jaxalign.rollout import evaluate_policy, grpo_rollout
+from jaxalign.scoring import completion_logps
 from jaxalign.trainers import create_train_state, make_grpo_step
-from jaxalign.trainers.rl_loop import evaluate_policy, grpo_loop
+from jaxalign.trainers.rl_loop import grpo_loop
 
 TOK = jd.byte_tokenizer()
+SAMPLING = SamplingConfig(max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
 CONFIG = get_config("gpt2-tiny", vocab_size=TOK.vocab_size, max_seq_len=32, n_layers=1)
 PARAMS = jax.tree.map(lambda x: x * 3, init_params(CONFIG, jax.random.key(0)))
 OTHER = jax.tree.map(lambda x: x * 3, init_params(CONFIG, jax.random.key(1)))
@@ -31,23 +35,27 @@ def test_evaluate_policy_rewards_columns_and_kl():
         seen["answers"] = answers
         return odd_length(completions)
 
-    kw = dict(reward_fn=reward, decode=TOK.decode, rng=jax.random.key(2), max_new_tokens=6,
-              eos_id=TOK.eos_id, pad_id=TOK.pad_id, temperature=1.0, samples=3, columns={"answers": ["2", "25"]})
+    kw = dict(reward_fn=reward, decode=TOK.decode, sampling=SamplingConfig(max_new_tokens=6, temperature=1.0,
+              eos_id=TOK.eos_id, pad_id=TOK.pad_id), rng=jax.random.key(2), samples=3, columns={"answers": ["2", "25"]})
     out = evaluate_policy(PARAMS, CONFIG, tokens, mask, ref_params=OTHER, **kw)
     assert seen["answers"] == ["2"] * 3 + ["25"] * 3  # prompt-major, S copies each
     np.testing.assert_array_equal(out.rewards, odd_length(out.completions))
-    assert out.tokens.shape == (6, 6) and out.lengths.shape == (6,)
+    batch, kl = out.batch, out.batch.kl()
+    lengths = np.asarray(batch.lengths)
+    assert batch.completion_tokens.shape == (6, 6) and lengths.shape == (6,)
+    assert out.metrics["reward_mean"] == pytest.approx(float(out.rewards.mean()), rel=1e-6)  # a mean of 6 of 0/1
     # KL: the sampled log-ratio summed over each completion, from teacher-forced passes of both
     prompts, masks = jnp.repeat(tokens, 3, 0), jnp.repeat(mask, 3, 0)
-    comp_mask = (np.arange(6)[None] < out.lengths[:, None]).astype(np.float32)
-    lp = completion_logps(PARAMS, CONFIG, prompts, masks, jnp.asarray(out.tokens))
-    ref = completion_logps(OTHER, CONFIG, prompts, masks, jnp.asarray(out.tokens))
+    comp_mask = (np.arange(6)[None] < lengths[:, None]).astype(np.float32)
+    lp = completion_logps(PARAMS, CONFIG, prompts, masks, batch.completion_tokens)
+    ref = completion_logps(OTHER, CONFIG, prompts, masks, batch.completion_tokens)
     # sums of <= 6 logp differences, |logp| <= 18: atol is 47 ulps of 18; measured 2.6
-    np.testing.assert_allclose(out.kl, np.sum((lp - ref) * comp_mask, -1), rtol=1e-4, atol=1e-4)
-    assert np.abs(out.kl).max() > 0.1
+    np.testing.assert_allclose(kl, np.sum((lp - ref) * comp_mask, -1), rtol=1e-4, atol=1e-4)
+    assert np.abs(kl).max() > 0.1
     same = evaluate_policy(PARAMS, CONFIG, tokens, mask, ref_params=PARAMS, **kw)
-    np.testing.assert_allclose(same.kl, 0.0, atol=1e-4)  # as above; measured 2.4e-6
-    assert evaluate_policy(PARAMS, CONFIG, tokens, mask, **kw).kl is None
+    np.testing.assert_allclose(same.batch.kl(), 0.0, atol=1e-4)  # as above; measured 2.4e-6
+    no_ref = evaluate_policy(PARAMS, CONFIG, tokens, mask, **kw)
+    assert no_ref.batch.kl() is None and "kl" not in no_ref.metrics
 
 
 def run_loop(tmp_path, name):
@@ -62,8 +70,7 @@ def run_loop(tmp_path, name):
         rng=jax.random.key(5), writer=writer, inner_steps=2, eval_every=2,
         eval_fn=lambda p: evals.append(1) or {"n": float(len(evals))},
         checkpoints=make_checkpoint_manager(tmp_path / name / "ckpt", save_every=2), progress=False,
-        group_size=4, reward_fn=odd_length, decode=TOK.decode, max_new_tokens=6,
-        eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+        group_size=4, reward_fn=odd_length, decode=TOK.decode, sampling=SAMPLING,
     )
     writer.close()
     return state, summary, read_metrics(writer.path)
@@ -105,7 +112,7 @@ def test_grpo_loop_resumes_from_a_checkpoint_bit_identically(tmp_path):
         rng=jax.random.key(5), writer=writer, inner_steps=2, eval_every=2,
         eval_fn=lambda p: evals.append(1) or {"n": float(len(evals))},
         checkpoints=manager, progress=False, group_size=4, reward_fn=odd_length, decode=TOK.decode,
-        max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+        sampling=SAMPLING,
     )
     writer.close()
     timing = ("rollout_seconds", "update_seconds")
@@ -117,7 +124,7 @@ def test_grpo_loop_resumes_from_a_checkpoint_bit_identically(tmp_path):
 
 def ppo_setup(lr=1e-3):
     from jaxalign.optim import OptimConfig, make_optimizer
-    from jaxalign.rollout import init_actor_critic
+    from jaxalign.scoring import init_actor_critic
     from jaxalign.trainers import make_ppo_step
     from jaxalign.trainers.rl_loop import PPOState
 
@@ -141,8 +148,8 @@ def run_ppo(tmp_path, name, state, step, num_iterations, score_fn=count_one, man
             step, state, lambda it: (tokens, mask), config=CONFIG, num_iterations=num_iterations,
             rng=jax.random.key(7), writer=writer, ref_params=PARAMS, score_fn=score_fn, epochs=2,
             num_minibatches=2, kl_target=0.5, kl_horizon=20.0, checkpoints=manager, progress=False,
-            rollout_metrics=lambda r: {"length": float(np.asarray(r.completion_mask).sum())},
-            max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+            rollout_metrics=lambda out: {"length": float(np.asarray(out.batch.completion_mask).sum())},
+            sampling=SAMPLING,
         )
     finally:
         writer.close()
@@ -185,3 +192,37 @@ def test_ppo_loop_stops_on_a_nonfinite_score(tmp_path):
     with pytest.raises(NonFiniteError, match=r"ppo: step 1: update_ratio=.* > max_update_ratio=1"):
         run_ppo(tmp_path, "lr", state, step, 2, manager=manager)
     assert manager.all_steps() == []
+
+
+def test_lora_grpo_runs_through_the_loop_with_a_policy_hook(tmp_path):
+    """LoRA GRPO through `grpo_loop`: `policy_fn` merges the adapters to sample, `step_args`
+    hands the step its base, the base is the reference. Two iterations equal the same rollouts
+    and steps written out by hand, bit for bit, and the base never moves."""
+    lora = LoraConfig(rank=2, targets=("all",))
+    base = jax.tree.map(jnp.copy, PARAMS)
+    base_before = jax.tree.map(np.array, base)
+    tx = optax.adam(1e-2)
+    step = make_grpo_step(CONFIG, tx, lambda s: 1e-2, beta=0.1, max_length=6, lora=lora)
+    adapters = init_lora(base, lora, jax.random.key(4))
+    tokens, mask = jd.collate_prompts(["1+1=", "22+3="], TOK)
+    rollout_kw = dict(group_size=4, reward_fn=odd_length, decode=TOK.decode, sampling=SAMPLING)
+    writer = MetricsWriter(tmp_path / "lora", tensorboard=False)
+    state, summary = grpo_loop(
+        step, create_train_state(jax.tree.map(jnp.copy, adapters), tx, 0), lambda it: (tokens, mask, {}),
+        config=CONFIG, num_iterations=2, rng=jax.random.key(5), writer=writer, ref_params=base,
+        policy_fn=lambda s: merge_lora(base, s.params, lora), step_args=(base,), progress=False, **rollout_kw,
+    )
+    writer.close()
+    by_hand, rng = create_train_state(jax.tree.map(jnp.copy, adapters), tx, 0), jax.random.key(5)
+    rewards = []
+    for _ in range(2):
+        rng, key = jax.random.split(rng)
+        out = grpo_rollout(merge_lora(base, by_hand.params, lora), CONFIG, tokens, mask, rng=key, ref_params=base, **rollout_kw)
+        by_hand, _ = step(by_hand, out.batch, base)
+        rewards.append(out.metrics["reward_mean"])
+    assert summary["reward_mean"] == rewards
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(by_hand.params)):
+        np.testing.assert_array_equal(a, b)
+    assert any(float(jnp.abs(b).max()) > 0 for b in jax.tree.leaves(state.params))  # lora_b trained
+    for got, before in zip(jax.tree.leaves(base), jax.tree.leaves(base_before)):
+        np.testing.assert_array_equal(got, before)

@@ -102,7 +102,7 @@ def test_grad_accumulation_equals_full_batch(params, pairs):
     state1, _ = make_sft_step(CONFIG, tx1, s1)(create_train_state(copy(params), tx1, 0), full)
     opt2 = OptimConfig(**{**OPT.__dict__, "grad_accum_steps": 2})
     tx2, s2 = make_optimizer(opt2)
-    step2 = make_sft_step(CONFIG, tx2, s2, grad_accum_steps=2)
+    step2 = make_sft_step(CONFIG, tx2, s2)  # accumulation is the optimizer's alone
     state2 = create_train_state(copy(params), tx2, 0)
     for h in halves:
         state2, _ = step2(state2, h)

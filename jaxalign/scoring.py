@@ -1,0 +1,265 @@
+"""Teacher-forced scoring of completions: log-probs, hidden states, values and reward scores.
+
+Everything a trainer or a rollout needs from a forward pass over [prompt; completion] that was
+already sampled: `completion_logps` (the policy and the reference), `completion_hidden` (the
+states a value head reads), `policy_and_values` (PPO's actor-critic, one parameter tree) and
+`reward_model_scorer` (a trained reward model as a score function). The parameter layouts they
+read are defined here too: `init_actor_critic`, its `critic_kind` and its shardings.
+
+Shapes: B rows, P prompt length (left-padded), N completion length, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxalign.decoding import prompt_positions
+from jaxalign.logprobs import token_logps
+from jaxalign.models.config import TransformerConfig
+from jaxalign.models.heads import (
+    apply_scalar_head,
+    init_scalar_head,
+    init_scalar_model,
+    scalar_head_logical_axes,
+    scalar_model_logical_axes,
+    sequence_scores,
+)
+from jaxalign.models.transformer import forward, init_params, logits_from_hidden, param_logical_axes
+from jaxalign.sharding import DEFAULT_RULES, LogicalRules, named_shardings
+
+Critic = Literal["shared", "separate"]
+
+
+def completion_hidden(
+    params,
+    config: TransformerConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    completion_tokens: jax.Array,
+    *,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Final hidden states at the N positions that predict the completion tokens: [B, N, D].
+
+    One teacher-forced forward pass over [prompt; completion] (the last completion token is not
+    fed) with the positions generation used. Row t is the state after the prompt and completion
+    tokens < t: the input of the LM head for token t, and the state s_t a value head scores.
+
+    Args:
+      params, config: the model (a transformer params pytree).
+      prompt_tokens: int32 [B, P] left-padded; prompt_mask: [B, P], 1 on real tokens.
+      completion_tokens: int32 [B, N] (tokens after EOS are ignored by the caller's mask).
+      dropout_rng: enables dropout.
+    """
+    p = prompt_tokens.shape[1]
+    tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)  # [B,P+N]
+    full_mask = jnp.concatenate([prompt_mask, jnp.ones_like(completion_tokens)], axis=1)
+    positions = prompt_positions(full_mask)  # [B,P+N]
+    hidden = forward(
+        params, config, tokens[:, :-1], positions[:, :-1], dropout_rng=dropout_rng, return_hidden=True
+    )  # [B,P+N-1,D]
+    return hidden[:, p - 1 :]  # [B,N,D]
+
+
+def completion_logps(
+    params,
+    config: TransformerConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    completion_tokens: jax.Array,
+    *,
+    dropout_rng: jax.Array | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Teacher-forced log-probs of each completion token given its (left-padded) prompt.
+
+    The output head runs only on the N positions that predict completion tokens
+    (`completion_hidden`), so the [B, P+N, V] logits of the prompt are never formed.
+
+    Args:
+      params, config: the model.
+      prompt_tokens: int32 [B, P] left-padded; prompt_mask: [B, P], 1 on real tokens.
+      completion_tokens: int32 [B, N] (tokens after EOS are ignored by the caller's mask).
+      dropout_rng: enables dropout.
+      chunk_size: sequence chunking of the log-prob gather.
+
+    Returns:
+      float32 [B, N] log-probs (nats); equal to `generate`'s `model_logps` on the same tokens.
+    """
+    hidden = completion_hidden(
+        params, config, prompt_tokens, prompt_mask, completion_tokens, dropout_rng=dropout_rng
+    )  # [B,N,D]
+    logits = logits_from_hidden(params, config, hidden)  # [B,N,V]
+    return token_logps(logits, completion_tokens, chunk_size=chunk_size)
+
+
+@functools.lru_cache(maxsize=16)
+def completion_logps_fn(config: TransformerConfig) -> Callable[..., jax.Array]:
+    """jit-compiled `fn(params, prompt_tokens, prompt_mask, completion_tokens) -> [B, N]`
+    (`completion_logps` without dropout), memoised per config so every caller shares one
+    compilation per shape."""
+    return jax.jit(lambda params, prompts, masks, completions: completion_logps(params, config, prompts, masks, completions))
+
+
+# --------------------------------------------------------------------------------------------
+# PPO's actor-critic: one parameter tree {"policy", "value"}.
+
+
+def critic_kind(params) -> Critic:
+    """Which critic an actor-critic tree holds, read from its layout: "separate" when
+    `params["value"]` has its own trunk (`{"backbone", "head"}`), "shared" for a value head on the
+    policy's trunk (`{"head"}`).
+
+    Raises:
+      ValueError: params that are not `{"policy": ..., "value": {"head", ["backbone"]}}` (see
+        `init_actor_critic`).
+    """
+    value = params.get("value") if isinstance(params, Mapping) else None
+    if not isinstance(params, Mapping) or "policy" not in params or not isinstance(value, Mapping):
+        raise ValueError("PPO params must be {'policy': <transformer params>, 'value': {...}} (see init_actor_critic)")
+    if "head" not in value or set(value) - {"head", "backbone"}:
+        raise ValueError(
+            f"params['value'] must be {{'head'}} (shared critic) or {{'backbone', 'head'}} "
+            f"(separate critic), got keys {sorted(value)}"
+        )
+    return "separate" if "backbone" in value else "shared"
+
+
+def init_actor_critic(policy_params, value_params=None, *, config: TransformerConfig, rng: jax.Array):
+    """PPO's trainable params `{"policy": ..., "value": ...}` (one pytree, one optimizer, as TRL's
+    `PolicyAndValueWrapper`).
+
+    Args:
+      policy_params: transformer params of the policy (e.g. the SFT model; copy them first if the
+        same arrays are also the reference and the train step donates its state).
+      value_params: a separate critic `{"backbone", "head"}` (`init_scalar_model`, e.g. from the
+        trained reward model as InstructGPT does, §3.5); None: a fresh value head on the
+        policy's own trunk (the "shared" critic).
+      config: the policy's config (for the head's width).
+      rng: key of the fresh head.
+    """
+    if value_params is None:
+        value_params = {"head": init_scalar_head(config, rng)}
+    return {"policy": policy_params, "value": value_params}
+
+
+def actor_critic_logical_axes(
+    config: TransformerConfig, *, critic: Critic = "shared", value_config: TransformerConfig | None = None
+):
+    """Logical axis names of `init_actor_critic`'s tree (for `jaxalign.sharding.partition_specs`)."""
+    if critic == "shared":
+        value = {"head": scalar_head_logical_axes()}
+    else:
+        value = scalar_model_logical_axes(value_config or config)
+    return {"policy": param_logical_axes(config), "value": value}
+
+
+def actor_critic_shardings(
+    config: TransformerConfig,
+    mesh: Mesh,
+    *,
+    critic: Critic = "shared",
+    value_config: TransformerConfig | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+):
+    """`NamedSharding` tree of PPO's `{"policy", "value"}` on `mesh` (a value head on the policy
+    trunk for critic="shared", a `{"backbone", "head"}` critic of `value_config` otherwise)."""
+    logical = actor_critic_logical_axes(config, critic=critic, value_config=value_config)
+    return named_shardings(logical, _actor_critic_shapes(config, critic, value_config), mesh, rules)
+
+
+def _actor_critic_shapes(config, critic, value_config):
+    def build():
+        key = jax.random.key(0)
+        value = None if critic == "shared" else init_scalar_model(value_config or config, key)
+        return init_actor_critic(init_params(config, key), value, config=config, rng=key)
+
+    return jax.eval_shape(build)
+
+
+def scalar_model_shardings(config: TransformerConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """`NamedSharding` tree of a reward / value model `{"backbone", "head"}` (`init_scalar_model`)."""
+    shapes = jax.eval_shape(lambda: init_scalar_model(config, jax.random.key(0)))
+    return named_shardings(scalar_model_logical_axes(config), shapes, mesh, rules)
+
+
+def policy_and_values(
+    params,
+    config: TransformerConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    completion_tokens: jax.Array,
+    *,
+    value_config: TransformerConfig | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Policy logits and critic values at the N completion positions.
+
+    values[b, t] = V(s_t), the state before completion token t (the same hidden state the LM head
+    reads to predict token t; TRL's PPOTrainer aligns values and log-probs this way). The critic
+    is the one the tree holds (`critic_kind`): a value head on the policy trunk (one forward pass;
+    the value loss also trains the trunk) or its own trunk and forward pass.
+
+    Args:
+      params: `{"policy", "value"}` from `init_actor_critic`.
+      config: the policy's config; value_config: the separate critic's (default: config).
+      prompt_tokens, prompt_mask: [B, P] left-padded; completion_tokens: int32 [B, N].
+      dropout_rng: enables dropout in both.
+
+    Returns:
+      (logits [B, N, V] in config.dtype, values float32 [B, N]).
+
+    Raises:
+      ValueError: params that are not an actor-critic tree (`critic_kind`).
+    """
+    critic = critic_kind(params)
+    hidden = completion_hidden(
+        params["policy"], config, prompt_tokens, prompt_mask, completion_tokens, dropout_rng=dropout_rng
+    )  # [B,N,D]
+    logits = logits_from_hidden(params["policy"], config, hidden)  # [B,N,V]
+    if critic == "separate":
+        hidden = completion_hidden(
+            params["value"]["backbone"], value_config or config, prompt_tokens, prompt_mask,
+            completion_tokens, dropout_rng=dropout_rng,
+        )  # [B,N,D_critic]
+    return logits, apply_scalar_head(params["value"]["head"], hidden)
+
+
+def reward_model_scorer(
+    reward_params, reward_config: TransformerConfig, *, pool: Literal["last", "mean"] = "last"
+) -> Callable[..., jax.Array]:
+    """A jit-compiled `score_fn(prompt_tokens, prompt_mask, completion_tokens, completion_mask)
+    -> float32 [B]`: the reward model's score of [prompt; completion] (at the last completion
+    token, EOS included, for pool="last"). Tokens after EOS (mask 0) are not attended to."""
+
+    @jax.jit
+    def score_fn(prompt_tokens, prompt_mask, completion_tokens, completion_mask):
+        tokens = jnp.concatenate([prompt_tokens, completion_tokens], axis=1)  # [B,P+N]
+        real = jnp.concatenate([prompt_mask, completion_mask], axis=1)  # [B,P+N]
+        pool_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], axis=1)
+        return sequence_scores(
+            reward_params, reward_config, tokens, pool_mask, prompt_positions(real), pool=pool
+        )  # [B]
+
+    return score_fn
+
+
+__all__ = [
+    "Critic",
+    "actor_critic_logical_axes",
+    "actor_critic_shardings",
+    "completion_hidden",
+    "completion_logps",
+    "completion_logps_fn",
+    "critic_kind",
+    "init_actor_critic",
+    "policy_and_values",
+    "reward_model_scorer",
+    "scalar_model_shardings",
+]

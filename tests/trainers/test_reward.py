@@ -62,3 +62,33 @@ def test_reward_model_learns_a_preference_and_eval_counts_only_real_pairs():
     assert after["accuracy"] >= 0.95 and after["margin"] > 10 * abs(before["margin"]), (before, after)
     assert after["loss"] < 0.1 and before["loss"] > 0.5
     assert float(metrics["accuracy"]) >= 0.8
+
+
+def test_lora_reward_step_trains_adapters_and_the_head_only():
+    """The one step builder wraps the reward model in LoRA like every trainer: the state's params
+    are the adapters plus a full copy of the head (`LoraConfig.trainable`), the base is the
+    step's argument and never moves, and the loss falls."""
+    from jaxalign.lora import LoraConfig, apply_lora, init_lora
+
+    base = init_scalar_model(CONFIG, jax.random.key(0))
+    base_before = jax.tree.map(np.array, base)
+    lora = LoraConfig(rank=4, targets=("all",), trainable=("^head/",))
+    adapters = init_lora(base, lora, jax.random.key(1))
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=2e-3, total_steps=20, weight_decay=0.0))
+    step = make_reward_step(CONFIG, tx, schedule, lora=lora)
+    state = create_train_state(adapters, tx, 0)
+    batch = COLLATE(pairs(16, 0))
+    losses = []
+    for _ in range(8):
+        state, m = step(state, batch, base)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.05, losses
+    for got, before in zip(jax.tree.leaves(base), jax.tree.leaves(base_before)):
+        np.testing.assert_array_equal(got, before)
+    assert not np.array_equal(state.params["head"]["kernel"], base_before["head"]["kernel"])
+    # the step's loss is the full-model loss of the effective params
+    trained = jax.tree.map(np.array, state.params)
+    _, m = step(state, batch, base)  # donates the state
+    chosen, rejected = pair_scores(apply_lora(base, trained, lora), CONFIG, batch)
+    want = float(np.mean(-jax.nn.log_sigmoid(np.asarray(chosen) - np.asarray(rejected))))
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)  # two programs, a 16-term mean: 84 ulps

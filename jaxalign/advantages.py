@@ -45,6 +45,9 @@ def gae(
 
     Returns:
       (advantages [B, T], returns [B, T]), float32.
+
+    Raises:
+      AssertionError: (chex) rewards not rank 2, or values / mask of another shape.
     """
     chex.assert_rank(rewards, 2)
     chex.assert_equal_shape((rewards, values, mask))
@@ -86,6 +89,7 @@ def kl_penalty(
       float32 [B, T] (apply the mask yourself).
 
     Raises:
+      AssertionError: (chex) logps and ref_logps of different shapes.
       ValueError: unknown kind.
     """
     chex.assert_equal_shape((logps, ref_logps))
@@ -124,6 +128,7 @@ def group_advantages(
       float32 [B·G].
 
     Raises:
+      AssertionError: (chex) rewards not rank 1.
       ValueError: G < 2, a length not divisible by G, or an unknown scale.
     """
     chex.assert_rank(rewards, 1)
@@ -183,6 +188,9 @@ def ppo_token_rewards(
     Returns:
       (rewards float32 [B, T], kl float32 [B, T]), both 0 where mask is 0. An all-zero mask row
       gets no score.
+
+    Raises:
+      AssertionError: (chex) scores not rank 1, or logps / ref_logps / mask of different shapes.
     """
     chex.assert_rank(scores, 1)
     chex.assert_equal_shape((logps, ref_logps, mask))
@@ -202,6 +210,9 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
 
     Returns:
       float32 scalar (NaN when the returns have zero variance).
+
+    Raises:
+      AssertionError: (chex) values, returns and mask of different shapes.
     """
     chex.assert_equal_shape((values, returns, mask))
     returns = select(mask, returns.astype(jnp.float32))

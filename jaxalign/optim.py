@@ -2,8 +2,11 @@
 
 Gradient accumulation is `optax.MultiSteps`, which averages the micro-batch gradients (each a
 micro-batch mean); with unequal token counts per micro-batch that is a mean of means, the same
-convention as TRL before its gradient-accumulation fix. Trainers that need an exact token mean
-feed `loss_sum`/`num_tokens` instead (see `jaxalign.losses.sft_loss`).
+convention as TRL before its gradient-accumulation fix. No trainer here corrects for it: give
+micro-batches equal token counts (fixed-length buckets) when the exact token mean matters.
+`sft_loss` reports `loss_sum` and `num_tokens` so that evaluation (`make_sft_eval_step`) can form
+the exact token mean over batches. Accumulation is configured here only
+(`OptimConfig.grad_accum_steps`); the train step reads the update count from the optimizer state.
 """
 
 from __future__ import annotations

@@ -3,7 +3,11 @@
 Every variant is a function of the implicit-reward logit
 `h = (log π(y_w|x) - log π(y_l|x)) - (log π_ref(y_w|x) - log π_ref(y_l|x))`
 computed from summed completion log-probs (IPO: length-averaged ones, as TRL passes them).
-Numbers match TRL's `DPOTrainer.dpo_loss` for loss_type in {"sigmoid", "ipo", "hinge", "robust"}.
+The four losses follow the formulas of TRL's `DPOTrainer.dpo_loss` for loss_type in {"sigmoid",
+"ipo", "hinge", "robust"}, checked against an independent float64 NumPy transcription of them
+(tests/losses/test_dpo.py), not against a running TRL. Sigmoid with label_smoothing ε > 0 is the
+conservative DPO of Mitchell 2023 ("A note on DPO with noisy preferences"); current TRL no longer
+offers it under loss_type "sigmoid", so no TRL parity is claimed for that case.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from jaxalign.ops import masked_mean, select
 
 def _sigmoid(h: jax.Array, beta: float, eps: float) -> jax.Array:
     # DPO, Rafailov et al. 2023 (arXiv 2305.18290) Eq. 7; with ε > 0 the conservative DPO
-    # label-smoothing of Mitchell 2023 (TRL "sigmoid" with label_smoothing).
+    # label-smoothing of Mitchell 2023 (cDPO; older TRL's "sigmoid" with label_smoothing).
     return -jax.nn.log_sigmoid(beta * h) * (1 - eps) - jax.nn.log_sigmoid(-beta * h) * eps
 
 
@@ -68,8 +72,9 @@ def dpo_loss(
       robust:  ((1-ε)·(-log σ(β h)) + ε·log σ(-β h)) / (1 - 2ε)   (rDPO, arXiv 2403.00409)
       hinge:   max(0, 1 - β h)                                    (SLiC-HF, arXiv 2305.10425)
       ipo:     (h - 1/(2β))²                                      (IPO, arXiv 2310.12036, Eq. 17)
-    and the loss is their mean over the pairs selected by `where`. These equal TRL's
-    `DPOTrainer.dpo_loss` for the same loss_type. Log-probs are *summed* over completion tokens,
+    and the loss is their mean over the pairs selected by `where`. The formulas are those of TRL's
+    `DPOTrainer.dpo_loss` for the same loss_type at ε = 0 (see the module docstring for what
+    was checked, and for ε > 0). Log-probs are *summed* over completion tokens,
     except for IPO, where TRL (and the IPO paper's token-level view) pass the length-averaged
     log-prob: compute them with `sequence_logps(..., average=True)`.
 

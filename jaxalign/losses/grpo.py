@@ -131,8 +131,10 @@ def grpo_loss(
       ρ > 1 + ε_high).
 
     Raises:
+      AssertionError: (chex) logps not rank 2, old_logps / mask of another shape, or advantages
+        not [B].
       ValueError: unknown loss_agg / importance_level, beta > 0 without ref_logps,
-        "seq_mean_token_sum_norm" without max_length, or shapes that disagree.
+        "seq_mean_token_sum_norm" without max_length.
     """
     chex.assert_rank(logps, 2)
     chex.assert_equal_shape((logps, old_logps, mask))

@@ -69,7 +69,11 @@ def scalar_model_logical_axes(config: TransformerConfig) -> Params:
 
 
 def apply_scalar_head(head: Params, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] (any float dtype) -> float32 scores [...] = hidden · kernel + bias."""
+    """hidden [..., D] (any float dtype) -> float32 scores [...] = hidden · kernel + bias.
+
+    Raises:
+      AssertionError: (chex) a kernel that is not [D].
+    """
     chex.assert_shape(head["kernel"], (hidden.shape[-1],))
     return hidden.astype(jnp.float32) @ head["kernel"].astype(jnp.float32) + head["bias"]
 
@@ -108,6 +112,7 @@ def pool_scores(
       float32 [B] (0 for an all-zero mask row under "mean").
 
     Raises:
+      AssertionError: (chex) scores and mask of different shapes.
       ValueError: unknown pool.
     """
     chex.assert_equal_shape((scores, mask))

@@ -1,33 +1,39 @@
 """What the GRPO experiments share: their common flags and the optimiser/step/loop set-up.
 
 Each experiment (grpo_arithmetic, grpo_gsm8k, grpo_stories) subclasses `GRPOConfig` with its own
-data and model flags and defaults, then calls `train_grpo` with its prompts, reward and
+data and model flags and defaults, then calls `grpo_before_after` with its prompts, reward and
 evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from experiments._common import RunDir
-from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
-from jaxalign.data import Tokenizer
-from jaxalign.metrics import MetricsWriter, plot_metrics
-from jaxalign.models import TransformerConfig
-from jaxalign.optim import OptimConfig, make_optimizer
+import jaxalign.data as jd
+from experiments._common import RunDir, log_once, resume_or_start, trend
+from jaxalign import (
+    MetricsWriter,
+    OptimConfig,
+    TrainState,
+    TransformerConfig,
+    create_train_state,
+    grpo_loop,
+    make_grpo_step,
+    make_optimizer,
+    plot_metrics,
+)
 from jaxalign.rewards import RewardFn
-from jaxalign.trainers import TrainState, create_train_state, make_grpo_step
-from jaxalign.trainers.rl_loop import PromptsAt, grpo_loop
+from jaxalign.trainers.rl_loop import PromptsAt
 
-# The rollout reward of training is reported as the mean over this fraction of the first and of
-# the last iterations (one iteration's mean is noisy).
-_TREND_FRACTION = 0.2
+log = logging.getLogger("experiments")
 
 
 @dataclasses.dataclass
@@ -73,7 +79,7 @@ def train_grpo(
     prompts_at: PromptsAt,
     *,
     reward_fn: RewardFn,
-    tokenizer: Tokenizer,
+    tokenizer: jd.Tokenizer,
     max_new_tokens: int,
     writer: MetricsWriter,
     eval_fn=None,
@@ -97,12 +103,10 @@ def train_grpo(
         config, tx, schedule, beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
         loss_agg=cfg.loss_agg, importance_level=cfg.importance_level, max_length=max_new_tokens,
     )
-    state = create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed + 1)
-    checkpoints = make_checkpoint_manager(
-        cfg.output_dir / "checkpoints" / "grpo", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+    checkpoints, state = resume_or_start(
+        cfg.output_dir / "checkpoints" / "grpo", create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed + 1),
+        resume=cfg.resume, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
     )
-    if cfg.resume and (restored := restore_checkpoint(checkpoints, state)) is not None:
-        state = restored
     t0 = time.perf_counter()
     state, summary = grpo_loop(
         step, state, prompts_at, config=config, num_iterations=cfg.grpo_iterations,
@@ -118,18 +122,76 @@ def train_grpo(
 
 def training_figures(result: dict[str, Any]) -> dict[str, float]:
     """`train_grpo`'s summary as the figures every GRPO experiment reports: the mean rollout
-    reward over the first and the last 20% of iterations, and the time spent."""
-    rewards = result["reward_mean"]
-    k = max(1, int(len(rewards) * _TREND_FRACTION))
+    reward over the first and the last 20% of iterations (`trend`), and the time spent."""
     return {
-        "train_reward_first": float(sum(rewards[:k]) / k),
-        "train_reward_last": float(sum(rewards[-k:]) / k),
+        **trend("train_reward", result["reward_mean"]),
         **{name: result[name] for name in ("grpo_seconds", "rollout_seconds", "update_seconds")},
     }
 
 
-def write_outputs(run_dir: RunDir, metrics_path: Path, summary: dict, curves, *, title: str) -> dict:
-    """`grpo.png` (the `(stage, metric)` curves of `metrics.jsonl`) and `summary.json`; returns
-    the summary as written."""
-    plot_metrics(metrics_path, run_dir.path / "grpo.png", curves, title=title)
+class BeforeAfter(NamedTuple):
+    """What `grpo_before_after` measured.
+
+    Attributes:
+      before, after: the evaluation's figures for the start and the trained policy.
+      before_extra, after_extra: what the evaluation returned beside them (samples, texts).
+      training: `training_figures` of the run.
+    """
+
+    before: dict[str, float]
+    after: dict[str, float]
+    before_extra: Any
+    after_extra: Any
+    training: dict[str, float]
+
+
+def grpo_before_after(
+    cfg: GRPOConfig,
+    config: TransformerConfig,
+    params,
+    prompts_at: PromptsAt,
+    *,
+    evaluate: Callable[[Any], tuple[dict[str, float], Any]],
+    reward_fn: RewardFn,
+    tokenizer: jd.Tokenizer,
+    max_new_tokens: int,
+    writer: MetricsWriter,
+    eval_during: bool,
+    reuse_final_eval: bool = False,
+) -> BeforeAfter:
+    """Evaluates `params`, trains them with GRPO (`train_grpo`), evaluates the result; both
+    evaluations are logged (once) as "grpo_eval" records at iterations 0 and --grpo-iterations.
+
+    Args:
+      evaluate: `evaluate(params) -> (figures, extra)`, figures a dict of floats.
+      eval_during: also evaluate every --eval-every iterations (and at the end) inside the loop.
+      reuse_final_eval: the loop's final evaluation is the "after" figures (no extra needed), so
+        it is not computed again; it is when the run was resumed past its end.
+      The rest: as `train_grpo`.
+
+    Returns:
+      `BeforeAfter` (before/after figures and extras, `training_figures`).
+    """
+    before, before_extra = evaluate(params)
+    log.info("before GRPO: %s", before)
+    log_once(writer, 0, before, stage="grpo_eval")
+    state, result = train_grpo(
+        cfg, config, params, prompts_at, reward_fn=reward_fn, tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens, writer=writer,
+        eval_fn=(lambda p: evaluate(p)[0]) if eval_during else None,
+    )
+    if reuse_final_eval and result["final_eval"]:
+        after, after_extra = result["final_eval"], None
+    else:
+        after, after_extra = evaluate(state.params)
+    log.info("after GRPO: %s", after)
+    log_once(writer, cfg.grpo_iterations, after, stage="grpo_eval")
+    return BeforeAfter(before, after, before_extra, after_extra, training_figures(result))
+
+
+def write_outputs(run_dir: RunDir, writer: MetricsWriter, summary: dict, curves, *, title: str) -> dict:
+    """Closes `writer`, plots `grpo.png` (the `(stage, metric)` curves of `metrics.jsonl`) and
+    writes `summary.json`; returns the summary as written."""
+    writer.close()
+    plot_metrics(writer.path, run_dir.path / "grpo.png", curves, title=title)
     return run_dir.write_summary(summary)

@@ -25,11 +25,14 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.decoding import generate
-from jaxalign.logprobs import token_logps
-from jaxalign.models import TransformerConfig, forward, load_pretrained
-
-_STORIES = Path(__file__).resolve().parents[1].parent / "shared/data/models/stories260K"
+from experiments._common import (
+    STORIES260K_MODEL,
+    STORIES260K_TOKENIZER,
+    decode_with_prompt,
+    format_table,
+    load_model_and_tokenizer,
+)
+from jaxalign import TransformerConfig, forward, generate, token_logps
 
 # Written for this check in the style of TinyStories (not taken from the training set).
 DEFAULT_SENTENCES = (
@@ -44,9 +47,9 @@ DEFAULT_SENTENCES = (
 class Config:
     """Generate text and report NLL of sentences vs. shuffled words."""
 
-    model: str = str(_STORIES / "stories260K.bin")
+    model: str = STORIES260K_MODEL
     """llama2.c .bin file, Hugging Face checkpoint directory, or (online) hub id."""
-    tokenizer: str = str(_STORIES / "tok512.model")
+    tokenizer: str = STORIES260K_TOKENIZER
     """SentencePiece .model, .tiktoken ranks file, 'gpt2' (online) or 'bytes'."""
     prompt: tuple[str, ...] = ("",)
     """Prompts (batched, left-padded); "" starts from BOS alone."""
@@ -88,10 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         context is M (config.max_seq_len of --model) ...", before any generation).
     """
     cfg = tyro.cli(Config, args=argv)
-    config, params = load_pretrained(cfg.model)
-    tokenizer = jd.load_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids, --model only {config.vocab_size}")
+    config, params, tokenizer = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
 
     tokens, mask = jd.collate_prompts(cfg.prompt, tokenizer)
     if tokens.shape[1] >= config.max_seq_len:  # else max_new below would be <= 0
@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts = []
     for i in range(len(cfg.prompt)):
         n = int(gen.lengths[i])
-        prompt_ids = tokens[i][mask[i] > 0].tolist()
-        completion = [t for t in np.asarray(gen.tokens[i, :n]).tolist() if t != tokenizer.eos_id]
-        # decode prompt and completion together: SentencePiece drops a leading space otherwise
-        texts.append(tokenizer.decode(prompt_ids + completion))
+        texts.append(decode_with_prompt(tokenizer, tokens[i], mask[i], gen.tokens[i], n))
         print(f"--- sample {i} ({n} tokens, mean model log-prob {float(gen.model_logps[i, :n].mean()):.3f})")
         print(texts[-1])
 
@@ -122,10 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         shuffled = shuffle_words(sentence, cfg.seed + j)
         rows.append((mean_nll(params, config, tokenizer, sentence), mean_nll(params, config, tokenizer, shuffled)))
     nll = np.array(rows)
-    print(f"\n{'sentence':<10}{'NLL (nats/token)':>18}{'shuffled words':>18}")
-    for j, (a, b) in enumerate(rows):
-        print(f"{j:<10}{a:>18.3f}{b:>18.3f}")
-    print(f"{'mean':<10}{nll[:, 0].mean():>18.3f}{nll[:, 1].mean():>18.3f}")
+    table = [(j, a, b) for j, (a, b) in enumerate(rows)] + [("mean", nll[:, 0].mean(), nll[:, 1].mean())]
+    print("\n" + format_table("sentence", ("NLL (nats/token)", "shuffled words"), table, widths=(10, 18, 18)))
     result = {
         "samples": texts,
         "nll": nll[:, 0].tolist(),

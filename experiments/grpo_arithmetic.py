@@ -25,16 +25,20 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
+from experiments._common import RunDir, before_after, draw_at, format_table, resume_or_start
+from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
+from jaxalign import (
+    OptimConfig,
+    create_train_state,
+    evaluate_policy,
+    exact_match_reward,
+    get_config,
+    init_params,
+    make_optimizer,
+    make_sft_step,
+    train_loop,
+)
 from jaxalign.metrics import setup_logging
-from jaxalign.models import get_config, init_params
-from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.rewards import exact_match_reward
-from jaxalign.trainers import create_train_state, make_sft_step, train_loop
-from jaxalign.trainers.rl_loop import evaluate_policy
-
-from experiments._common import RunDir, draw_at, log_once
-from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_arithmetic")
 
@@ -80,6 +84,24 @@ def evaluate(params, config, tokenizer, problems, *, max_new_tokens: int, temper
     return float(scored.rewards.mean())
 
 
+def sft_stage(cfg: Config, config, params, tokenizer: jd.Tokenizer, train, writer, *, optim: OptimConfig, max_len: int):
+    """The cold start: SFT on the correct answers of `train`; returns the SFT model's params
+    (resumable from checkpoints/sft, saved once at the end)."""
+    examples = [jd.tokenize_prompt_completion(tokenizer, p, a, max_length=max_len) for p, a in train]
+    collate = functools.partial(jd.collate_sft, batch_size=cfg.batch_size, buckets=(16, 32), pad_id=tokenizer.pad_id)
+    stream = jd.BatchStream(examples, cfg.batch_size, cfg.seed, collate)
+    tx, schedule = make_optimizer(optim)
+    checkpoints, state = resume_or_start(
+        cfg.output_dir / "checkpoints" / "sft", create_train_state(params, tx, cfg.seed),
+        resume=cfg.resume, save_every=cfg.sft_steps, keep=1,
+    )
+    state, _ = train_loop(
+        make_sft_step(config, tx, schedule), state, stream.batch_at, num_steps=cfg.sft_steps,
+        stage="sft", writer=writer, log_every=10, progress=cfg.progress, checkpoints=checkpoints,
+    )
+    return state.params
+
+
 def run(cfg: Config) -> dict:
     """Runs both stages; returns (and writes) the summary."""
     run_dir = RunDir.open(cfg)
@@ -92,64 +114,36 @@ def run(cfg: Config) -> dict:
     max_len = 2 * cfg.digits + 2 + max_new
     config = get_config(cfg.model, vocab_size=tokenizer.vocab_size, max_seq_len=max(32, max_len))
     params = init_params(config, jax.random.key(cfg.seed))
+    # a bad --sft-steps is refused before anything is written
+    sft_optim = OptimConfig(learning_rate=cfg.sft_lr, warmup_steps=10, total_steps=cfg.sft_steps)
     writer = run_dir.begin()
+    sft_params = sft_stage(cfg, config, params, tokenizer, train, writer, optim=sft_optim, max_len=max_len)
 
-    # --- cold-start SFT on correct answers
-    examples = [jd.tokenize_prompt_completion(tokenizer, p, a, max_length=max_len) for p, a in train]
-    collate = functools.partial(jd.collate_sft, batch_size=cfg.batch_size, buckets=(16, 32), pad_id=tokenizer.pad_id)
-    stream = jd.BatchStream(examples, cfg.batch_size, cfg.seed, collate)
-    tx, schedule = make_optimizer(OptimConfig(learning_rate=cfg.sft_lr, warmup_steps=10, total_steps=cfg.sft_steps))
-    state = create_train_state(params, tx, cfg.seed)
-    sft_checkpoints = make_checkpoint_manager(
-        cfg.output_dir / "checkpoints" / "sft", save_every=cfg.sft_steps, keep=1
-    )
-    if cfg.resume and (restored := restore_checkpoint(sft_checkpoints, state)) is not None:
-        state = restored
-    state, _ = train_loop(
-        make_sft_step(config, tx, schedule), state, stream.batch_at, num_steps=cfg.sft_steps,
-        stage="sft", writer=writer, log_every=10, progress=cfg.progress, checkpoints=sft_checkpoints,
-    )
-    sft_params = state.params
-
-    def held_out_accuracy(p) -> dict[str, float]:
-        return {
+    def held_out_accuracy(p) -> tuple[dict[str, float], None]:
+        figures = {
             "accuracy_greedy": evaluate(p, config, tokenizer, held_out, max_new_tokens=max_new),
             "accuracy_sampled": evaluate(
                 p, config, tokenizer, held_out, max_new_tokens=max_new, temperature=cfg.temperature,
                 samples=cfg.eval_samples, seed=cfg.seed,
             ),
         }
+        log.info("held-out %s", figures)
+        return figures, None
 
-    acc_sft = held_out_accuracy(sft_params)
-    log.info("held-out accuracy after SFT: %s", acc_sft)
-    log_once(writer, 0, acc_sft, stage="grpo_eval")
-
-    # --- GRPO against the exact-match reward, the SFT model as reference
     def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
         chosen = draw_at(cfg.seed + 3, it, len(train), cfg.prompts_per_iteration)
         batch = [train[i] for i in chosen]
         tokens, mask = jd.collate_prompts([p for p, _ in batch], tokenizer)
         return tokens, mask, {"answers": [a for _, a in batch]}
 
-    def eval_fn(p):
-        acc = held_out_accuracy(p)
-        log.info("held-out %s", acc)
-        return acc
-
-    grpo_state, result = train_grpo(
-        cfg, config, sft_params, prompts_at, reward_fn=exact_match_reward, tokenizer=tokenizer,
-        max_new_tokens=max_new, writer=writer, eval_fn=eval_fn,
+    # GRPO against the exact-match reward, the SFT model as reference
+    grpo = grpo_before_after(
+        cfg, config, sft_params, prompts_at, evaluate=held_out_accuracy, reward_fn=exact_match_reward,
+        tokenizer=tokenizer, max_new_tokens=max_new, writer=writer, eval_during=True, reuse_final_eval=True,
     )
-    final = result["final_eval"] or held_out_accuracy(grpo_state.params)  # {} when resumed at the end
-    log_once(writer, cfg.grpo_iterations, final, stage="grpo_eval")
-    writer.close()
-    summary = {
-        **{f"heldout_{k}_sft": v for k, v in acc_sft.items()},
-        **{f"heldout_{k}_grpo": v for k, v in final.items()},
-        **training_figures(result),
-    }
+    summary = {**before_after(grpo.before, grpo.after, prefix="heldout_", labels=("sft", "grpo")), **grpo.training}
     return write_outputs(
-        run_dir, writer.path, summary,
+        run_dir, writer, summary,
         [("grpo", "reward_mean"), ("grpo_eval", "accuracy_sampled"), ("grpo_eval", "accuracy_greedy"), ("grpo", "kl")],
         title="GRPO on addition",
     )
@@ -159,11 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI entry point."""
     setup_logging()
     summary = run(tyro.cli(Config, args=argv))
-    print(f"{'held-out accuracy':<36}{'after SFT':>10}{'after GRPO':>12}")
-    for kind in ("sampled", "greedy"):
-        a, b = summary[f"heldout_accuracy_{kind}_sft"], summary[f"heldout_accuracy_{kind}_grpo"]
-        print(f"{'  ' + kind:<36}{a:>10.3f}{b:>12.3f}")
-    print(f"{'train reward, first/last 20% iters':<36}{summary['train_reward_first']:>8.3f} -> {summary['train_reward_last']:.3f}")
+    rows = [("  " + kind, summary[f"heldout_accuracy_{kind}_sft"], summary[f"heldout_accuracy_{kind}_grpo"])
+            for kind in ("sampled", "greedy")]
+    rows.append(("train reward, first/last 20% iters",
+                 f"{summary['train_reward_first']:>8.3f} -> {summary['train_reward_last']:.3f}"))
+    print(format_table("held-out accuracy", ("after SFT", "after GRPO"), rows, widths=(36, 10, 12)))
     return summary
 
 

@@ -41,18 +41,23 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
+from experiments._common import (
+    SHARED_DATA,
+    STORIES260K_MODEL,
+    STORIES260K_TOKENIZER,
+    RunDir,
+    before_after,
+    check_context,
+    draw_at,
+    format_table,
+    load_model,
+)
+from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
+from jaxalign import evaluate_policy, exact_match_reward, format_reward, get_config, init_params, weighted_sum
 from jaxalign.metrics import dumps, setup_logging
-from jaxalign.models import PRESETS, get_config, init_params, load_pretrained
-from jaxalign.rewards import exact_match_reward, format_reward, weighted_sum
-from jaxalign.trainers.rl_loop import evaluate_policy
-
-from experiments._common import RunDir, draw_at, log_once
-from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
+from jaxalign.models import PRESETS
 
 log = logging.getLogger("grpo_gsm8k")
-
-_DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
-_STORIES = _DATA / "models/stories260K"
 
 
 @dataclasses.dataclass
@@ -60,12 +65,12 @@ class Config(GRPOConfig):
     """GRPO on GSM8K: R1-Zero prompt template, accuracy + format reward."""
 
     output_dir: Path = Path("runs/grpo_gsm8k")
-    train_data: str = str(_DATA / "gsm8k/train.jsonl")
-    test_data: str = str(_DATA / "gsm8k/test.jsonl")
-    model: str = str(_STORIES / "stories260K.bin")
+    train_data: str = str(SHARED_DATA / "gsm8k/train.jsonl")
+    test_data: str = str(SHARED_DATA / "gsm8k/test.jsonl")
+    model: str = STORIES260K_MODEL
     """A model preset (random init, e.g. gpt2-tiny), a llama2.c .bin, a Hugging Face checkpoint
     directory or (online) hub id."""
-    tokenizer: str = str(_STORIES / "tok512.model")
+    tokenizer: str = STORIES260K_TOKENIZER
     """SentencePiece .model, .tiktoken ranks file, 'gpt2' (online) or 'bytes'."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype (parameters stay float32)."""
@@ -92,20 +97,21 @@ def gsm8k_reward(*, accuracy_weight: float = 1.0, format_weight: float = 0.2):
 
 
 def load_policy(cfg: Config, tokenizer: jd.Tokenizer):
-    """(config, params): a preset initialised at random, or pretrained weights."""
+    """(config, params): a preset initialised at random, or pretrained weights.
+
+    Raises:
+      ValueError: a tokenizer with more ids than the pretrained model's vocabulary, or a prompt
+        and completion longer than its context.
+    """
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     length = cfg.max_prompt_length + cfg.max_new_tokens
     if cfg.model in PRESETS:
         config = get_config(cfg.model, vocab_size=tokenizer.vocab_size, max_seq_len=length, dtype=dtype)
         return config, init_params(config, jax.random.key(cfg.seed))
-    config, params = load_pretrained(cfg.model, dtype=dtype)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids, --model only {config.vocab_size}")
-    if length > config.max_seq_len:
-        raise ValueError(
-            f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens} "
-            f"exceeds the model's max_seq_len {config.max_seq_len}"
-        )
+    config, params = load_model(cfg.model, tokenizer, tokenizer_spec=cfg.tokenizer, dtype=dtype)
+    check_context(config, length, model=cfg.model, flags=(
+        f"--max-prompt-length {cfg.max_prompt_length} + --max-new-tokens {cfg.max_new_tokens}"
+    ))
     return config, params
 
 
@@ -125,14 +131,12 @@ def collate(rows: list[dict], tokenizer: jd.Tokenizer, buckets) -> tuple[np.ndar
     return jd.collate_prompts([r["prompt"] for r in rows], tokenizer, length=width)
 
 
-def run(cfg: Config) -> dict:
-    """Loads data and model, evaluates, runs GRPO, evaluates; returns (and writes) the summary."""
-    run_dir = RunDir.open(cfg)
-    if (done := run_dir.finished_summary()) is not None:
-        return done
-    tokenizer = jd.load_tokenizer(cfg.tokenizer)
-    config, params = load_policy(cfg, tokenizer)
-    buckets = jd.default_buckets(cfg.max_prompt_length, min_bucket=64)
+def load_problems(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[list[dict], list[dict]]:
+    """(train, test): the problems of --train-data / --test-data that fit --max-prompt-length.
+
+    Raises:
+      ValueError: fewer training problems fit than --prompts-per-iteration, or no test problem.
+    """
     train_set, test_set = jd.load_gsm8k(cfg.train_data), jd.load_gsm8k(cfg.test_data)
     train = fitting_rows(train_set, tokenizer, cfg.max_prompt_length, cfg.train_problems)
     test = fitting_rows(test_set, tokenizer, cfg.max_prompt_length, cfg.eval_problems)
@@ -141,10 +145,14 @@ def run(cfg: Config) -> dict:
     if len(train) < cfg.prompts_per_iteration or not test:
         raise ValueError(f"too few problems fit --max-prompt-length {cfg.max_prompt_length}: "
                          f"{len(train)} train, {len(test)} test")
-    reward_fn = gsm8k_reward(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight)
+    return train, test
+
+
+def make_evaluate(cfg: Config, config, tokenizer: jd.Tokenizer, test: list[dict], reward_fn, buckets):
+    """`evaluate(params) -> (figures, samples)`: greedy accuracy, format rate and reward on the
+    held-out `test` problems, and each problem's completion."""
 
     def evaluate(p) -> tuple[dict[str, float], list[dict]]:
-        """Greedy accuracy and format rate on the held-out test problems."""
         completions, rewards = [], []
         for start in range(0, len(test), cfg.eval_batch_size):
             chunk = test[start : start + cfg.eval_batch_size]
@@ -163,10 +171,20 @@ def run(cfg: Config) -> dict:
         return {"accuracy": float(accuracy.mean()), "format": float(format_reward(completions).mean()),
                 "reward": float(np.concatenate(rewards).mean())}, samples
 
+    return evaluate
+
+
+def run(cfg: Config) -> dict:
+    """Loads data and model, evaluates, runs GRPO, evaluates; returns (and writes) the summary."""
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
+    tokenizer = jd.load_tokenizer(cfg.tokenizer)
+    config, params = load_policy(cfg, tokenizer)
+    buckets = jd.default_buckets(cfg.max_prompt_length, min_bucket=64)
+    train, test = load_problems(cfg, tokenizer)
+    reward_fn = gsm8k_reward(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight)
     writer = run_dir.begin()
-    before, _ = evaluate(params)
-    log.info("before GRPO: %s", before)
-    log_once(writer, 0, before, stage="grpo_eval")
 
     def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
         chosen = draw_at(cfg.seed + 3, it, len(train), cfg.prompts_per_iteration)
@@ -174,26 +192,21 @@ def run(cfg: Config) -> dict:
         tokens, mask = collate(batch, tokenizer, buckets)
         return tokens, mask, {"answers": [r["answer"] for r in batch]}
 
-    state, result = train_grpo(
-        cfg, config, params, prompts_at, reward_fn=reward_fn, tokenizer=tokenizer,
-        max_new_tokens=cfg.max_new_tokens, writer=writer,
-        eval_fn=(lambda p: evaluate(p)[0]) if cfg.eval_every else None,
+    grpo = grpo_before_after(
+        cfg, config, params, prompts_at, evaluate=make_evaluate(cfg, config, tokenizer, test, reward_fn, buckets),
+        reward_fn=reward_fn, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens, writer=writer,
+        eval_during=bool(cfg.eval_every),
     )
-    after, samples = evaluate(state.params)
-    log.info("after GRPO: %s", after)
-    log_once(writer, cfg.grpo_iterations, after, stage="grpo_eval")
-    writer.close()
     with (cfg.output_dir / "samples.jsonl").open("w") as f:
-        f.writelines(dumps(s) + "\n" for s in samples)
+        f.writelines(dumps(s) + "\n" for s in grpo.after_extra)
     summary = {
-        **{f"test_{name}_before": v for name, v in before.items()},
-        **{f"test_{name}_after": v for name, v in after.items()},
+        **before_after(grpo.before, grpo.after, prefix="test_"),
         "train_problems": len(train),
         "test_problems": len(test),
-        **training_figures(result),
+        **grpo.training,
     }
     return write_outputs(
-        run_dir, writer.path, summary,
+        run_dir, writer, summary,
         [("grpo", "reward_mean"), ("grpo_eval", "accuracy"), ("grpo_eval", "format"), ("grpo", "kl")],
         title="GRPO on GSM8K",
     )
@@ -203,10 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: runs and prints the before/after table."""
     setup_logging()
     summary = run(tyro.cli(Config, args=argv))
-    print(f"{'GSM8K test (' + str(summary['test_problems']) + ' problems, greedy)':<40}{'before':>10}{'after':>10}")
-    for name in ("accuracy", "format", "reward"):
-        print(f"{'  ' + name:<40}{summary[f'test_{name}_before']:>10.3f}{summary[f'test_{name}_after']:>10.3f}")
-    print(f"{'train reward, first/last 20% iters':<40}{summary['train_reward_first']:>10.3f}{summary['train_reward_last']:>10.3f}")
+    rows = [("  " + name, summary[f"test_{name}_before"], summary[f"test_{name}_after"])
+            for name in ("accuracy", "format", "reward")]
+    rows.append(("train reward, first/last 20% iters", summary["train_reward_first"], summary["train_reward_last"]))
+    print(format_table(f"GSM8K test ({summary['test_problems']} problems, greedy)", ("before", "after"), rows,
+                       widths=(40, 10, 10)))
     return summary
 
 

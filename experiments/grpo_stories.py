@@ -37,21 +37,24 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tyro
 
 import jaxalign.data as jd
+from experiments._common import (
+    STORIES260K_MODEL,
+    STORIES260K_TOKENIZER,
+    RunDir,
+    before_after,
+    decode_with_prompt,
+    draw_at,
+    format_table,
+    load_model_and_tokenizer,
+)
+from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
+from jaxalign import evaluate_policy, keyword_reward
 from jaxalign.metrics import setup_logging
-from jaxalign.models import load_pretrained
-from jaxalign.rewards import keyword_reward
-from jaxalign.trainers.rl_loop import evaluate_policy
-
-from experiments._common import RunDir, draw_at, log_once
-from experiments._grpo import GRPOConfig, train_grpo, training_figures, write_outputs
 
 log = logging.getLogger("grpo_stories")
-
-_STORIES = Path(__file__).resolve().parents[1].parent / "shared/data/models/stories260K"
 
 # Story openings in the style of TinyStories, written for this experiment.
 TRAIN_OPENINGS = (
@@ -89,9 +92,9 @@ class Config(GRPOConfig):
     """GRPO of stories260K toward mentioning a target word, with a KL term to the start model."""
 
     output_dir: Path = Path("runs/grpo_stories")
-    model: str = str(_STORIES / "stories260K.bin")
+    model: str = STORIES260K_MODEL
     """llama2.c .bin file or Hugging Face checkpoint directory (`load_pretrained`)."""
-    tokenizer: str = str(_STORIES / "tok512.model")
+    tokenizer: str = STORIES260K_TOKENIZER
     """SentencePiece .model, .tiktoken ranks file, 'gpt2' (online) or 'bytes'."""
     keywords: tuple[str, ...] = ("dog", "dogs")
     """The reward's target words (whole words, any case)."""
@@ -112,23 +115,11 @@ class Config(GRPOConfig):
     eval_every: int = 0
 
 
-def run(cfg: Config) -> dict:
-    """GRPO from the pretrained model; returns (and writes) the before/after summary."""
-    run_dir = RunDir.open(cfg)
-    if (done := run_dir.finished_summary()) is not None:
-        return done
-    config, params = load_pretrained(cfg.model)
-    tokenizer = jd.load_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"--tokenizer has {tokenizer.vocab_size} ids, --model only {config.vocab_size}")
-
-    def reward_fn(completions, **_):
-        return keyword_reward(completions, keywords=cfg.keywords, cap=cfg.cap)
-
-    # one prompt width for rollouts and evaluation: generation and log-probs compile once
-    width = jd.collate_prompts(TRAIN_OPENINGS + HELD_OUT_OPENINGS, tokenizer)[0].shape[1]
+def make_evaluate(cfg: Config, config, tokenizer: jd.Tokenizer, reward_fn, *, width: int, ref_params):
+    """`evaluate(params) -> (figures, texts)` on the held-out openings: the mean reward, KL to
+    `ref_params` and completion length of --eval-samples draws per opening at the rollout
+    temperature, and the first draw's text of the first --num-sample-texts openings."""
     held_tokens, held_mask = jd.collate_prompts(HELD_OUT_OPENINGS, tokenizer, length=width)
-    ref_params = jax.tree.map(jnp.copy, params)  # the start model, for the reported KL
 
     def evaluate(p) -> tuple[dict[str, float], list[str]]:
         scored = evaluate_policy(
@@ -137,13 +128,11 @@ def run(cfg: Config) -> dict:
             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=cfg.temperature,
             top_p=cfg.top_p, samples=cfg.eval_samples, ref_params=ref_params,
         )
-        texts = []
-        for i in range(min(cfg.num_sample_texts, len(HELD_OUT_OPENINGS))):
-            row, n = i * cfg.eval_samples, int(scored.lengths[i * cfg.eval_samples])
-            prompt_ids = held_tokens[i][held_mask[i] > 0].tolist()
-            completion = [t for t in scored.tokens[row, :n].tolist() if t != tokenizer.eos_id]
-            # decode prompt and completion together: SentencePiece drops a leading space otherwise
-            texts.append(tokenizer.decode(prompt_ids + completion))
+        rows = [i * cfg.eval_samples for i in range(min(cfg.num_sample_texts, len(HELD_OUT_OPENINGS)))]
+        texts = [
+            decode_with_prompt(tokenizer, held_tokens[i], held_mask[i], scored.tokens[row], int(scored.lengths[row]))
+            for i, row in enumerate(rows)
+        ]
         figures = {
             "reward": float(scored.rewards.mean()),
             "kl": float(scored.kl.mean()),
@@ -151,34 +140,48 @@ def run(cfg: Config) -> dict:
         }
         return figures, texts
 
+    return evaluate
+
+
+def make_reward(cfg: Config):
+    """`reward(completions) = keyword_reward(completions, keywords=--keywords, cap=--cap)`."""
+
+    def reward_fn(completions, **_):
+        return keyword_reward(completions, keywords=cfg.keywords, cap=cfg.cap)
+
+    return reward_fn
+
+
+def run(cfg: Config) -> dict:
+    """GRPO from the pretrained model; returns (and writes) the before/after summary."""
+    run_dir = RunDir.open(cfg)
+    if (done := run_dir.finished_summary()) is not None:
+        return done
+    config, params, tokenizer = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
+    # one prompt width for rollouts and evaluation: generation and log-probs compile once
+    width = jd.collate_prompts(TRAIN_OPENINGS + HELD_OUT_OPENINGS, tokenizer)[0].shape[1]
+    reward_fn = make_reward(cfg)
+    ref_params = jax.tree.map(jnp.copy, params)  # the start model, for the reported KL
+    evaluate = make_evaluate(cfg, config, tokenizer, reward_fn, width=width, ref_params=ref_params)
     writer = run_dir.begin()
-    before, texts_before = evaluate(params)
-    log.info("before GRPO: %s", before)
-    log_once(writer, 0, before, stage="grpo_eval")
 
     def prompts_at(it):  # a pure function of (seed, iteration): a resumed run draws the same
         chosen = draw_at(cfg.seed + 3, it, len(TRAIN_OPENINGS), cfg.prompts_per_iteration)
         tokens, mask = jd.collate_prompts([TRAIN_OPENINGS[i] for i in chosen], tokenizer, length=width)
         return tokens, mask, {}
 
-    state, result = train_grpo(
-        cfg, config, params, prompts_at, reward_fn=reward_fn, tokenizer=tokenizer,
-        max_new_tokens=cfg.max_new_tokens, writer=writer,
-        eval_fn=(lambda p: evaluate(p)[0]) if cfg.eval_every else None,
+    grpo = grpo_before_after(
+        cfg, config, params, prompts_at, evaluate=evaluate, reward_fn=reward_fn, tokenizer=tokenizer,
+        max_new_tokens=cfg.max_new_tokens, writer=writer, eval_during=bool(cfg.eval_every),
     )
-    after, texts_after = evaluate(state.params)
-    log.info("after GRPO: %s", after)
-    log_once(writer, cfg.grpo_iterations, after, stage="grpo_eval")
-    writer.close()
     summary = {
-        **{f"{name}_before": v for name, v in before.items()},
-        **{f"{name}_after": v for name, v in after.items()},
-        **training_figures(result),
-        "samples_before": texts_before,
-        "samples_after": texts_after,
+        **before_after(grpo.before, grpo.after),
+        **grpo.training,
+        "samples_before": grpo.before_extra,
+        "samples_after": grpo.after_extra,
     }
     return write_outputs(
-        run_dir, writer.path, summary,
+        run_dir, writer, summary,
         [("grpo", "reward_mean"), ("grpo", "kl"), ("grpo", "completion_length")],
         title=f"GRPO of stories260K toward {'/'.join(cfg.keywords)!r}",
     )
@@ -188,11 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
     """CLI entry point: runs, prints the before/after table and sample texts."""
     setup_logging()
     summary = run(tyro.cli(Config, args=argv))
-    print(f"{'held-out openings':<40}{'before':>10}{'after':>10}")
-    print(f"{'  reward (mentions target word)':<40}{summary['reward_before']:>10.3f}{summary['reward_after']:>10.3f}")
-    print(f"{'  KL(policy || start model), nats':<40}{summary['kl_before']:>10.3f}{summary['kl_after']:>10.3f}")
-    print(f"{'  completion length, tokens':<40}{summary['completion_length_before']:>10.1f}{summary['completion_length_after']:>10.1f}")
-    print(f"{'train reward, first/last 20% iters':<40}{summary['train_reward_first']:>10.3f}{summary['train_reward_last']:>10.3f}")
+    print(format_table("held-out openings", ("before", "after"), [
+        ("  reward (mentions target word)", summary["reward_before"], summary["reward_after"]),
+        ("  KL(policy || start model), nats", summary["kl_before"], summary["kl_after"]),
+        ("  completion length, tokens",
+         format(summary["completion_length_before"], ".1f"), format(summary["completion_length_after"], ".1f")),
+        ("train reward, first/last 20% iters", summary["train_reward_first"], summary["train_reward_last"]),
+    ], widths=(40, 10, 10)))
     for name in ("before", "after"):
         print(f"\n--- samples {name}")
         for text in summary[f"samples_{name}"]:

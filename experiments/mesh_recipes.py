@@ -15,9 +15,9 @@ import dataclasses
 import jax.numpy as jnp
 import tyro
 
-from jaxalign.models import TransformerConfig, get_config, num_params
+from jaxalign import MeshConfig, TransformerConfig, get_config, num_params, per_device_memory
 from jaxalign.models.config import RopeScaling
-from jaxalign.sharding import MeshConfig, abstract_mesh, per_device_memory
+from jaxalign.sharding import abstract_mesh
 
 GIB = 2**30
 HBM_GIB = {"TPU v5e": 16.0, "H100": 80.0}  # per chip / GPU (v5e: 16 GB HBM2; H100 SXM: 80 GB)

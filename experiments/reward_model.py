@@ -28,27 +28,15 @@ from pathlib import Path
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from experiments._common import RunDir
-from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
-from jaxalign.metrics import plot_metrics, setup_logging
-from jaxalign.models import get_config, init_scalar_model, load_pretrained
-from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.trainers import (
-    create_train_state,
-    evaluate_reward_model,
-    make_reward_eval_step,
-    make_reward_step,
-    train_loop,
-)
+from experiments._common import SHARED_DATA, RunDir, format_table, load_model, train_reward_model
+from jaxalign import OptimConfig, get_config, init_scalar_model, plot_metrics
+from jaxalign.metrics import setup_logging
 
 log = logging.getLogger("reward_model")
-
-_SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 
 
 @dataclasses.dataclass
@@ -56,9 +44,9 @@ class Config:
     """Train a Bradley–Terry reward model on preference pairs and report held-out accuracy."""
 
     output_dir: Path = Path("runs/reward_model")
-    data: str = str(_SHARED / "hh-rlhf/harmless-base-test.jsonl.gz")
+    data: str = str(SHARED_DATA / "hh-rlhf/harmless-base-test.jsonl.gz")
     """Preference file or hub id (any format `load_preference_dataset` accepts)."""
-    tokenizer: str = str(_SHARED / "tokenizers/gpt2/gpt2.tiktoken")
+    tokenizer: str = str(SHARED_DATA / "tokenizers/gpt2/gpt2.tiktoken")
     init: str | None = None
     """Pretrained trunk (HF directory, llama2.c .bin or hub id); default: from scratch."""
     model: str = "gpt2-mini"
@@ -83,6 +71,30 @@ class Config:
     progress: bool = True
 
 
+def load_pairs(cfg: Config, tok: jd.Tokenizer) -> tuple[list, list, float]:
+    """(train, held-out) PreferenceExamples of --data (split with --seed), and the held-out
+    accuracy of the "shorter reply wins" rule."""
+    dataset = jd.load_preference_dataset(cfg.data)
+    if cfg.max_examples is not None:
+        dataset = dataset.select(range(min(cfg.max_examples, len(dataset))))
+    train_rows, val_rows = jd.train_val_split(dataset, cfg.val_fraction, seed=cfg.seed, source=cfg.data)
+    train = jd.tokenize_preference(train_rows, tok, max_length=cfg.max_length)
+    val = jd.tokenize_preference(val_rows, tok, max_length=cfg.max_length)
+    shorter_wins = float(np.mean([len(c) < len(r) for c, r in zip(val_rows["chosen"], val_rows["rejected"])]))
+    return train, val, shorter_wins
+
+
+def build_model(cfg: Config, tok: jd.Tokenizer):
+    """(config, params) of the scalar model: the --init trunk (checked against the tokenizer) or
+    a from-scratch --model preset, with a fresh head."""
+    if cfg.init is None:
+        config = get_config(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.max_length)
+        backbone = None
+    else:
+        config, backbone = load_model(cfg.init, tok, tokenizer_spec=cfg.tokenizer, model_flag="--init")
+    return config, init_scalar_model(config, jax.random.key(cfg.seed), backbone)
+
+
 def run(cfg: Config) -> dict:
     """Trains the reward model; returns (and writes) the summary."""
     t_start = time.perf_counter()
@@ -92,48 +104,19 @@ def run(cfg: Config) -> dict:
     # every input is validated before the model is built (OptimConfig refuses a bad warm-up)
     optim = OptimConfig(learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
     tok = jd.load_tokenizer(cfg.tokenizer)
-    dataset = jd.load_preference_dataset(cfg.data)
-    if cfg.max_examples is not None:
-        dataset = dataset.select(range(min(cfg.max_examples, len(dataset))))
-    train_rows, val_rows = jd.train_val_split(dataset, cfg.val_fraction, seed=cfg.seed, source=cfg.data)
-    train = jd.tokenize_preference(train_rows, tok, max_length=cfg.max_length)
-    val = jd.tokenize_preference(val_rows, tok, max_length=cfg.max_length)
-    shorter_wins = float(np.mean([len(c) < len(r) for c, r in zip(val_rows["chosen"], val_rows["rejected"])]))
-
-    if cfg.init is None:
-        config = get_config(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.max_length)
-        backbone = None
-    else:
-        config, backbone = load_pretrained(cfg.init)
-        if config.vocab_size < tok.vocab_size:
-            raise ValueError(f"--tokenizer has {tok.vocab_size} tokens but --init's model only {config.vocab_size}")
-    params = init_scalar_model(config, jax.random.key(cfg.seed), backbone)
-    buckets = jd.default_buckets(cfg.max_length)
-    collate = functools.partial(jd.collate_preference, batch_size=cfg.batch_size, buckets=buckets, pad_id=tok.pad_id)
-    stream = jd.BatchStream(train, cfg.batch_size, cfg.seed, collate)
-    tx, schedule = make_optimizer(optim)
-    state = create_train_state(params, tx, cfg.seed)
-    checkpoints = make_checkpoint_manager(
-        cfg.output_dir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+    train, val, shorter_wins = load_pairs(cfg, tok)
+    config, params = build_model(cfg, tok)
+    collate = functools.partial(
+        jd.collate_preference, batch_size=cfg.batch_size, buckets=jd.default_buckets(cfg.max_length), pad_id=tok.pad_id
     )
-    step = make_reward_step(config, tx, schedule, pool=cfg.pool, center_coef=cfg.center_coef)
-    eval_step = make_reward_eval_step(config, pool=cfg.pool)
-
-    def evaluate(p) -> dict[str, float]:
-        return evaluate_reward_model(eval_step, p, jd.eval_batches(val, batch_size=cfg.batch_size, collate=collate))
-
     writer = run_dir.begin()
-    before = evaluate(state.params)  # the initial model: recomputed identically on --resume
-    if cfg.resume and (restored := restore_checkpoint(checkpoints, state)) is not None:
-        state = restored
-    log.info("%d train / %d held-out pairs; held-out accuracy at init %.3f", len(train), len(val), before["accuracy"])
-    state, loop = train_loop(
-        step, state, stream.batch_at, num_steps=cfg.steps, stage="reward_model", writer=writer,
-        eval_fn=evaluate, eval_every=cfg.eval_every, log_every=10, progress=cfg.progress,
-        checkpoints=checkpoints, initial_eval=before,
+    _, before, after, loop = train_reward_model(
+        config, params, train, val, optim=optim, collate=collate, batch_size=cfg.batch_size, seed=cfg.seed,
+        writer=writer, checkpoint_dir=cfg.output_dir / "checkpoints", checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints, resume=cfg.resume, num_steps=cfg.steps, log_every=10,
+        eval_every=cfg.eval_every, progress=cfg.progress, pool=cfg.pool, center_coef=cfg.center_coef,
     )
     writer.close()
-    after = loop["final_eval"] or evaluate(state.params)
     summary = {
         "train_pairs": len(train),
         "heldout_pairs": int(after["pairs"]),
@@ -160,10 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     s = run(tyro.cli(Config, args=argv))
     print(f"{s['train_pairs']} train pairs, {s['heldout_pairs']} held-out pairs")
-    print(f"{'held-out':<30}{'before':>10}{'after':>10}")
-    print(f"{'  pairwise accuracy':<30}{s['heldout_accuracy_before']:>10.3f}{s['heldout_accuracy_after']:>10.3f}")
-    print(f"{'  loss (nats/pair)':<30}{s['heldout_loss_before']:>10.3f}{s['heldout_loss_after']:>10.3f}")
-    print(f"{'  shorter-reply-wins rule':<30}{s['shorter_reply_wins_accuracy']:>10.3f}")
+    print(format_table("held-out", ("before", "after"), [
+        ("  pairwise accuracy", s["heldout_accuracy_before"], s["heldout_accuracy_after"]),
+        ("  loss (nats/pair)", s["heldout_loss_before"], s["heldout_loss_after"]),
+        ("  shorter-reply-wins rule", s["shorter_reply_wins_accuracy"]),
+    ], widths=(30, 10, 10)))
     return s
 
 

@@ -39,26 +39,37 @@ import numpy as np
 import tyro
 
 import jaxalign.data as jd
-from experiments._common import RunDir, log_once
-from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
-from jaxalign.metrics import plot_metrics, read_metrics, setup_logging
-from jaxalign.models import init_scalar_model, load_pretrained
-from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.rewards import keyword_reward, weighted_sum
-from jaxalign.rollout import decode_completions, init_actor_critic, reward_model_scorer
-from jaxalign.trainers import (
-    create_train_state,
-    evaluate_reward_model,
-    make_ppo_step,
-    make_reward_eval_step,
-    make_reward_step,
-    train_loop,
+from experiments._common import (
+    STORIES260K_MODEL,
+    STORIES260K_TOKENIZER,
+    RunDir,
+    before_after,
+    format_table,
+    load_model_and_tokenizer,
+    log_once,
+    resume_or_start,
+    train_reward_model,
+    trend,
 )
-from jaxalign.trainers.rl_loop import PolicySamples, PPOState, evaluate_policy, ppo_loop
+from jaxalign import (
+    OptimConfig,
+    create_train_state,
+    evaluate_policy,
+    init_actor_critic,
+    init_scalar_model,
+    keyword_reward,
+    make_optimizer,
+    make_ppo_step,
+    plot_metrics,
+    read_metrics,
+    reward_model_scorer,
+    weighted_sum,
+)
+from jaxalign.metrics import setup_logging
+from jaxalign.rollout import decode_completions
+from jaxalign.trainers.rl_loop import PolicySamples, PPOState, ppo_loop
 
 log = logging.getLogger("rlhf_stories")
-
-_STORIES = Path(__file__).resolve().parents[1].parent / "shared/data/models/stories260K"
 
 POSITIVE = ("happy", "happily", "love", "loved", "loves", "fun", "smile", "smiled", "smiles", "nice",
             "kind", "friend", "friends", "laugh", "laughed", "beautiful", "great", "best", "glad",
@@ -100,9 +111,9 @@ class Config:
     """Policy (stories260K) -> reward model on gold-ranked samples -> PPO."""
 
     output_dir: Path = Path("runs/rlhf_stories")
-    model: str = str(_STORIES / "stories260K.bin")
+    model: str = STORIES260K_MODEL
     """llama2.c .bin or Hugging Face Llama directory: the SFT policy and reference."""
-    tokenizer: str = str(_STORIES / "tok512.model")
+    tokenizer: str = STORIES260K_TOKENIZER
     seed: int = 0
     max_new_tokens: int = 48
     eval_prompts: int = 32
@@ -243,24 +254,12 @@ def reward_model_stage(cfg, config, tok, sft_params, prompts, optim, writer, rng
     width = 8 * -(-max(len(s.tokens) for p in train_pairs + val_pairs for s in p) // 8)
     collate = functools.partial(jd.collate_preference, batch_size=cfg.rm_batch, buckets=(width,), pad_id=tok.pad_id)
     rng, key = jax.random.split(rng)
-    tx, schedule = make_optimizer(optim)
-    state = create_train_state(init_scalar_model(config, key, jax.tree.map(jnp.copy, sft_params)), tx, cfg.seed)
-    eval_step = make_reward_eval_step(config)
-
-    def rm_eval(p) -> dict:
-        return evaluate_reward_model(eval_step, p, jd.eval_batches(val_pairs, batch_size=cfg.rm_batch, collate=collate))
-
-    before = rm_eval(state.params)
-    manager = make_checkpoint_manager(cfg.output_dir / "checkpoints" / "reward_model", save_every=cfg.checkpoint_every, keep=2)
-    if cfg.resume and (restored := restore_checkpoint(manager, state)) is not None:
-        state = restored
-    state, loop = train_loop(
-        make_reward_step(config, tx, schedule), state, jd.BatchStream(train_pairs, cfg.rm_batch, cfg.seed, collate).batch_at,
-        num_steps=cfg.rm_steps, stage="reward_model", writer=writer, eval_fn=rm_eval, log_every=25,
-        checkpoints=manager, progress=cfg.progress, initial_eval=before,
+    state, before, after, _ = train_reward_model(
+        config, init_scalar_model(config, key, jax.tree.map(jnp.copy, sft_params)), train_pairs, val_pairs,
+        optim=optim, collate=collate, batch_size=cfg.rm_batch, seed=cfg.seed, writer=writer,
+        checkpoint_dir=cfg.output_dir / "checkpoints" / "reward_model", checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=2, resume=cfg.resume, num_steps=cfg.rm_steps, log_every=25, progress=cfg.progress,
     )
-    after = loop["final_eval"] or rm_eval(state.params)
-    log.info("reward model held-out pairwise accuracy %.3f -> %.3f", before["accuracy"], after["accuracy"])
     return state.params, rng, {
         "rm_train_pairs": len(train_pairs),
         "rm_heldout_pairs": int(after["pairs"]),
@@ -270,12 +269,9 @@ def reward_model_stage(cfg, config, tok, sft_params, prompts, optim, writer, rng
     }
 
 
-def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, rng) -> tuple[dict, dict]:
-    """Stage 3: PPO against the RM (critic from the RM, InstructGPT §3.5), adaptive β, measured on
-    held-out prompts with gold, RM score and KL. Returns (figures, sample texts); resumable from
-    checkpoints/ppo."""
-    held_out, train_prompts, _, _ = prompts
-    score_fn = reward_model_scorer(rm_params, config)
+def make_policy_eval(cfg: Config, config, tok, held_out: list[str], sft_params, score_fn):
+    """`policy_eval(policy) -> (figures, texts)` on the held-out prompts: the mean gold, RM score,
+    KL to the SFT model and length of --eval-samples samples per prompt, and 3 sample texts."""
 
     def policy_eval(policy) -> tuple[dict, list[str]]:
         s, prompt_tokens, prompt_mask = sample(
@@ -292,18 +288,35 @@ def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, r
         return {"gold": float(s.rewards.mean()), "rm_score": float(np.mean(rm)), "kl": float(s.kl.mean()),
                 "length": float(s.lengths.mean())}, texts
 
-    before, samples_before = policy_eval(sft_params)
-    log.info("before PPO: %s", before)
-    log_once(writer, 0, before, stage="ppo_eval")
-    rng, key = jax.random.split(rng)
+    return policy_eval
+
+
+def ppo_setup(cfg: Config, config, sft_params, rm_params, optim: OptimConfig, key: jax.Array):
+    """PPO's (step, manager, initial or restored PPOState): the policy from the SFT model, the
+    critic from the RM (InstructGPT §3.5) or a value head on the policy trunk, β = --kl-coef."""
     critic = jax.tree.map(jnp.copy, rm_params) if cfg.critic == "separate" else None  # InstructGPT: V from the RM
     params = init_actor_critic(jax.tree.map(jnp.copy, sft_params), critic, config=config, rng=key)
     tx, schedule = make_optimizer(optim)
     step = make_ppo_step(config, tx, schedule, critic=cfg.critic, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
     state = PPOState(create_train_state(params, tx, cfg.seed + 1), jnp.float32(cfg.kl_coef))
-    manager = make_checkpoint_manager(cfg.output_dir / "checkpoints" / "ppo", save_every=cfg.checkpoint_every, keep=2)
-    if cfg.resume and (restored := restore_checkpoint(manager, state)) is not None:
-        state = restored
+    manager, state = resume_or_start(
+        cfg.output_dir / "checkpoints" / "ppo", state, resume=cfg.resume, save_every=cfg.checkpoint_every, keep=2
+    )
+    return step, manager, state
+
+
+def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, rng) -> tuple[dict, dict]:
+    """Stage 3: PPO against the RM (critic from the RM, InstructGPT §3.5), adaptive β, measured on
+    held-out prompts with gold, RM score and KL. Returns (figures, sample texts); resumable from
+    checkpoints/ppo."""
+    held_out, train_prompts, _, _ = prompts
+    score_fn = reward_model_scorer(rm_params, config)
+    policy_eval = make_policy_eval(cfg, config, tok, held_out, sft_params, score_fn)
+    before, samples_before = policy_eval(sft_params)
+    log.info("before PPO: %s", before)
+    log_once(writer, 0, before, stage="ppo_eval")
+    rng, key = jax.random.split(rng)
+    step, manager, state = ppo_setup(cfg, config, sft_params, rm_params, optim, key)
 
     def prompts_at(it):  # a pure function of (seed, iteration)
         idx = np.random.default_rng(cfg.seed + it).choice(len(train_prompts), cfg.ppo_batch, replace=False)
@@ -325,20 +338,13 @@ def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, r
     after, samples_after = policy_eval(state.train.params["policy"])
     log_once(writer, cfg.ppo_iterations, after, stage="ppo_eval")
     golds = [r["gold"] for r in read_metrics(writer.path) if r["stage"] == "ppo"]
-    k = max(1, len(golds) // 5)
     return {
-        **{f"{key}_before": v for key, v in before.items()},
-        **{f"{key}_after": v for key, v in after.items()},
-        **trend("train_rm_score", loop["score"], k),
-        **trend("train_gold", golds, k),
+        **before_after(before, after),
+        **trend("train_rm_score", loop["score"]),
+        **trend("train_gold", golds),
         "final_kl_coef": float(state.kl_coef),
         "ppo_seconds": loop["rollout_seconds"] + loop["update_seconds"],
     }, {"samples_before": samples_before, "samples_after": samples_after}
-
-
-def trend(name: str, values: list[float], k: int) -> dict[str, float]:
-    """`{name}_first` / `{name}_last`: the means of the first and last k values."""
-    return {f"{name}_first": float(np.mean(values[:k])), f"{name}_last": float(np.mean(values[-k:]))}
 
 
 def run(cfg: Config) -> dict:
@@ -348,8 +354,7 @@ def run(cfg: Config) -> dict:
     if (done := run_dir.finished_summary()) is not None:
         return done
     rm_optim, ppo_optim = _optim_configs(cfg)  # bad step counts are refused before any sampling
-    tok = jd.load_tokenizer(cfg.tokenizer)
-    config, sft_params = load_pretrained(cfg.model)
+    config, sft_params, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
     prompts = _prompt_split(cfg)
     writer = run_dir.begin()
     rng = jax.random.key(cfg.seed)  # one key chain through both stages
@@ -373,9 +378,9 @@ def main(argv: list[str] | None = None) -> dict:
     s = run(tyro.cli(Config, args=argv))
     print(f"reward model: {s['rm_train_pairs']} train pairs, held-out pairwise accuracy vs gold "
           f"{s['rm_heldout_accuracy_before']:.3f} -> {s['rm_heldout_accuracy']:.3f} ({s['rm_heldout_pairs']} pairs)")
-    print(f"{'held-out prompts':<24}{'before PPO':>12}{'after PPO':>12}")
-    for key in ("gold", "rm_score", "kl", "length"):
-        print(f"{'  ' + key:<24}{s[key + '_before']:>12.3f}{s[key + '_after']:>12.3f}")
+    print(format_table("held-out prompts", ("before PPO", "after PPO"),
+                       [("  " + key, s[key + "_before"], s[key + "_after"]) for key in ("gold", "rm_score", "kl", "length")],
+                       widths=(24, 12, 12)))
     for label in ("before", "after"):
         print(f"samples {label}:")
         for text in s[f"samples_{label}"]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,34 +45,32 @@ import optax
 import tyro
 
 import jaxalign.data as jd
-from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint
-from jaxalign.lora import (
+from experiments._common import RunDir, before_after, check_context, format_table, load_model, resume_or_start, trend
+from jaxalign import (
     LoraConfig,
-    apply_lora,
-    init_lora,
-    lora_targets,
-    make_lora_optimizer,
-    merge_lora,
-)
-from experiments._common import RunDir
-from jaxalign.metrics import plot_metrics, read_metrics, setup_logging
-from jaxalign.models import (
+    OptimConfig,
     TransformerConfig,
+    apply_lora,
+    create_train_state,
     get_config,
+    init_lora,
     init_params,
     load_hf_checkpoint,
-    num_params,
-)
-from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.trainers import (
-    create_train_state,
     make_dpo_step,
-    make_pair_logps_fn,
+    make_lora_optimizer,
+    make_optimizer,
     make_sft_eval_step,
     make_sft_step,
+    merge_lora,
+    num_params,
+    plot_metrics,
+    read_metrics,
     reference_logps,
     train_loop,
 )
+from jaxalign.lora import lora_targets
+from jaxalign.metrics import setup_logging
+from jaxalign.trainers import make_pair_logps_fn
 
 log = logging.getLogger("sft_dpo")
 
@@ -161,10 +158,14 @@ def _split(ds: datasets.Dataset, cfg: Config, source: str) -> tuple[datasets.Dat
     return jd.train_val_split(ds, cfg.val_fraction, seed=cfg.seed, source=source)
 
 
+def tokenizer_spec(cfg: Config) -> str:
+    """--tokenizer, or its default: bytes, or gpt2 with --init."""
+    return cfg.tokenizer or ("gpt2" if cfg.init else "bytes")
+
+
 def load_data(cfg: Config) -> Data:
     """Loads, validates, splits and tokenises both data sets (errors name file, row, field)."""
-    spec = cfg.tokenizer or ("gpt2" if cfg.init else "bytes")
-    tokenizer = jd.load_tokenizer(spec)
+    tokenizer = jd.load_tokenizer(tokenizer_spec(cfg))
     if cfg.pref_data is None:
         pref = jd.sorting_task(cfg.synthetic_examples, seed=cfg.seed)
     else:
@@ -187,14 +188,13 @@ def build_model(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[TransformerConfig
     """Loads --init or initialises the --model preset sized to the tokenizer and --max-length."""
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     if cfg.init is not None:
-        config, params = load_hf_checkpoint(cfg.init, dtype=dtype, dropout=cfg.dropout)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(
-                f"--tokenizer has {tokenizer.vocab_size} ids but --init {cfg.init} has a "
-                f"vocabulary of {config.vocab_size}"
-            )
-        if cfg.max_length > config.max_seq_len:
-            raise ValueError(f"--max-length {cfg.max_length} > the model's {config.max_seq_len}")
+        config, params = load_model(
+            cfg.init, tokenizer, tokenizer_spec=tokenizer_spec(cfg), model_flag="--init", loader=load_hf_checkpoint,
+            dtype=dtype, dropout=cfg.dropout,
+        )
+        check_context(
+            config, cfg.max_length, flags=f"--max-length {cfg.max_length}", model=cfg.init, model_flag="--init"
+        )
         return config, params
     preset = get_config(cfg.model)
     config = preset.replace(
@@ -269,23 +269,14 @@ def _optim(cfg: Config, lr: float, steps: int) -> OptimConfig:
     )
 
 
-def _resume_or_fresh(manager, fresh_state, cfg: Config, stage: str):
-    """The latest checkpoint of `stage` on --resume, else `fresh_state` (`train_loop` drops the
-    records a killed run logged after it)."""
-    restored = restore_checkpoint(manager, fresh_state) if cfg.resume else None
-    if restored is None:
-        return fresh_state
-    log.info("%s: resumed from step %d", stage, int(restored.step))
-    return restored
+def _train_values(path: Path, stage: str, key: str) -> list[float]:
+    """`key` of a stage's logged training records, in order."""
+    return [r[key] for r in read_metrics(path) if r["stage"] == stage and key in r]
 
 
-def _train_metric(path: Path, stage: str, key: str, last_fraction: float = 0.2) -> float:
-    """Mean of `key` over the last `last_fraction` of a stage's logged training records."""
-    values = [r[key] for r in read_metrics(path) if r["stage"] == stage and key in r]
-    if not values:
-        return float("nan")
-    tail = values[-max(1, math.ceil(len(values) * last_fraction)) :]
-    return float(np.mean(tail))
+def _train_last(path: Path, stage: str, key: str) -> float:
+    """Mean of `key` over the last 20% (rounded up) of a stage's logged training records."""
+    return trend(key, _train_values(path, stage, key), round_up=True)[f"{key}_last"]
 
 
 def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path, lora=None) -> tuple[dict, dict]:
@@ -315,11 +306,10 @@ def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path, lora=None) 
     step = make_sft_step(
         config, train.tx, train.schedule, grad_accum_steps=cfg.grad_accum_steps, lora=lora
     )
-    manager = make_checkpoint_manager(
-        ckpt_dir / "sft", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+    manager, state = resume_or_start(
+        ckpt_dir / "sft", create_train_state(train.params, train.tx, cfg.seed),
+        resume=cfg.resume, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
     )
-    fresh = create_train_state(train.params, train.tx, cfg.seed)
-    state = _resume_or_fresh(manager, fresh, cfg, "sft")
     state, loop = train_loop(
         step, state, stream.batch_at, num_steps=cfg.sft_steps, stage="sft", writer=writer,
         extra_args=train.extra_args, eval_fn=lambda p: evaluate(train.to_model(p)),
@@ -328,12 +318,11 @@ def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path, lora=None) 
     )
     trained = state.params if lora is None else merge_lora(params, state.params, lora)
     after = loop["final_eval"] or evaluate(trained)
-    records = [r for r in read_metrics(writer.path) if r["stage"] == "sft"]
+    losses = _train_values(writer.path, "sft", "loss")
     figures = {
-        "sft_val_loss_before": before["val_loss"],
-        "sft_val_loss_after": after["val_loss"],
-        "sft_train_loss_first": records[0]["loss"] if records else float("nan"),
-        "sft_train_loss_last": _train_metric(writer.path, "sft", "loss"),
+        **before_after(before, after, prefix="sft_"),
+        "sft_train_loss_first": losses[0] if losses else float("nan"),
+        "sft_train_loss_last": _train_last(writer.path, "sft", "loss"),
         "sft_tokens_per_s": loop["tokens_per_s"],
         "trainable_params": _count(state.params),
     }
@@ -399,11 +388,10 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
         config, train.tx, train.schedule, beta=cfg.beta, loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing, grad_accum_steps=cfg.grad_accum_steps, lora=lora,
     )
-    manager = make_checkpoint_manager(
-        ckpt_dir / "dpo", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints
+    manager, state = resume_or_start(
+        ckpt_dir / "dpo", create_train_state(train.params, train.tx, cfg.seed + 1),
+        resume=cfg.resume, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
     )
-    fresh = create_train_state(train.params, train.tx, cfg.seed + 1)
-    state = _resume_or_fresh(manager, fresh, cfg, "dpo")
     state, loop = train_loop(
         step, state, stream.batch_at, num_steps=cfg.dpo_steps, stage="dpo", writer=writer,
         extra_args=extra_args, eval_fn=lambda p: evaluate(train.to_model(p)),
@@ -412,15 +400,14 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
     )
     after = loop["final_eval"] or evaluate(train.to_model(state.params))
     return {
-        **{f"dpo_{k}_before": v for k, v in before.items()},
-        **{f"dpo_{k}_after": v for k, v in after.items()},
-        "dpo_train_reward_accuracy_last": _train_metric(writer.path, "dpo", "reward_accuracy"),
-        "dpo_train_reward_margin_last": _train_metric(writer.path, "dpo", "reward_margin"),
+        **before_after(before, after, prefix="dpo_"),
+        "dpo_train_reward_accuracy_last": _train_last(writer.path, "dpo", "reward_accuracy"),
+        "dpo_train_reward_margin_last": _train_last(writer.path, "dpo", "reward_margin"),
         "dpo_tokens_per_s": loop["tokens_per_s"],
     }
 
 
-def format_table(summary: dict) -> str:
+def summary_table(summary: dict) -> str:
     """The before/after table the script prints."""
     rows = [
         ("SFT val loss (nats/token)", "sft_val_loss_before", "sft_val_loss_after"),
@@ -428,18 +415,15 @@ def format_table(summary: dict) -> str:
         ("DPO val reward margin", "dpo_val_reward_margin_before", "dpo_val_reward_margin_after"),
         ("DPO val logp(chosen) > logp(rejected)", "dpo_val_logp_accuracy_before", "dpo_val_logp_accuracy_after"),
     ]
-    def fmt(value, spec: str) -> str:  # null in summary.json: a figure that was not finite
-        return "n/a" if value is None else format(value, spec)
-
-    lines = [f"{'metric':<40}{'before':>12}{'after':>12}", "-" * 64]
-    lines += [f"{name:<40}{fmt(summary[a], '>12.4f'):>12}{fmt(summary[b], '>12.4f'):>12}" for name, a, b in rows]
-    lines += [
-        f"{'SFT train tokens/s':<40}{fmt(summary['sft_tokens_per_s'], '>24.0f'):>24}",
-        f"{'DPO train tokens/s':<40}{fmt(summary['dpo_tokens_per_s'], '>24.0f'):>24}",
-        f"{'trainable params / model params':<40}"
-        f"{summary['trainable_params']:>12,}{summary['model_params']:>12,}",
-    ]
-    return "\n".join(lines)
+    table = [(name, summary[a], summary[b]) for name, a, b in rows]
+    for stage in ("sft", "dpo"):  # one figure across both columns
+        tokens_per_s = summary[f"{stage}_tokens_per_s"]
+        figure = "n/a" if tokens_per_s is None else format(tokens_per_s, ".0f")
+        table.append((f"{stage.upper()} train tokens/s", f"{figure:>24}"))
+    table.append(
+        ("trainable params / model params", f"{summary['trainable_params']:,}", f"{summary['model_params']:,}")
+    )
+    return format_table("metric", ("before", "after"), table, widths=(40, 12, 12), fmt=".4f", rule=True)
 
 
 def run(cfg: Config) -> dict:
@@ -491,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     cfg = tyro.cli(Config, args=argv)
     summary = run(cfg)
-    print(format_table(summary))
+    print(summary_table(summary))
     print(f"\nwrote {cfg.output_dir}/summary.json, metrics.jsonl, sft.png, dpo.png, checkpoints/")
     return summary
 

@@ -22,6 +22,7 @@ from experiments._common import RunDir, log_once, resume_or_start, trend
 from jaxalign import (
     MetricsWriter,
     OptimConfig,
+    SamplingConfig,
     TrainState,
     TransformerConfig,
     create_train_state,
@@ -113,10 +114,7 @@ def train_grpo(
         rng=jax.random.key(cfg.seed + 2), writer=writer, ref_params=ref_params,
         inner_steps=cfg.inner_steps, eval_fn=eval_fn, eval_every=cfg.eval_every,
         checkpoints=checkpoints, progress=cfg.progress, group_size=cfg.group_size,
-        reward_fn=reward_fn, decode=tokenizer.decode, max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=cfg.temperature,
-        top_p=cfg.top_p, scale=cfg.scale, filter_zero_variance=cfg.filter_zero_variance,
-    )
+        reward_fn=reward_fn, decode=tokenizer.decode, scale=cfg.scale, filter_zero_variance=cfg.filter_zero_variance, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),)
     return state, {**summary, "grpo_seconds": time.perf_counter() - t0}
 
 

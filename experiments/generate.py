@@ -32,7 +32,7 @@ from experiments._common import (
     format_table,
     load_model_and_tokenizer,
 )
-from jaxalign import TransformerConfig, forward, generate, token_logps
+from jaxalign import SamplingConfig, TransformerConfig, forward, generate, token_logps
 
 # Written for this check in the style of TinyStories (not taken from the training set).
 DEFAULT_SENTENCES = (
@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     max_new = min(cfg.max_new_tokens, config.max_seq_len - tokens.shape[1])
     gen = generate(
-        params, config, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new,
-        rng=jax.random.key(cfg.seed), temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-    )
+        params, config, jnp.asarray(tokens), jnp.asarray(mask),
+        rng=jax.random.key(cfg.seed), sampling=SamplingConfig(max_new_tokens=max_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),)
     texts = []
     for i in range(len(cfg.prompt)):
         n = int(gen.lengths[i])

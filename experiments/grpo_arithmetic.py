@@ -29,6 +29,7 @@ from experiments._common import RunDir, before_after, draw_at, format_table, res
 from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
 from jaxalign import (
     OptimConfig,
+    SamplingConfig,
     create_train_state,
     evaluate_policy,
     exact_match_reward,
@@ -77,10 +78,8 @@ def evaluate(params, config, tokenizer, problems, *, max_new_tokens: int, temper
     tokens, mask = jd.collate_prompts([p for p, _ in problems], tokenizer)
     scored = evaluate_policy(
         params, config, tokens, mask, reward_fn=exact_match_reward, decode=tokenizer.decode,
-        rng=jax.random.key(seed), max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id, temperature=temperature, samples=samples,
-        columns={"answers": [a for _, a in problems]},
-    )
+        rng=jax.random.key(seed), samples=samples,
+        columns={"answers": [a for _, a in problems]}, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),)
     return float(scored.rewards.mean())
 
 

@@ -53,7 +53,15 @@ from experiments._common import (
     load_model,
 )
 from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
-from jaxalign import evaluate_policy, exact_match_reward, format_reward, get_config, init_params, weighted_sum
+from jaxalign import (
+    SamplingConfig,
+    evaluate_policy,
+    exact_match_reward,
+    format_reward,
+    get_config,
+    init_params,
+    weighted_sum,
+)
 from jaxalign.metrics import dumps, setup_logging
 from jaxalign.models import PRESETS
 
@@ -159,10 +167,8 @@ def make_evaluate(cfg: Config, config, tokenizer: jd.Tokenizer, test: list[dict]
             tokens, mask = collate(chunk, tokenizer, buckets)
             scored = evaluate_policy(
                 p, config, tokens, mask, reward_fn=reward_fn, decode=tokenizer.decode,
-                rng=jax.random.key(cfg.seed), max_new_tokens=cfg.max_new_tokens,
-                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=0.0,
-                columns={"answers": [r["answer"] for r in chunk]},
-            )
+                rng=jax.random.key(cfg.seed),
+                columns={"answers": [r["answer"] for r in chunk]}, sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),)
             completions += scored.completions
             rewards.append(scored.rewards)
         accuracy = exact_match_reward(completions, answers=[r["answer"] for r in test])

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tyro
 
 import jaxalign.data as jd
@@ -51,7 +52,7 @@ from experiments._common import (
     load_model_and_tokenizer,
 )
 from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
-from jaxalign import evaluate_policy, keyword_reward
+from jaxalign import SamplingConfig, evaluate_policy, keyword_reward
 from jaxalign.metrics import setup_logging
 
 log = logging.getLogger("grpo_stories")
@@ -124,19 +125,17 @@ def make_evaluate(cfg: Config, config, tokenizer: jd.Tokenizer, reward_fn, *, wi
     def evaluate(p) -> tuple[dict[str, float], list[str]]:
         scored = evaluate_policy(
             p, config, held_tokens, held_mask, reward_fn=reward_fn, decode=tokenizer.decode,
-            rng=jax.random.key(cfg.seed + 4), max_new_tokens=cfg.max_new_tokens,
-            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=cfg.temperature,
-            top_p=cfg.top_p, samples=cfg.eval_samples, ref_params=ref_params,
-        )
+            rng=jax.random.key(cfg.seed + 4), samples=cfg.eval_samples, ref_params=ref_params, sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),)
+        tokens, lengths = np.asarray(scored.batch.completion_tokens), np.asarray(scored.batch.lengths)
         rows = [i * cfg.eval_samples for i in range(min(cfg.num_sample_texts, len(HELD_OUT_OPENINGS)))]
         texts = [
-            decode_with_prompt(tokenizer, held_tokens[i], held_mask[i], scored.tokens[row], int(scored.lengths[row]))
+            decode_with_prompt(tokenizer, held_tokens[i], held_mask[i], tokens[row], int(lengths[row]))
             for i, row in enumerate(rows)
         ]
         figures = {
             "reward": float(scored.rewards.mean()),
-            "kl": float(scored.kl.mean()),
-            "completion_length": float(scored.lengths.mean()),
+            "kl": float(scored.batch.kl().mean()),
+            "completion_length": float(lengths.mean()),
         }
         return figures, texts
 

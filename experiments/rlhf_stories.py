@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,7 @@ from experiments._common import (
 )
 from jaxalign import (
     OptimConfig,
+    SamplingConfig,
     create_train_state,
     evaluate_policy,
     init_actor_critic,
@@ -67,7 +68,7 @@ from jaxalign import (
 )
 from jaxalign.metrics import setup_logging
 from jaxalign.rollout import decode_completions
-from jaxalign.trainers.rl_loop import PolicySamples, PPOState, ppo_loop
+from jaxalign.trainers.rl_loop import PPOState, ppo_loop
 
 log = logging.getLogger("rlhf_stories")
 
@@ -166,10 +167,20 @@ def _examples(prompt_ids: list[int], tokens: np.ndarray, length: int) -> jd.Exam
     return jd.Example(ids, mask)
 
 
+class Drawn(NamedTuple):
+    """Host arrays of samples drawn over several `evaluate_policy` chunks, joined."""
+
+    completions: list[str]
+    rewards: np.ndarray
+    kl: np.ndarray | None
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+
 def sample(params, config, tok, prompts, *, samples: int, cfg: Config, rng: jax.Array, ref_params=None):
     """`evaluate_policy` (gold rewards) over `prompts` in chunks of exactly `cfg.ppo_batch` rows,
     prompts padded to one width: every generation of the run then has one shape and compiles
-    once. Returns (PolicySamples of all rows, prompt tokens [rows, P], prompt mask [rows, P]).
+    once. Returns (`Drawn` of all rows, prompt tokens [rows, P], prompt mask [rows, P]).
 
     Raises:
       ValueError: the prompts do not fill whole chunks of ppo_batch // samples prompts.
@@ -183,16 +194,14 @@ def sample(params, config, tok, prompts, *, samples: int, cfg: Config, rng: jax.
         rng, key = jax.random.split(rng)
         parts.append(evaluate_policy(
             params, config, tokens[start:start + per_chunk], mask[start:start + per_chunk],
-            reward_fn=gold_score, decode=tok.decode, rng=key, max_new_tokens=cfg.max_new_tokens,
-            eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=cfg.temperature, samples=samples,
-            ref_params=ref_params,
-        ))
-    joined = PolicySamples(
+            reward_fn=gold_score, decode=tok.decode, rng=key, samples=samples,
+            ref_params=ref_params, sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id),))
+    joined = Drawn(
         completions=[c for part in parts for c in part.completions],
         rewards=np.concatenate([part.rewards for part in parts]),
-        kl=None if ref_params is None else np.concatenate([part.kl for part in parts]),
-        tokens=np.concatenate([part.tokens for part in parts]),
-        lengths=np.concatenate([part.lengths for part in parts]),
+        kl=None if ref_params is None else np.concatenate([part.batch.kl() for part in parts]),
+        tokens=np.concatenate([np.asarray(part.batch.completion_tokens) for part in parts]),
+        lengths=np.concatenate([np.asarray(part.batch.lengths) for part in parts]),
     )
     return joined, np.repeat(tokens, samples, axis=0), np.repeat(mask, samples, axis=0)
 
@@ -297,7 +306,7 @@ def ppo_setup(cfg: Config, config, sft_params, rm_params, optim: OptimConfig, ke
     critic = jax.tree.map(jnp.copy, rm_params) if cfg.critic == "separate" else None  # InstructGPT: V from the RM
     params = init_actor_critic(jax.tree.map(jnp.copy, sft_params), critic, config=config, rng=key)
     tx, schedule = make_optimizer(optim)
-    step = make_ppo_step(config, tx, schedule, critic=cfg.critic, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
+    step = make_ppo_step(config, tx, schedule, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)  # critic: from the tree
     state = PPOState(create_train_state(params, tx, cfg.seed + 1), jnp.float32(cfg.kl_coef))
     manager, state = resume_or_start(
         cfg.output_dir / "checkpoints" / "ppo", state, resume=cfg.resume, save_every=cfg.checkpoint_every, keep=2
@@ -322,7 +331,8 @@ def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, r
         idx = np.random.default_rng(cfg.seed + it).choice(len(train_prompts), cfg.ppo_batch, replace=False)
         return jd.collate_prompts([train_prompts[i] for i in idx], tok, length=PROMPT_WIDTH)
 
-    def gold_of(rollout) -> dict[str, float]:
+    def gold_of(output) -> dict[str, float]:
+        rollout = output.batch
         texts = decode_completions(
             rollout.completion_tokens, rollout.completion_mask.sum(1).astype(jnp.int32), tok.decode, tok.eos_id
         )
@@ -332,8 +342,8 @@ def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, r
         step, state, prompts_at, config=config, num_iterations=cfg.ppo_iterations, rng=rng, writer=writer,
         ref_params=sft_params, score_fn=score_fn, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches,
         kl_target=cfg.kl_target, kl_horizon=cfg.kl_horizon, rollout_metrics=gold_of, checkpoints=manager,
-        progress=cfg.progress, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-        temperature=cfg.temperature, critic=cfg.critic,
+        progress=cfg.progress,
+        sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id),
     )
     after, samples_after = policy_eval(state.train.params["policy"])
     log_once(writer, cfg.ppo_iterations, after, stage="ppo_eval")

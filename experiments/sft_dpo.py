@@ -304,7 +304,7 @@ def run_sft(cfg, data: Data, config, params, writer, ckpt_dir: Path, lora=None) 
     before = evaluate(params)
     train = _trainable(lora, params, _optim(cfg, cfg.sft_lr, cfg.sft_steps), cfg.seed)
     step = make_sft_step(
-        config, train.tx, train.schedule, grad_accum_steps=cfg.grad_accum_steps, lora=lora
+        config, train.tx, train.schedule, lora=lora  # accumulation: the optimizer's
     )
     manager, state = resume_or_start(
         ckpt_dir / "sft", create_train_state(train.params, train.tx, cfg.seed),
@@ -386,7 +386,7 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
         extra_args = (*train.extra_args, ref_params)
     step = make_dpo_step(
         config, train.tx, train.schedule, beta=cfg.beta, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing, grad_accum_steps=cfg.grad_accum_steps, lora=lora,
+        label_smoothing=cfg.label_smoothing, lora=lora,
     )
     manager, state = resume_or_start(
         ckpt_dir / "dpo", create_train_state(train.params, train.tx, cfg.seed + 1),

@@ -1,5 +1,6 @@
-"""Data layer: tokenizers, dataset loaders, and collation into static-shape batches."""
+"""Data layer: tokenizers, chat templates, dataset loaders, and collation into static-shape batches."""
 
+from jaxalign.data.chat import ChatTemplate, encode_chat, render_conversation
 from jaxalign.data.collate import (
     BatchStream,
     Example,
@@ -33,11 +34,13 @@ from jaxalign.data.gsm8k import R1_TEMPLATE, gsm8k_final_answer, load_gsm8k, r1_
 from jaxalign.data.ranking import ranked_pairs
 from jaxalign.data.synthetic import sorting_task
 from jaxalign.data.tokenizers import (
+    HFTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
     Tokenizer,
     byte_tokenizer,
     gpt2_tokenizer,
+    hf_tokenizer,
     load_tokenizer,
     sentencepiece_tokenizer,
 )
@@ -46,7 +49,9 @@ __all__ = [
     "ranked_pairs",
     "split_transcripts",
     "BatchStream",
+    "ChatTemplate",
     "Example",
+    "HFTokenizer",
     "PreferenceExample",
     "R1_TEMPLATE",
     "ReferencedPair",
@@ -61,9 +66,11 @@ __all__ = [
     "collate_referenced",
     "collate_sft",
     "default_buckets",
+    "encode_chat",
     "eval_batches",
     "gpt2_tokenizer",
     "gsm8k_final_answer",
+    "hf_tokenizer",
     "load_gsm8k",
     "load_preference_dataset",
     "load_records",
@@ -72,6 +79,7 @@ __all__ = [
     "messages_prompt",
     "r1_completion",
     "r1_prompt",
+    "render_conversation",
     "sentencepiece_tokenizer",
     "sft_view",
     "sorting_task",

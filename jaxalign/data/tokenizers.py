@@ -1,33 +1,44 @@
 """Tokenizers behind one small protocol: GPT-2 BPE and a byte-level vocabulary (both on tiktoken),
-and SentencePiece models (e.g. the Llama-style ``tok512.model`` of stories260K).
+SentencePiece models (e.g. the Llama-style ``tok512.model`` of stories260K), and Hugging Face
+checkpoints' ``tokenizer.json`` (on the ``tokenizers`` library, never ``transformers``).
 
 Every tokenizer here encodes *ordinary* text: special-token strings such as ``"<|endoftext|>"`` or
 ``"<s>"`` that appear in user data are split into ordinary tokens, so data can never inject an EOS.
 Special ids are added by the collation code (``jaxalign.data.collate``) through ``bos_id`` /
-``eos_id``.
+``eos_id``, or written by a model's chat template (``HFTokenizer.encode_rendered``, used only on
+template output by ``jaxalign.data.chat``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import huggingface_hub
 import sentencepiece
 import tiktoken
+import tokenizers
+from huggingface_hub.errors import EntryNotFoundError
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from jaxalign.data.chat import ChatTemplate
 
 __all__ = [
     "Tokenizer",
     "TiktokenTokenizer",
     "SentencePieceTokenizer",
+    "HFTokenizer",
     "gpt2_tokenizer",
     "byte_tokenizer",
     "sentencepiece_tokenizer",
+    "hf_tokenizer",
     "load_tokenizer",
 ]
 
@@ -311,6 +322,305 @@ def sentencepiece_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_file=str(path)))
 
 
+# --- Hugging Face checkpoints: tokenizer.json on the `tokenizers` library --------------------------
+
+# transformers 5.24 `SPECIAL_TOKENS_ATTRIBUTES`: the named special tokens a checkpoint may set.
+HF_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# The files of a checkpoint that describe its tokenizer (only tokenizer.json is required).
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTokenizer:
+    """A ``Tokenizer`` over a Hugging Face ``tokenizers.Tokenizer`` (a checkpoint's ``tokenizer.json``).
+
+    Args:
+        tokenizer: the loaded ``tokenizers.Tokenizer``; it is copied, never modified.
+        eos_ids: the ids that end a generation, the main one first (``eos_id``): the checkpoint's
+            ``eos_token``, then any further ``generation_config.json`` ``eos_token_id`` values
+            (Llama 3.1: ``<|eot_id|>``, ``<|end_of_text|>``, ``<|eom_id|>``).
+        pad_id: the filler id (``hf_tokenizer`` falls back to ``eos_id``; padding is masked).
+        bos_id: the BOS id, or ``None`` if the checkpoint defines no BOS token (Qwen).
+        chat_template: the checkpoint's chat template, or ``None`` (then chats use the plain format,
+            see ``jaxalign.data.chat.render_conversation``).
+        source: where the tokenizer came from, for error messages.
+
+    Raises:
+        ValueError: if ``eos_ids`` is empty or an id is outside ``[0, vocab_size)``.
+
+    ``encode`` / ``encode_batch`` add no BOS/EOS (``add_special_tokens=False``) and treat special
+    token strings in the text as ordinary text (``tokenizers``' ``encode_special_tokens``), so
+    ``"<|im_end|>"`` in data never becomes the EOS id. Added tokens that the checkpoint does not
+    mark special (e.g. Qwen's ``<tool_call>``) are still matched, as ``transformers`` does.
+    ``encode_rendered`` is for chat-template output only: there special tokens are recognised.
+    Ids equal ``transformers`` 5.24 ``AutoTokenizer`` ``encode(text, add_special_tokens=False)`` with
+    ``split_special_tokens=True``; ``decode`` keeps special tokens and applies no
+    ``clean_up_tokenization_spaces``, so byte-level BPE round-trips exactly.
+    """
+
+    tokenizer: tokenizers.Tokenizer = dataclasses.field(repr=False)
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    bos_id: int | None = None
+    chat_template: ChatTemplate | None = None
+    source: str = "tokenizer.json"
+    _text: tokenizers.Tokenizer = dataclasses.field(init=False, repr=False, compare=False)
+    _rendered: tokenizers.Tokenizer = dataclasses.field(init=False, repr=False, compare=False)
+    _vocab_size: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        text, rendered = (tokenizers.Tokenizer.from_str(self.tokenizer.to_str()) for _ in range(2))
+        for copy in (text, rendered):
+            copy.no_padding()  # a tokenizer.json may carry padding/truncation settings; ids stay whole
+            copy.no_truncation()
+        text.encode_special_tokens = True
+        rendered.encode_special_tokens = False
+        object.__setattr__(self, "_text", text)
+        object.__setattr__(self, "_rendered", rendered)
+        object.__setattr__(self, "_vocab_size", max(rendered.get_vocab(with_added_tokens=True).values()) + 1)
+        if not self.eos_ids:
+            raise ValueError(f"{self.source}: no EOS id")
+        ids = {"eos_ids": self.eos_ids, "pad_id": (self.pad_id,), "bos_id": () if self.bos_id is None else (self.bos_id,)}
+        for name, values in ids.items():
+            if any(not 0 <= int(v) < self.vocab_size for v in values):
+                raise ValueError(f"{self.source}: {name} {values} outside [0, {self.vocab_size})")
+
+    def encode(self, text: str) -> list[int]:
+        """Encode ordinary text: no BOS/EOS added, special-token strings split as plain text.
+
+        Args:
+            text: any Python string.
+
+        Returns:
+            list[int] of token ids, each in ``[0, vocab_size)``.
+        """
+        return self._text.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many strings with ``tokenizers``' parallel ``encode_batch``.
+
+        Args:
+            texts: sequence of strings.
+
+        Returns:
+            list of ``len(texts)`` id lists, equal to ``[encode(t) for t in texts]``.
+        """
+        return [e.ids for e in self._text.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_rendered(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Encode chat-template output, where special-token strings *are* the special ids.
+
+        Only for text a chat template rendered from validated messages (``jaxalign.data.chat``
+        refuses content containing special tokens); never for raw data.
+
+        Args:
+            text: rendered chat text.
+
+        Returns:
+            ``(ids, offsets)``: the ids (no BOS/EOS added beyond what the text spells, as
+            transformers' ``apply_chat_template(tokenize=True)``) and each token's ``(start, end)``
+            character offsets into ``text``.
+        """
+        encoding = self._rendered.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode ids with the checkpoint's decoder, special tokens kept as their text.
+
+        Args:
+            ids: sequence of Python or NumPy integers in ``[0, vocab_size)``.
+
+        Returns:
+            The decoded string; ``decode(encode(s)) == s`` for byte-level BPE (invalid UTF-8 byte
+            runs become U+FFFD).
+        """
+        return self._rendered.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def eos_id(self) -> int:
+        """The checkpoint's EOS id: ``eos_ids[0]``."""
+        return self.eos_ids[0]
+
+    @property
+    def vocab_size(self) -> int:
+        """``max id + 1`` over the whole vocabulary, added tokens included (``len(AutoTokenizer)``)."""
+        return self._vocab_size
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The strings of the added tokens marked special, in id order (what chat content may not
+        contain)."""
+        added = self._rendered.get_added_tokens_decoder()
+        return tuple(added[i].content for i in sorted(added) if added[i].special)
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether the checkpoint's post-processor prepends ``bos_id`` (Llama 3 and Gemma: True;
+        Qwen: False), so collation knows whether sequences start with BOS. ``encode`` itself never
+        adds it."""
+        if self.bos_id is None:
+            return False
+        plain = self._text.encode("a", add_special_tokens=False).ids
+        processed = self._text.encode("a", add_special_tokens=True).ids
+        return len(processed) > len(plain) and processed[0] == self.bos_id
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    """A checkpoint's JSON object file, ``{}`` if absent."""
+    if path is None:
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _token_text(value: Any, path: Path, field: str) -> str | None:
+    """A named token's text from its config form: a string, ``{"content": ...}`` or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{path}: field {field!r} must be a string, a {{'content': str}} object or null, got {value!r}")
+
+
+def _named_tokens(files: Mapping[str, Path | None], config: Mapping[str, Any]) -> dict[str, str]:
+    """The checkpoint's named special tokens, as transformers 5.24 resolves them: from
+    ``tokenizer_config.json``; ``special_tokens_map.json`` is read only for a config without
+    ``added_tokens_decoder`` (the legacy layout), and then its values win."""
+    config_path = files["tokenizer_config.json"] or Path("tokenizer_config.json")
+    named = {name: _token_text(config[name], config_path, name) for name in HF_NAMED_TOKENS if name in config}
+    if (map_path := files["special_tokens_map.json"]) is not None and "added_tokens_decoder" not in config:
+        special_map = _read_json(map_path)
+        named |= {name: _token_text(special_map[name], map_path, name) for name in HF_NAMED_TOKENS if name in special_map}
+    return {name: text for name, text in named.items() if text is not None}
+
+
+def _generation_eos_ids(path: Path | None) -> list[int]:
+    """``generation_config.json``'s ``eos_token_id`` (an int or a list of ints) as a list."""
+    value = _read_json(path).get("eos_token_id")
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{path}: field 'eos_token_id' must be an int or a list of ints, got {value!r}")
+    return values
+
+
+def _chat_template_source(files: Mapping[str, Path | None], config: Mapping[str, Any]) -> str | None:
+    """The template as transformers 5.24 picks it: ``chat_template.jinja`` over the config's
+    ``chat_template`` (a string, or a list of ``{"name", "template"}`` from which ``"default"``)."""
+    if (jinja_path := files["chat_template.jinja"]) is not None:
+        return jinja_path.read_text(encoding="utf-8")
+    value = config.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    path = files["tokenizer_config.json"]
+    if isinstance(value, list) and all(isinstance(t, Mapping) and {"name", "template"} <= t.keys() for t in value):
+        named = {t["name"]: t["template"] for t in value}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        raise ValueError(f"{path}: field 'chat_template' lists templates {sorted(named)} but none named 'default'")
+    raise ValueError(f"{path}: field 'chat_template' must be a string or a list of {{name, template}} objects")
+
+
+def _checkpoint_files(path_or_hub_id: str | os.PathLike, revision: str | None) -> dict[str, Path | None]:
+    """Local paths of ``HF_TOKENIZER_FILES`` (``None`` for absent optional ones), downloading them
+    with ``huggingface_hub.hf_hub_download`` for a Hub id."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json (a Hugging Face checkpoint's tokenizer file)")
+        return {name: path / name if (path / name).is_file() else None for name in HF_TOKENIZER_FILES}
+    if path.exists() or not (isinstance(path_or_hub_id, str) and _HUB_ID.fullmatch(path_or_hub_id)):
+        raise FileNotFoundError(f"not a checkpoint directory with a tokenizer.json, nor a Hub id 'org/name': {path}")
+    files: dict[str, Path | None] = {}
+    for name in HF_TOKENIZER_FILES:
+        try:
+            files[name] = Path(huggingface_hub.hf_hub_download(path_or_hub_id, name, revision=revision))
+        except EntryNotFoundError:
+            if name == "tokenizer.json":
+                raise
+            files[name] = None
+    return files
+
+
+def _token_id(tokenizer: tokenizers.Tokenizer, text: str, source: Path, field: str) -> int:
+    token_id = tokenizer.token_to_id(text)
+    if token_id is None:
+        raise ValueError(f"{source}: {field} {text!r} is not in the vocabulary of tokenizer.json")
+    return token_id
+
+
+def hf_tokenizer(path_or_hub_id: str | os.PathLike, *, revision: str | None = None) -> HFTokenizer:
+    """Load a Hugging Face checkpoint's tokenizer without ``transformers``.
+
+    Reads ``tokenizer.json`` (required), and if present ``tokenizer_config.json`` (named special
+    tokens as strings or ``{"content": ...}`` objects; ``chat_template``),
+    ``special_tokens_map.json`` (legacy configs only, as transformers 5.24), ``chat_template.jinja``
+    (wins over the config's template) and ``generation_config.json`` (``eos_token_id``, an int or a
+    list: extra stop ids).
+
+    Args:
+        path_or_hub_id: a checkpoint directory, or a Hub id ``"org/name"`` that is not a local path
+            (downloaded with ``huggingface_hub.hf_hub_download``; needs network or a warm cache).
+        revision: the Hub revision (branch, tag or commit); ignored for a directory.
+
+    Raises:
+        FileNotFoundError: if the directory has no ``tokenizer.json``, or the spec is neither a
+            directory nor a Hub id.
+        ValueError: naming the file and field, for a malformed config, a named token that is not in
+            the vocabulary, no EOS at all (neither ``eos_token`` nor ``eos_token_id``), or a list of
+            chat templates without ``"default"``; or if ``tokenizer.json`` does not parse.
+        jinja2.TemplateSyntaxError: if the chat template does not parse.
+        huggingface_hub.errors.HfHubHTTPError: for download failures of a Hub id.
+
+    Returns:
+        An ``HFTokenizer``: ``eos_id`` from ``eos_token`` (else the first generation-config id),
+        ``bos_id`` from ``bos_token`` (``None`` without one), ``pad_id`` from ``pad_token`` (else
+        ``eos_id``), and the chat template with the named tokens as its variables.
+    """
+    files = _checkpoint_files(path_or_hub_id, revision)
+    tokenizer_path = files["tokenizer.json"]
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path))
+    except Exception as error:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"{tokenizer_path}: not a valid tokenizers file ({error})") from error
+    config = _read_json(files["tokenizer_config.json"])
+    named = _named_tokens(files, config)
+    where = files["tokenizer_config.json"] or files["special_tokens_map.json"] or tokenizer_path
+    ids = {name: _token_id(tokenizer, text, where, name) for name, text in named.items()}
+    eos_ids = list(dict.fromkeys(([ids["eos_token"]] if "eos_token" in ids else []) + _generation_eos_ids(files["generation_config.json"])))
+    if not eos_ids:
+        raise ValueError(
+            f"{tokenizer_path.parent}: no EOS token: tokenizer_config.json has no 'eos_token' and "
+            "generation_config.json no 'eos_token_id'"
+        )
+    source = _chat_template_source(files, config)
+    template = None
+    if source is not None:
+        others = {name: text for name, text in named.items() if name not in ("bos_token", "eos_token")}
+        template = ChatTemplate(source, bos_token=named.get("bos_token"), eos_token=named.get("eos_token"), extra_tokens=others)
+    return HFTokenizer(
+        tokenizer,
+        eos_ids=tuple(eos_ids),
+        pad_id=ids.get("pad_token", eos_ids[0]),
+        bos_id=ids.get("bos_token"),
+        chat_template=template,
+        source=str(tokenizer_path.parent),
+    )
+
+
 def load_tokenizer(spec: str | os.PathLike | None) -> Tokenizer:
     """Build a tokenizer from a config string.
 
@@ -318,10 +628,13 @@ def load_tokenizer(spec: str | os.PathLike | None) -> Tokenizer:
         spec: ``None`` or ``"bytes"`` -> ``byte_tokenizer()``; ``"gpt2"`` -> ``gpt2_tokenizer()``
             (online); a path ending in ``.tiktoken`` -> ``gpt2_tokenizer(path)`` (GPT-2 pattern
             and ``<|endoftext|>`` = 50256); a path ending in ``.model`` ->
-            ``sentencepiece_tokenizer(path)``.
+            ``sentencepiece_tokenizer(path)``; a directory holding ``tokenizer.json`` (a Hugging
+            Face checkpoint), or a ``tokenizer.json`` file, -> ``hf_tokenizer(directory)``; a Hub id
+            ``"org/name"`` that is not a local path -> ``hf_tokenizer(spec)`` (online).
 
     Raises:
-        ValueError: for any other spec.
+        ValueError: for any other spec (e.g. a directory without ``tokenizer.json``), and as
+            ``hf_tokenizer`` for a malformed checkpoint.
         FileNotFoundError: if a ``.tiktoken`` or ``.model`` path does not exist.
 
     Returns:
@@ -331,12 +644,19 @@ def load_tokenizer(spec: str | os.PathLike | None) -> Tokenizer:
         return byte_tokenizer()
     if spec == "gpt2":
         return gpt2_tokenizer()
-    suffix = Path(spec).suffix
-    if suffix == ".tiktoken":
+    path = Path(spec)
+    if path.suffix == ".tiktoken":
         return gpt2_tokenizer(spec)
-    if suffix == ".model":
+    if path.suffix == ".model":
         return sentencepiece_tokenizer(spec)
+    if (path / "tokenizer.json").is_file():
+        return hf_tokenizer(path)
+    if path.name == "tokenizer.json" and path.is_file():
+        return hf_tokenizer(path.parent)
+    if isinstance(spec, str) and not path.exists() and _HUB_ID.fullmatch(spec):
+        return hf_tokenizer(spec)
     raise ValueError(
         f"unknown tokenizer {spec!r}: expected None or 'bytes' (byte-level), 'gpt2' (download), "
-        "a path to a GPT-2 '.tiktoken' ranks file, or a path to a SentencePiece '.model' file"
+        "a path to a GPT-2 '.tiktoken' ranks file, a path to a SentencePiece '.model' file, "
+        "a Hugging Face checkpoint directory holding 'tokenizer.json', or a Hub id 'org/name'"
     )

@@ -47,7 +47,7 @@ GPT2_EOS_ID = 50256  # "<|endoftext|>" in GPT-2 / r50k_base: right after the 50,
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the data layer needs from a tokenizer (tiktoken or SentencePiece).
+    """What the data layer needs from a tokenizer (tiktoken, SentencePiece or Hugging Face).
 
     ``encode`` / ``encode_batch`` never produce special tokens from text; ``bos_id`` is ``None``
     when the vocabulary has no beginning-of-sequence token (GPT-2). ``pad_id`` is only a filler:
@@ -494,16 +494,16 @@ def _token_text(value: Any, path: Path, field: str) -> str | None:
     raise ValueError(f"{path}: field {field!r} must be a string, a {{'content': str}} object or null, got {value!r}")
 
 
-def _named_tokens(files: Mapping[str, Path | None], config: Mapping[str, Any]) -> dict[str, str]:
-    """The checkpoint's named special tokens, as transformers 5.24 resolves them: from
-    ``tokenizer_config.json``; ``special_tokens_map.json`` is read only for a config without
-    ``added_tokens_decoder`` (the legacy layout), and then its values win."""
+def _named_tokens(files: Mapping[str, Path | None], config: Mapping[str, Any]) -> dict[str, tuple[str, Path]]:
+    """The checkpoint's named special tokens with the file each came from, as transformers 5.24
+    resolves them: from ``tokenizer_config.json``; ``special_tokens_map.json`` is read only for a
+    config without ``added_tokens_decoder`` (the legacy layout), and then its values win."""
     config_path = files["tokenizer_config.json"] or Path("tokenizer_config.json")
-    named = {name: _token_text(config[name], config_path, name) for name in HF_NAMED_TOKENS if name in config}
+    named = {name: (_token_text(config[name], config_path, name), config_path) for name in HF_NAMED_TOKENS if name in config}
     if (map_path := files["special_tokens_map.json"]) is not None and "added_tokens_decoder" not in config:
         special_map = _read_json(map_path)
-        named |= {name: _token_text(special_map[name], map_path, name) for name in HF_NAMED_TOKENS if name in special_map}
-    return {name: text for name, text in named.items() if text is not None}
+        named |= {name: (_token_text(special_map[name], map_path, name), map_path) for name in HF_NAMED_TOKENS if name in special_map}
+    return {name: (text, path) for name, (text, path) in named.items() if text is not None}
 
 
 def _generation_eos_ids(path: Path | None) -> list[int]:
@@ -597,9 +597,9 @@ def hf_tokenizer(path_or_hub_id: str | os.PathLike, *, revision: str | None = No
     except Exception as error:  # tokenizers raises a bare Exception for a malformed file
         raise ValueError(f"{tokenizer_path}: not a valid tokenizers file ({error})") from error
     config = _read_json(files["tokenizer_config.json"])
-    named = _named_tokens(files, config)
-    where = files["tokenizer_config.json"] or files["special_tokens_map.json"] or tokenizer_path
-    ids = {name: _token_id(tokenizer, text, where, name) for name, text in named.items()}
+    named_with_sources = _named_tokens(files, config)
+    named = {name: text for name, (text, _) in named_with_sources.items()}
+    ids = {name: _token_id(tokenizer, text, where, name) for name, (text, where) in named_with_sources.items()}
     eos_ids = list(dict.fromkeys(([ids["eos_token"]] if "eos_token" in ids else []) + _generation_eos_ids(files["generation_config.json"])))
     if not eos_ids:
         raise ValueError(

@@ -362,6 +362,14 @@ def test_malformed_checkpoints_name_file_and_field(tmp_path):
         hf_tokenizer(directory)
 
 
+def test_legacy_special_tokens_map_errors_name_that_file(tmp_path):
+    directory = write_checkpoint(tmp_path / "gemma", "gemma")
+    special_map = json.loads((directory / "special_tokens_map.json").read_text())
+    write_json(directory / "special_tokens_map.json", {**special_map, "pad_token": {"content": "<nope>"}})
+    with pytest.raises(ValueError, match=r"special_tokens_map\.json: pad_token '<nope>' is not in the vocabulary"):
+        hf_tokenizer(directory)
+
+
 def test_missing_checkpoint_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
         hf_tokenizer(tmp_path)

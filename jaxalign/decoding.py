@@ -226,7 +226,7 @@ def generate(
     One compiled program per (shapes, config, sampling): the prompt is prefilled in one call,
     then a `jax.lax.while_loop` decodes one token per iteration until every row has emitted
     `sampling.eos_id` or N = `sampling.max_new_tokens` is reached. The cache is pre-allocated
-    with P + N slots, or with `config.sliding_window` slots used as a rolling buffer.
+    with P + N slots, or with `config.cache_window` slots used as a rolling buffer.
 
     Args:
       params, config: the model.

@@ -33,6 +33,8 @@ Llama blocks, each buffer attributed to the op that made it:
 
     norms        3 per norm (LayerNorm: x - mean and the normalised x, then the affine output;
                  RMSNorm: x·rsqrt, the output and the product with the scale)   6·B·T·D·c
+                 (Gemma's two sandwich norms add 6·B·T·D·c, Qwen3/Gemma 3's q/k norms
+                 3·B·T·(N + K)·H·c: counted alike, not yet read off XLA's report)
     residuals    the two residual sums of the block                             2·B·T·D·c
     q, k, v      after the projections (and RoPE)                               B·T·(N + 2K)·H·c
     attn out     input of wo                                                    B·T·N·H·c
@@ -193,6 +195,10 @@ def activation_bytes_per_layer(
     c = _itemsize(compute_dtype)
     btd = b * t * d
     total = 6 * btd * c  # two norms, three tensors each
+    if config.sandwich_norms:  # Gemma's post-attention and post-MLP norms, counted alike
+        total += 6 * btd * c
+    if config.qk_norm:  # per-head q/k norms, three tensors each (not yet read off XLA's report)
+        total += 3 * b * t * (n + k) * h * c
     total += 2 * btd * c  # the two residual sums
     total += b * t * (n + 2 * k) * h * c  # q, k, v
     total += b * t * n * h * c  # attention output (input of wo)
@@ -364,7 +370,9 @@ def _norm_and_bias_count(config: TransformerConfig) -> int:
     qkv = (n * h + 2 * k * h) if config.qkv_biases else 0
     out = (d + f + d) if config.output_biases else 0  # wo, up and down biases
     norms = (4 * d, 2 * d) if config.norm == "layernorm" else (2 * d, d)  # per block, final
-    return l * (qkv + out + norms[0]) + norms[1]
+    block_norms = norms[0] * (2 if config.sandwich_norms else 1)  # Gemma: post-attn/MLP norms
+    block_norms += 2 * h if config.qk_norm else 0  # per-head q/k norms (Qwen3, Gemma 3)
+    return l * (qkv + out + block_norms) + norms[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,26 +7,37 @@ be closed over by `jax.jit`'d functions or passed as a static argument without r
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
 
-Family = Literal["gpt2", "llama"]
+Family = Literal["gpt2", "llama", "gemma"]
+LayerType = Literal["full", "sliding"]
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3 RoPE frequency scaling (Meta's `apply_scaling`; HF rope_type "llama3").
+    """RoPE frequency scaling.
 
-    Wavelengths longer than original_max_position / low_freq_factor are divided by `factor`,
-    shorter than original_max_position / high_freq_factor are kept, and the band between is
-    interpolated smoothly.
+    `rope_type` "llama3" (Meta's `apply_scaling`; HF rope_type "llama3"): wavelengths longer than
+    original_max_position / low_freq_factor are divided by `factor`, shorter than
+    original_max_position / high_freq_factor are kept, and the band between is interpolated
+    smoothly. "linear" (position interpolation, Chen et al. 2023, arXiv 2306.15595; HF rope_type
+    "linear", used by Gemma 3's global layers): every frequency is divided by `factor`.
     """
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    rope_type: Literal["llama3", "linear"] = "llama3"
+
+    def __post_init__(self):
+        if self.rope_type not in ("llama3", "linear"):
+            raise ValueError(f"RopeScaling.rope_type: unknown type {self.rope_type!r} (llama3, linear)")
+        if self.factor <= 0:
+            raise ValueError(f"RopeScaling.factor must be positive, got {self.factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +49,19 @@ class TransformerConfig:
         "gpt2": learned positions, pre-LayerNorm with bias, GELU (tanh) MLP, biases on every
         projection (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners").
         "llama": rotary positions, pre-RMSNorm, SwiGLU MLP, no biases except optional q/k/v
-        biases (Touvron et al. 2023, arXiv 2302.13971; Qwen2 adds the q/k/v biases).
+        biases (Touvron et al. 2023, arXiv 2302.13971; Qwen2 adds the q/k/v biases, Qwen3 the
+        per-head q/k RMSNorm `qk_norm`).
+        "gemma": rotary positions, RMSNorm applied as x̂·(1 + w) (scales stored as w, zero at
+        init), GeGLU MLP down(gelu_tanh(gate(x))·up(x)), a second norm after attention and after
+        the MLP ("sandwich" norms), embeddings scaled by √d_model, no biases (Gemma Team 2024,
+        arXiv 2403.08295; Gemma 2, arXiv 2408.00118, adds `attn_softcap` / `final_softcap` and
+        alternating local/global `layer_types`; Gemma 3, arXiv 2503.19786, adds `qk_norm` and
+        `rope_local_theta`).
       vocab_size: number of token ids V.
       max_seq_len: longest sequence the model accepts (GPT-2: number of learned positions).
       d_model: residual width D.
       n_layers: number of transformer blocks L.
-      n_heads: query heads N; head size H = d_model // n_heads.
+      n_heads: query heads N; head size H = `head_size`, or d_model // n_heads when unset.
       n_kv_heads: key/value heads K (N % K == 0); None means K = N (multi-head attention).
       d_ff: hidden width F of the MLP; None means 4 * d_model.
       norm_eps: LayerNorm / RMSNorm epsilon (GPT-2 and Llama: 1e-5, Qwen2: 1e-6).
@@ -56,12 +74,29 @@ class TransformerConfig:
         Llama / Qwen2 / Mistral checkpoints do (their q/k weights are permuted accordingly).
       rope_scaling: optional Llama 3 frequency scaling.
       sliding_window: if set, position q attends only to keys k with q - W < k <= q (Mistral,
-        arXiv 2310.06825); decoding then needs a KV cache of only W slots.
+        arXiv 2310.06825) in the layers `layer_types` marks "sliding" (every layer when
+        `layer_types` is None); when every layer slides, decoding needs a KV cache of only W slots.
       dropout: dropout rate on embeddings, attention output and MLP output (GPT-2 pretraining: 0.1;
         fine-tuning here defaults to 0.0). Attention probabilities are not dropped, so that the
         attention stays a single fused `jax.nn.dot_product_attention` call.
       dtype: compute dtype of activations and matmuls (e.g. jnp.bfloat16).
       param_dtype: storage dtype of parameters (float32 keeps optimizer updates exact).
+      head_size: per-head width H when it is not d_model // n_heads (Qwen3-0.6B: D=1024, N=16,
+        H=128; Gemma: H=256). None means d_model // n_heads.
+      qk_norm: RMSNorm over each head's H channels of q and of k, after the projection and before
+        RoPE (Qwen3; Gemma 3, there with the (1 + w) form); parameters `q_norm`, `k_norm` [H].
+      query_pre_attn_scalar: attention scores are q·k / sqrt(query_pre_attn_scalar) (Gemma's
+        config field of that name); None means sqrt(H).
+      attn_softcap: attention logits become c·tanh(s / c) before masking and softmax (Gemma 2:
+        c = 50); None disables.
+      final_softcap: output logits become c·tanh(z / c) (Gemma 2: c = 30); None disables.
+      layer_types: per layer "full" (global) or "sliding" (local, window `sliding_window`) attention,
+        as Hugging Face's `layer_types` ("full_attention" / "sliding_attention"; Gemma 2 alternates
+        sliding, full, ...; Gemma 3 has five sliding layers per full one). None means every layer
+        slides when `sliding_window` is set, and none does otherwise.
+      rope_local_theta: RoPE θ of the sliding layers when `layer_types` is set (Gemma 3's
+        `rope_local_base_freq` = 10,000, without `rope_scaling`); None means `rope_theta` and
+        `rope_scaling` in every layer.
     """
 
     family: Family = "gpt2"
@@ -82,20 +117,36 @@ class TransformerConfig:
     dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    head_size: int | None = None
+    qk_norm: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
-        if self.family not in ("gpt2", "llama"):
+        if self.family not in ("gpt2", "llama", "gemma"):
             raise ValueError(f"TransformerConfig.family: unknown family {self.family!r}")
-        if self.d_model % self.n_heads:
+        if self.head_size is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"TransformerConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
+        if self.head_size is not None and self.head_size <= 0:
+            raise ValueError(f"TransformerConfig.head_size must be positive, got {self.head_size}")
         if self.n_heads % self.kv_heads:
             raise ValueError(
                 f"TransformerConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}"
             )
-        if self.family == "llama" and self.head_dim % 2:
+        if not self.learned_positions and self.head_dim % 2:
             raise ValueError(f"TransformerConfig: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.family == "gpt2" and (self.qk_norm or self.head_size or self.layer_types):
+            raise ValueError("TransformerConfig: qk_norm, head_size and layer_types need a RoPE family")
+        self._check_layer_types()
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"TransformerConfig.{name} must be positive, got {value}")
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
@@ -104,10 +155,26 @@ class TransformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
 
+    def _check_layer_types(self) -> None:
+        if self.layer_types is None:
+            return
+        if not isinstance(self.layer_types, tuple):
+            raise ValueError("TransformerConfig.layer_types must be a tuple (the config is hashed)")
+        if len(self.layer_types) != self.n_layers:
+            raise ValueError(
+                f"TransformerConfig.layer_types has {len(self.layer_types)} entries for "
+                f"n_layers={self.n_layers}"
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in ("full", "sliding"):
+                raise ValueError(f"TransformerConfig.layer_types[{i}]: {kind!r} is not 'full' or 'sliding'")
+        if "sliding" in self.layer_types and self.sliding_window is None:
+            raise ValueError("TransformerConfig.layer_types has sliding layers but no sliding_window")
+
     @property
     def head_dim(self) -> int:
-        """Per-head width H = d_model // n_heads."""
-        return self.d_model // self.n_heads
+        """Per-head width H: `head_size`, or d_model // n_heads."""
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -129,13 +196,55 @@ class TransformerConfig:
 
     @property
     def norm(self) -> Literal["layernorm", "rmsnorm"]:
-        """GPT-2: LayerNorm with a bias; Llama: RMSNorm (scale only)."""
+        """GPT-2: LayerNorm with a bias; Llama and Gemma: RMSNorm (scale only)."""
         return "layernorm" if self.family == "gpt2" else "rmsnorm"
 
     @property
-    def mlp(self) -> Literal["gelu", "swiglu"]:
-        """GPT-2: up -> GELU (tanh) -> down; Llama: SwiGLU, down(silu(gate(x)) · up(x))."""
-        return "gelu" if self.family == "gpt2" else "swiglu"
+    def norm_unit_offset(self) -> bool:
+        """Gemma's RMSNorm multiplies by (1 + w) and stores w (zero at init); others by w."""
+        return self.family == "gemma"
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma 2/3: a norm after attention and after the MLP, before each residual add."""
+        return self.family == "gemma"
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Gemma multiplies token embeddings by √d_model (in the compute dtype); others: None."""
+        return math.sqrt(self.d_model) if self.family == "gemma" else None
+
+    @property
+    def mlp(self) -> Literal["gelu", "swiglu", "geglu"]:
+        """GPT-2: up -> GELU (tanh) -> down; Llama: SwiGLU, down(silu(gate(x)) · up(x));
+        Gemma: GeGLU, down(gelu_tanh(gate(x)) · up(x)) (Shazeer 2020, arXiv 2002.05202)."""
+        return {"gpt2": "gelu", "llama": "swiglu", "gemma": "geglu"}[self.family]
+
+    @property
+    def attn_scale(self) -> float:
+        """Multiplier of q·k: 1/sqrt(query_pre_attn_scalar), or 1/sqrt(H)."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window W of `layer` (None: global attention)."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding":
+            return self.sliding_window
+        return None
+
+    def layer_rope(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """(θ, scaling) of `layer`'s RoPE: `rope_local_theta` without scaling on the sliding
+        layers of a model that sets it (Gemma 3), else (`rope_theta`, `rope_scaling`)."""
+        if self.rope_local_theta is not None and self.layer_window(layer) is not None:
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def cache_window(self) -> int | None:
+        """Slots a KV cache needs at most: W when every layer slides, else None (the full length;
+        the sliding layers of a mixed model mask by position instead)."""
+        if all(self.layer_window(i) is not None for i in range(self.n_layers)):
+            return self.sliding_window
+        return None
 
     @property
     def qkv_biases(self) -> bool:
@@ -180,6 +289,36 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(
         family="llama", max_seq_len=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=172,
     ),
+    # Shapes of Qwen/Qwen3-0.6B and google/gemma-3-1b-it (config.json of each).
+    "qwen3-0.6b": dict(
+        family="llama", vocab_size=151936, max_seq_len=40960, d_model=1024, n_layers=28,
+        n_heads=16, n_kv_heads=8, head_size=128, d_ff=3072, norm_eps=1e-6, qk_norm=True,
+        rope_theta=1000000.0,
+    ),
+    "gemma-3-1b": dict(
+        family="gemma", vocab_size=262144, max_seq_len=32768, d_model=1152, n_layers=26,
+        n_heads=4, n_kv_heads=1, head_size=256, d_ff=6912, norm_eps=1e-6, qk_norm=True,
+        query_pre_attn_scalar=256.0, sliding_window=512, rope_theta=1000000.0,
+        rope_local_theta=10000.0,
+        layer_types=tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(26)),
+    ),
+    # CPU test shapes of the same families: head size unlike d_model / n_heads, and (Gemma)
+    # both layer kinds with a window shorter than the test sequences.
+    "qwen3-tiny": dict(
+        family="llama", max_seq_len=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_size=32, d_ff=128, norm_eps=1e-6, qk_norm=True, rope_theta=1000000.0,
+    ),
+    "gemma2-tiny": dict(
+        family="gemma", max_seq_len=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_size=32, d_ff=128, norm_eps=1e-6, query_pre_attn_scalar=24.0, attn_softcap=50.0,
+        final_softcap=30.0, sliding_window=4, layer_types=("sliding", "full"),
+    ),
+    "gemma3-tiny": dict(
+        family="gemma", max_seq_len=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=1,
+        head_size=32, d_ff=128, norm_eps=1e-6, qk_norm=True, query_pre_attn_scalar=32.0,
+        sliding_window=4, rope_theta=1000000.0, rope_local_theta=10000.0,
+        layer_types=("sliding", "sliding", "full"),
+    ),
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
@@ -189,8 +328,9 @@ def get_config(name: str, **overrides: Any) -> TransformerConfig:
     """Returns the named preset, with `overrides` (e.g. vocab_size=257, dtype=jnp.bfloat16).
 
     Presets: gpt2 (124M), gpt2-medium (355M), gpt2-large (774M), gpt2-xl (1.5B); the CPU-sized
-    gpt2-tiny, gpt2-mini, gpt2-small-cpu, llama-tiny; stories260K (llama2.c TinyStories); and
-    the shapes of llama-3.2-1b and qwen2.5-0.5b.
+    gpt2-tiny, gpt2-mini, gpt2-small-cpu, llama-tiny, qwen3-tiny, gemma2-tiny, gemma3-tiny;
+    stories260K (llama2.c TinyStories); and the shapes of llama-3.2-1b, qwen2.5-0.5b, qwen3-0.6b
+    and gemma-3-1b.
 
     Raises:
       ValueError: unknown preset name (the message lists the known ones).
@@ -212,10 +352,11 @@ def num_params(config: TransformerConfig, *, embeddings: bool = True) -> int:
     attn = d * n * h + 2 * d * k * h + n * h * d
     attn += (n * h + 2 * k * h) if config.qkv_biases else 0
     attn += d if config.output_biases else 0  # the attention output's bias
-    mlp = (2 if config.mlp == "gelu" else 3) * d * f  # up, down (+ gate for SwiGLU)
+    mlp = (2 if config.mlp == "gelu" else 3) * d * f  # up, down (+ gate for SwiGLU / GeGLU)
     mlp += (f + d) if config.output_biases else 0
     per_norm = 2 * d if config.norm == "layernorm" else d  # LayerNorm: scale and bias
-    norms, final = 2 * per_norm, per_norm  # two per block, one final
+    norms, final = (4 if config.sandwich_norms else 2) * per_norm, per_norm  # per block, final
+    norms += 2 * h if config.qk_norm else 0
     total = l * (attn + mlp + norms) + final
     if embeddings:
         total += config.vocab_size * d

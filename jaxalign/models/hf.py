@@ -1,6 +1,7 @@
 """Import Hugging Face `transformers` checkpoints into jaxalign parameter pytrees.
 
-Supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM` and `MistralForCausalLM`
+Supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+`MistralForCausalLM`, `Gemma2ForCausalLM` and `Gemma3ForCausalLM` (model_type "gemma3_text")
 directories holding `config.json` and either `model.safetensors` (possibly sharded with
 `model.safetensors.index.json`) or `pytorch_model.bin`.
 The `.bin` reader unpickles only tensor storage records (no torch import, no arbitrary code).
@@ -299,30 +300,45 @@ def gpt2_params_from_state_dict(
     return params
 
 
-_LLAMA_TYPES = ("llama", "qwen2", "mistral")
+_LLAMA_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+_GEMMA_TYPES = ("gemma2", "gemma3_text")
+_HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
-def _rope_settings(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope_settings(
+    hf: Mapping[str, Any], default_theta: float = 10000.0
+) -> tuple[float, RopeScaling | None]:
     """RoPE θ and scaling from either the pre-v5 keys (rope_theta, rope_scaling) or v5's
-    `rope_parameters`.
+    `rope_parameters` (one dict; see `_gemma3_rope` for the per-layer-type form).
 
     Raises:
-      ValueError: a RoPE scaling type other than "default" and "llama3".
+      ValueError: a RoPE scaling type other than "default", "linear" and "llama3".
     """
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or params
-    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    theta = float(hf.get("rope_theta", params.get("rope_theta", default_theta)))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
     if kind != "llama3":
-        raise ValueError(f"config.json: RoPE scaling {kind!r} is not supported (default, llama3)")
+        raise ValueError(
+            f"config.json: RoPE scaling {kind!r} is not supported (default, linear, llama3)"
+        )
     return theta, RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position=int(scaling["original_max_position_embeddings"]),
     )
+
+
+def _head_size(hf: Mapping[str, Any]) -> int | None:
+    """`head_size` for a config.json whose `head_dim` is not hidden_size / num_heads."""
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    return None if head_dim in (None, d // n) and d % n == 0 else int(head_dim)
 
 
 def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
@@ -337,12 +353,12 @@ def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
     d, n = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // n):
+    if hf.get("head_dim") not in (None, d // n) and model_type != "qwen3":
         raise ValueError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_heads")
     theta, scaling = _rope_settings(hf)
     window = hf.get("sliding_window") if model_type == "mistral" else None
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise ValueError("config.json: Qwen2 per-layer sliding windows are not supported")
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise ValueError(f"config.json: {model_type} per-layer sliding windows are not supported")
     return TransformerConfig(
         family="llama",
         vocab_size=hf["vocab_size"],
@@ -359,6 +375,92 @@ def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
         rope_interleaved=False,  # HF permutes q/k rows so that rotate_half applies
         rope_scaling=scaling,
         sliding_window=window,
+        head_size=_head_size(hf) if model_type == "qwen3" else None,
+        qk_norm=model_type == "qwen3",
+        **overrides,
+    )
+
+
+def _gemma_layer_types(hf: Mapping[str, Any], model_type: str) -> tuple[str, ...]:
+    """Per-layer "full"/"sliding" from config.json's `layer_types`, else the family's pattern
+    (Gemma 2: sliding, full, ...; Gemma 3: `sliding_window_pattern` = 6, every 6th layer full),
+    as transformers 5 derives it."""
+    n_layers = hf["num_hidden_layers"]
+    names = hf.get("layer_types")
+    if names is None:
+        every = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+        return tuple("sliding" if (i + 1) % every else "full" for i in range(n_layers))
+    if len(names) != n_layers or any(x not in _HF_LAYER_TYPES for x in names):
+        raise ValueError(
+            f"config.json: layer_types must list {n_layers} of {sorted(_HF_LAYER_TYPES)}, got {names}"
+        )
+    return tuple(_HF_LAYER_TYPES[x] for x in names)
+
+
+def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None, float]:
+    """(global θ, global scaling, local θ) of a Gemma 3 config: transformers 5 writes
+    `rope_parameters` = {"full_attention": {...}, "sliding_attention": {...}}; v4 wrote
+    `rope_theta`, `rope_scaling` and `rope_local_base_freq` (defaults 1e6 and 1e4)."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        theta, scaling = _rope_settings({"rope_parameters": params.get("full_attention")}, 1e6)
+        local, local_scaling = _rope_settings(
+            {"rope_parameters": params.get("sliding_attention")}, 1e4
+        )
+        if local_scaling is not None:
+            raise ValueError("config.json: RoPE scaling on Gemma 3's sliding layers is not supported")
+        return theta, scaling, local
+    theta, scaling = _rope_settings(hf, 1e6)
+    return theta, scaling, float(hf.get("rope_local_base_freq", 1e4))
+
+
+def gemma_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
+    """Maps a Hugging Face Gemma 2 (`gemma2`) or Gemma 3 text (`gemma3_text`) config dict to a
+    `TransformerConfig` (family "gemma"; HF defaults where config.json omits a field).
+
+    Raises:
+      ValueError: a model_type, activation or layer pattern this model does not support, or
+        bidirectional attention (EmbeddingGemma).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in _GEMMA_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not one of {_GEMMA_TYPES}")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise ValueError(f"config.json: hidden_activation {act!r} unsupported (need gelu_pytorch_tanh)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json: use_bidirectional_attention (EmbeddingGemma) is not supported")
+    if hf.get("attention_bias"):  # HF Gemma then biases o_proj too, which this model lacks
+        raise ValueError("config.json: attention_bias is not supported for Gemma")
+    n = hf["num_attention_heads"]
+    head_dim = int(hf.get("head_dim", 256))
+    if model_type == "gemma2":
+        (theta, scaling), local = _rope_settings(hf), None
+        softcaps = (hf.get("attn_logit_softcapping", 50.0), hf.get("final_logit_softcapping", 30.0))
+    else:
+        theta, scaling, local = _gemma3_rope(hf)
+        softcaps = (hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping"))
+    return TransformerConfig(
+        family="gemma",
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 8192),
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n,
+        n_kv_heads=hf.get("num_key_value_heads") or n,
+        d_ff=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=hf.get("sliding_window", 4096),
+        head_size=head_dim,
+        qk_norm=model_type == "gemma3_text",
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
+        attn_softcap=None if softcaps[0] is None else float(softcaps[0]),
+        final_softcap=None if softcaps[1] is None else float(softcaps[1]),
+        layer_types=_gemma_layer_types(hf, model_type),
+        rope_local_theta=local,
         **overrides,
     )
 
@@ -366,7 +468,10 @@ def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
 def llama_params_from_state_dict(
     state: Mapping[str, np.ndarray], config: TransformerConfig
 ) -> dict[str, Any]:
-    """Converts Llama-family tensors (HF names, nn.Linear [out, in] layout) to jaxalign params.
+    """Converts Llama-, Qwen3- and Gemma-family tensors (HF names, nn.Linear [out, in] layout)
+    to jaxalign params. Gemma's norm weights are stored as HF stores them (w of x̂·(1 + w)); its
+    `post_attention_layernorm` is the sandwich norm after attention (`ln_post_attn`) and
+    `pre_feedforward_layernorm` the MLP's input norm (`ln_2`).
 
     Raises:
       KeyError: a tensor the model needs is missing (the message names it).
@@ -389,7 +494,6 @@ def llama_params_from_state_dict(
         p = f"layers.{i}."
         params[f"layers_{i}"] = {
             "ln_1": {"scale": get(p + "input_layernorm.weight", (d,))},
-            "ln_2": {"scale": get(p + "post_attention_layernorm.weight", (d,))},
             "attn": {
                 "wq": proj(p + "self_attn.q_proj", n),
                 "wk": proj(p + "self_attn.k_proj", k),
@@ -402,6 +506,16 @@ def llama_params_from_state_dict(
                 "down": {"kernel": get(p + "mlp.down_proj.weight", (d, f)).T},
             },
         }
+        layer = params[f"layers_{i}"]
+        if config.sandwich_norms:
+            layer["ln_2"] = {"scale": get(p + "pre_feedforward_layernorm.weight", (d,))}
+            layer["ln_post_attn"] = {"scale": get(p + "post_attention_layernorm.weight", (d,))}
+            layer["ln_post_mlp"] = {"scale": get(p + "post_feedforward_layernorm.weight", (d,))}
+        else:
+            layer["ln_2"] = {"scale": get(p + "post_attention_layernorm.weight", (d,))}
+        if config.qk_norm:
+            layer["attn"]["q_norm"] = {"scale": get(p + "self_attn.q_norm.weight", (h,))}
+            layer["attn"]["k_norm"] = {"scale": get(p + "self_attn.k_norm.weight", (h,))}
     if not config.tie_embeddings:
         params["lm_head"] = {"kernel": get("lm_head.weight", (config.vocab_size, d), full=True).T}
     return params
@@ -410,7 +524,8 @@ def llama_params_from_state_dict(
 def load_hf_checkpoint(
     path_or_hub_id: str | os.PathLike, **config_overrides: Any
 ) -> tuple[TransformerConfig, dict[str, Any]]:
-    """Loads a Hugging Face GPT-2, Llama, Qwen2 or Mistral checkpoint: returns `(config, params)`.
+    """Loads a Hugging Face GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2 or Gemma 3 (text)
+    checkpoint: returns `(config, params)`.
 
     Args:
       path_or_hub_id: a local directory with config.json + weights, or (online) a hub id.
@@ -430,12 +545,13 @@ def load_hf_checkpoint(
     if model_type == "gpt2":
         config = _config_from_hf(gpt2_config_from_hf, hf, directory, config_overrides)
         return config, gpt2_params_from_state_dict(load_state_dict(directory), config)
-    if model_type in _LLAMA_TYPES:
-        config = _config_from_hf(llama_config_from_hf, hf, directory, config_overrides)
+    if model_type in _LLAMA_TYPES + _GEMMA_TYPES:
+        mapping = llama_config_from_hf if model_type in _LLAMA_TYPES else gemma_config_from_hf
+        config = _config_from_hf(mapping, hf, directory, config_overrides)
         return config, llama_params_from_state_dict(load_state_dict(directory), config)
     raise ValueError(
         f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
-        f"(gpt2, {', '.join(_LLAMA_TYPES)})"
+        f"(gpt2, {', '.join(_LLAMA_TYPES + _GEMMA_TYPES)})"
     )
 
 

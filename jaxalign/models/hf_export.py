@@ -13,7 +13,10 @@ exporting): writes `config.json` and `model.safetensors` that
   each q/k head permuted from (x0, x1, x2, x3, ...) pairs to (x0, x2, ..., x1, x3, ...) halves:
   `w.reshape(heads, H/2, 2, in).transpose(0, 2, 1, 3)`, the permutation of Meta's
   `convert_llama_weights_to_hf.py`; attention scores are unchanged because q and k get the same
-  permutation.
+  permutation. `Qwen3ForCausalLM` when `qk_norm` (per-head q/k norms, no q/k/v biases);
+* `Gemma2ForCausalLM` / `Gemma3ForCausalLM` (model_type "gemma3_text", chosen by `qk_norm`) for
+  `family="gemma"`: norm weights as stored (w of x̂·(1 + w)); `ln_post_attn` is HF's
+  `post_attention_layernorm`, `ln_2` its `pre_feedforward_layernorm`.
 
 To export a LoRA/DoRA fine-tune, merge first: `export_hf(merge_lora(base, adapters, cfg), ...)`.
 No tokenizer files are written; copy the tokenizer of the base checkpoint alongside.
@@ -106,6 +109,27 @@ def gpt2_hf_config(config: TransformerConfig, torch_dtype: str = "float32") -> d
 
 
 def _llama_model_type(config: TransformerConfig) -> str:
+    """The HF model_type that holds `config` exactly.
+
+    Raises:
+      ValueError: a combination no HF class of these families has (the message says which).
+    """
+    if config.family == "gemma":
+        if config.qkv_bias:
+            raise ValueError("export: HF Gemma's attention_bias also biases o_proj; qkv_bias has no class")
+        if config.qk_norm and config.attn_softcap is not None:
+            raise ValueError("export: Gemma with q/k norms and attention soft-capping has no HF class")
+        if not config.qk_norm and config.rope_local_theta is not None:
+            raise ValueError("export: Gemma 2 has no separate local RoPE θ (rope_local_theta)")
+        return "gemma3_text" if config.qk_norm else "gemma2"
+    if config.layer_types is not None or config.attn_softcap or config.final_softcap:
+        raise ValueError("export: layer_types / soft-capping in the llama family have no HF class here")
+    if config.qk_norm:
+        if config.qkv_bias or config.sliding_window is not None:
+            raise ValueError("export: Qwen3 (qk_norm) with q/k/v biases or a sliding window is not exported")
+        return "qwen3"
+    if config.head_size is not None:
+        raise ValueError("export: a head_size other than d_model / n_heads needs qk_norm (Qwen3) here")
     if config.qkv_bias and config.sliding_window is not None:
         raise ValueError("export: q/k/v biases with a sliding window have no HF equivalent here")
     if config.qkv_bias:
@@ -130,7 +154,15 @@ def llama_state_dict(
         layer, p = params[f"layers_{i}"], f"model.layers.{i}."
         attn, mlp = layer["attn"], layer["mlp"]
         state[p + "input_layernorm.weight"] = _np(layer["ln_1"]["scale"], dtype)
-        state[p + "post_attention_layernorm.weight"] = _np(layer["ln_2"]["scale"], dtype)
+        if config.sandwich_norms:  # Gemma's names: see the module docstring
+            state[p + "post_attention_layernorm.weight"] = _np(layer["ln_post_attn"]["scale"], dtype)
+            state[p + "pre_feedforward_layernorm.weight"] = _np(layer["ln_2"]["scale"], dtype)
+            state[p + "post_feedforward_layernorm.weight"] = _np(layer["ln_post_mlp"]["scale"], dtype)
+        else:
+            state[p + "post_attention_layernorm.weight"] = _np(layer["ln_2"]["scale"], dtype)
+        if config.qk_norm:
+            state[p + "self_attn.q_norm.weight"] = _np(attn["q_norm"]["scale"], dtype)
+            state[p + "self_attn.k_norm.weight"] = _np(attn["k_norm"]["scale"], dtype)
         for name, heads, rope in (("q", n, True), ("k", k, True), ("v", k, False)):
             proj = attn[f"w{name}"]
             w = linear(proj["kernel"], d)  # [heads·H, D]
@@ -149,28 +181,77 @@ def llama_state_dict(
     return state
 
 
+def _rope_dicts(theta: float, scaling) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(v5 `rope_parameters`, v4 `rope_scaling`) for one RoPE setting."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}, None
+    if scaling.rope_type == "linear":
+        legacy = {"rope_type": "linear", "factor": scaling.factor}
+    else:
+        legacy = {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position,
+        }
+    return {**legacy, "rope_theta": theta}, legacy
+
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def _integral(x: float) -> int:
+    """`x` as an int, which HF's strict Gemma config classes require.
+
+    Raises:
+      ValueError: `x` is not a whole number.
+    """
+    if float(x) != int(x):
+        raise ValueError(f"export: Gemma's query_pre_attn_scalar must be a whole number, got {x}")
+    return int(x)
+
+
+def _gemma_fields(config: TransformerConfig, model_type: str) -> dict[str, Any]:
+    """The Gemma 2/3 config.json fields beyond the Llama ones."""
+    kinds = config.layer_types or ("sliding" if config.sliding_window else "full",) * config.n_layers
+    out: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        # HF's config class declares an int; a fractional scalar would not load there.
+        "query_pre_attn_scalar": _integral(config.query_pre_attn_scalar or config.head_dim),
+        "attn_logit_softcapping": config.attn_softcap,
+        "final_logit_softcapping": config.final_softcap,
+        "sliding_window": config.sliding_window,
+        "layer_types": [f"{kind}_attention" for kind in kinds],
+    }
+    if model_type == "gemma3_text":
+        local = config.rope_local_theta or config.rope_theta
+        local_scaling = None if config.rope_local_theta is not None else config.rope_scaling
+        out["rope_parameters"] = {
+            "full_attention": _rope_dicts(config.rope_theta, config.rope_scaling)[0],
+            "sliding_attention": _rope_dicts(local, local_scaling)[0],
+        }
+        out["rope_local_base_freq"] = local
+    return out
+
+
 def llama_hf_config(config: TransformerConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """A Llama / Qwen2 / Mistral config dict for `config`.
+    """A Llama / Qwen2 / Qwen3 / Mistral / Gemma 2 / Gemma 3 (text) config dict for `config`.
 
     RoPE settings are written both as transformers v5 `rope_parameters` and as the v4 keys
-    `rope_theta` / `rope_scaling`.
+    `rope_theta` / `rope_scaling` (Gemma 3: v5's per-layer-type dict and `rope_local_base_freq`).
+
+    Raises:
+      ValueError: a config no HF class of these families holds (see `_llama_model_type`).
     """
     model_type = _llama_model_type(config)
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    scaling = None
-    if config.rope_scaling is not None:
-        s = config.rope_scaling
-        scaling = {
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position,
-        }
-        rope = {**scaling, "rope_theta": config.rope_theta}
-    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    rope, scaling = _rope_dicts(config.rope_theta, config.rope_scaling)
     out: dict[str, Any] = {
-        "architectures": [architecture[model_type]],
+        "architectures": [_ARCHITECTURES[model_type]],
         "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
@@ -193,10 +274,12 @@ def llama_hf_config(config: TransformerConfig, torch_dtype: str = "float32") -> 
     }
     if model_type == "mistral":
         out["sliding_window"] = config.sliding_window
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         out["use_sliding_window"] = False
         out["sliding_window"] = None
         out["max_window_layers"] = config.n_layers
+    if model_type in ("gemma2", "gemma3_text"):
+        out.update(_gemma_fields(config, model_type))
     return out
 
 
@@ -221,7 +304,8 @@ def export_hf(
 
     Raises:
       ValueError: an unknown dtype, or a model with no HF equivalent (GPT-2 with grouped-query
-        attention; q/k/v biases together with a sliding window).
+        attention; q/k/v biases together with a sliding window; the other combinations
+        `_llama_model_type` names).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"export_hf: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")

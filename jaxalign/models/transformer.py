@@ -11,7 +11,13 @@ Two families share one module tree (parameter names are the same where the roles
   approximation, HF "gelu_new"), biases on every projection, head tied to the token embedding.
 * Llama (Touvron et al. 2023, arXiv 2302.13971; Qwen2, Mistral): rotary position embedding on q
   and k, pre-RMSNorm, SwiGLU MLP `down(silu(gate(x)) * up(x))`, no biases (Qwen2: q/k/v
-  biases), grouped-query attention, tied or separate head.
+  biases), grouped-query attention, tied or separate head. Qwen3 adds an RMSNorm over each
+  head of q and k before RoPE (`qk_norm`).
+* Gemma 2/3 (arXiv 2408.00118, 2503.19786; HF `Gemma2Model`/`Gemma3TextModel`): embeddings
+  times √D, RMSNorm as x̂·(1 + w), `x + post_norm(attn(norm(x)))` and the same around a GeGLU
+  MLP, scores scaled by `query_pre_attn_scalar`^-1/2, optional tanh soft-capping of attention
+  and output logits (Gemma 2), per-layer local/global attention with its own RoPE θ (Gemma 3)
+  and q/k norms (Gemma 3).
 
 Positions: `positions[b, t]` is the absolute position of token t of row b; -1 marks padding
 (left-padded prompts), which is never attended to. The KV cache (`KVCache`) goes into and comes
@@ -61,10 +67,13 @@ class KVCache:
 def init_cache(config: TransformerConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache for `batch` rows and up to `max_len` tokens per row.
 
-    With `config.sliding_window` = W < max_len the cache holds only W slots and is used as a
-    rolling buffer; memory is then O(W) whatever the generation length.
+    When every layer slides (`config.cache_window` = W < max_len, e.g. Mistral) the cache holds
+    only W slots and is used as a rolling buffer; memory is then O(W) whatever the generation
+    length. A model mixing local and global layers (Gemma 2/3) keeps `max_len` slots in every
+    layer and its local layers mask by position.
     """
-    size = max_len if config.sliding_window is None else min(max_len, config.sliding_window)
+    window = config.cache_window
+    size = max_len if window is None else min(max_len, window)
     shape = (batch, size, config.kv_heads, config.head_dim)
     zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers))
     return KVCache(
@@ -134,31 +143,56 @@ def _residual_std(config: TransformerConfig) -> float:
     return 0.02 / math.sqrt(2 * config.n_layers)
 
 
-def _norm(config: TransformerConfig, name: str) -> nn.Module:
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x·rsqrt(mean(x²) + ε)·(1 + scale), computed in float32 and cast back
+    (HF `Gemma3RMSNorm`: "(x * w).to(float16)", not Llama's "x.to(float16) * w"); `scale` [F]
+    is zero at init, so the norm starts as the identity's direction."""
+
+    epsilon: float
+    dtype: object
+    param_dtype: object
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", _zeros((self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+
+
+def _norm(config: TransformerConfig, name: str, axis_name: str = "embed") -> nn.Module:
+    """The family's norm over the last axis; its parameters carry the logical axis `axis_name`
+    ("embed" for the residual stream, "head_dim" for Qwen3/Gemma 3's per-head q/k norms)."""
     if config.norm == "layernorm":
         return nn.LayerNorm(
             epsilon=config.norm_eps,
             dtype=config.dtype,
             param_dtype=config.param_dtype,
-            scale_init=_ones(("embed",)),
-            bias_init=_zeros(("embed",)),
+            scale_init=_ones((axis_name,)),
+            bias_init=_zeros((axis_name,)),
             name=name,
         )
+    if config.norm_unit_offset:
+        return OffsetRMSNorm(config.norm_eps, config.dtype, config.param_dtype, axis_name, name=name)
     return nn.RMSNorm(
         epsilon=config.norm_eps,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
-        scale_init=_ones(("embed",)),
+        scale_init=_ones((axis_name,)),
         name=name,
     )
 
 
-def rope_frequencies(config: TransformerConfig) -> np.ndarray:
-    """Inverse frequencies θ^(-2i/H), i < H/2, float32 [H/2] (RoFormer, arXiv 2104.09864 Eq. 15),
-    with Llama 3's long-context scaling applied when `config.rope_scaling` is set."""
+def rope_frequencies(config: TransformerConfig, layer: int = 0) -> np.ndarray:
+    """Inverse frequencies θ^(-2i/H), i < H/2, float32 [H/2] (RoFormer, arXiv 2104.09864 Eq. 15)
+    of `layer` (θ and scaling from `config.layer_rope(layer)`: Gemma 3's local layers use their
+    own θ), with Llama 3's or linear long-context scaling applied when set."""
     h = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
-    scaling = config.rope_scaling
+    theta, scaling = config.layer_rope(layer)
+    inv_freq = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    if scaling is not None and scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
     if scaling is not None:  # Meta's llama3 `apply_scaling`
         wavelen = 2 * np.pi / inv_freq
         low_wavelen = scaling.original_max_position / scaling.low_freq_factor
@@ -210,10 +244,52 @@ def _position_mask(
     return visible
 
 
+def _softcapped_attention(q, k, v, mask, *, scale: float, softcap: float) -> jax.Array:
+    """softmax(c·tanh(scale·q·kᵀ / c) masked)·v for q [B,T,N,H], k/v [B,S,K,H], mask bool
+    [B,1,T,S] (Gemma 2's attention-logit capping, HF `eager_attention_forward` with `softcap`).
+
+    `jax.nn.dot_product_attention` has no soft-capping, so this path spells the einsums; scores
+    and softmax are float32. Rows with no visible key (padding queries) get a uniform softmax
+    over finite values, never NaN.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)  # [B,T,K,G,H]
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap * jnp.tanh(scores / softcap)  # [B,K,G,T,S]
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def _attend(cfg: TransformerConfig, q, k, v, *, mask=None, window: int | None = None) -> jax.Array:
+    """Attention of q [B,T,N,H] over k/v [B,S,K,H]: with `mask` (bool [B,1,T,S]) when given,
+    else causal with an optional sliding `window` (T == S). Scale `cfg.attn_scale`."""
+    if cfg.attn_softcap is not None:
+        if mask is None:
+            pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+            mask = _position_mask(pos, pos, window)
+        return _softcapped_attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    if mask is not None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.attn_scale)
+    # One call, one place to switch kernels. With implementation=None JAX 0.10 lowers it through
+    # XLA on every backend (GPU included); cuDNN's fused kernel needs implementation="cudnn" and
+    # bf16/fp16 inputs, not yet wired into the config.
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=local, scale=cfg.attn_scale
+    )
+
+
 class Attention(nn.Module):
-    """Causal self-attention with separate q/k/v projections (grouped-query when K < N)."""
+    """Causal self-attention with separate q/k/v projections (grouped-query when K < N).
+
+    `layer` selects the layer's window and RoPE (`config.layer_window`, `config.layer_rope`).
+    """
 
     config: TransformerConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(
@@ -230,12 +306,16 @@ class Attention(nn.Module):
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         qkv_bias = cfg.qkv_biases
         std = 0.02
+        window = cfg.layer_window(self.layer)
         q = _dense(cfg, (n, h), ("embed", "heads", "head_dim"), std=std, name="wq", use_bias=qkv_bias)(x)
         kk = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wk", use_bias=qkv_bias)(x)
         v = _dense(cfg, (k, h), ("embed", "kv_heads", "head_dim"), std=std, name="wv", use_bias=qkv_bias)(x)
         # q [B,T,N,H]; kk, v [B,T,K,H]
+        if cfg.qk_norm:  # Qwen3 / Gemma 3: per-head norms before RoPE
+            q = _norm(cfg, "q_norm", "head_dim")(q)
+            kk = _norm(cfg, "k_norm", "head_dim")(kk)
         if not cfg.learned_positions:  # RoPE
-            inv_freq = rope_frequencies(cfg)
+            inv_freq = rope_frequencies(cfg, self.layer)
             rope_pos = jnp.maximum(positions, 0)
             q = apply_rope(q, rope_pos, inv_freq, interleaved=cfg.rope_interleaved)
             kk = apply_rope(kk, rope_pos, inv_freq, interleaved=cfg.rope_interleaved)
@@ -243,16 +323,11 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is None:
             if padded:  # left padding: mask padded keys by position instead of plain causality
-                mask = _position_mask(positions, positions, cfg.sliding_window)
-                out = jax.nn.dot_product_attention(q, kk, v, mask=mask)
+                out = _attend(cfg, q, kk, v, mask=_position_mask(positions, positions, window))
             else:
-                # One call, one place to switch kernels. With implementation=None JAX 0.10 lowers
-                # it through XLA on every backend (GPU included); cuDNN's fused kernel needs
-                # implementation="cudnn" and bf16/fp16 inputs, not yet wired into the config.
-                window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-                out = jax.nn.dot_product_attention(q, kk, v, is_causal=True, local_window_size=window)
+                out = _attend(cfg, q, kk, v, window=window)
         else:
-            out, new_cache = _cached_attention(cfg, q, kk, v, positions, layer_cache, plan)
+            out, new_cache = _cached_attention(cfg, q, kk, v, positions, layer_cache, plan, window)
         out = _dense(
             cfg, cfg.d_model, ("heads", "head_dim", "embed"), std=_residual_std(cfg), name="wo",
             axis=(-2, -1), use_bias=cfg.output_biases,
@@ -268,12 +343,12 @@ def _write(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
     return buffer.at[:, slots].set(new.astype(buffer.dtype))
 
 
-def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan):
+def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan, window):
     """Attention of T new queries over the cached keys plus the T new ones; updates the cache.
 
     `plan` = (slots receiving the kept new tokens, number of leading new tokens that do not fit,
     write-first flag, slot positions before and after this call) is computed once per call by
-    `Transformer` and shared by every layer.
+    `Transformer` and shared by every layer; `window` is this layer's (None: global).
 
     When the new tokens cannot overwrite a key that one of them still needs (a cache as long as
     the sequence, or one token into a rolling buffer) they are written first and attention reads
@@ -285,22 +360,23 @@ def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan):
     if write_first:
         k_buf = _write(k_buf, k_new[:, skip:], slots)
         v_buf = _write(v_buf, v_new[:, skip:], slots)
-        mask = _position_mask(positions, new_positions, cfg.sliding_window)  # [B,1,T,S]
-        out = jax.nn.dot_product_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
+        mask = _position_mask(positions, new_positions, window)  # [B,1,T,S]
+        out = _attend(cfg, q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
     else:
         keys = jnp.concatenate([k_buf.astype(q.dtype), k_new], axis=1)  # [B,S+T,K,H]
         values = jnp.concatenate([v_buf.astype(q.dtype), v_new], axis=1)
         key_pos = jnp.concatenate([old_positions, positions], axis=1)  # [B,S+T]
-        mask = _position_mask(positions, key_pos, cfg.sliding_window)
-        out = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+        mask = _position_mask(positions, key_pos, window)
+        out = _attend(cfg, q, keys, values, mask=mask)
         k_buf = _write(k_buf, k_new[:, skip:], slots)
         v_buf = _write(v_buf, v_new[:, skip:], slots)
     return out, (k_buf, v_buf)
 
 
 class MLP(nn.Module):
-    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)) (SwiGLU, Shazeer 2020,
-    arXiv 2002.05202)."""
+    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)) (SwiGLU); Gemma:
+    down(gelu_tanh(gate(x)) * up(x)) (GeGLU, HF "gelu_pytorch_tanh"; both Shazeer 2020, arXiv
+    2002.05202)."""
 
     config: TransformerConfig
 
@@ -313,7 +389,8 @@ class MLP(nn.Module):
             h = jax.nn.gelu(up, approximate=True)  # GPT-2's "gelu_new"
         else:
             gate = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), std=0.02, name="gate", use_bias=False)(x)
-            h = jax.nn.silu(gate) * up  # [B,T,F]
+            act = jax.nn.silu(gate) if cfg.mlp == "swiglu" else jax.nn.gelu(gate, approximate=True)
+            h = act * up  # [B,T,F]
         out = _dense(
             cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down", use_bias=bias
         )(h)  # [B,T,D]
@@ -321,22 +398,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); Gemma's sandwich
+    norms make these x + ln_post_attn(attn(ln_1(x))) and x + ln_post_mlp(mlp(ln_2(x)))."""
 
     config: TransformerConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, *, padded, layer_cache, plan, deterministic):
-        attn_out, new_cache = Attention(self.config, name="attn")(
-            _norm(self.config, "ln_1")(x),
+        cfg = self.config
+        attn_out, new_cache = Attention(cfg, self.layer, name="attn")(
+            _norm(cfg, "ln_1")(x),
             positions,
             padded=padded,
             layer_cache=layer_cache,
             plan=plan,
             deterministic=deterministic,
         )
+        if cfg.sandwich_norms:
+            attn_out = _norm(cfg, "ln_post_attn")(attn_out)
         x = x + attn_out
-        x = x + MLP(self.config, name="mlp")(_norm(self.config, "ln_2")(x), deterministic=deterministic)
+        mlp_out = MLP(cfg, name="mlp")(_norm(cfg, "ln_2")(x), deterministic=deterministic)
+        if cfg.sandwich_norms:
+            mlp_out = _norm(cfg, "ln_post_mlp")(mlp_out)
+        x = x + mlp_out
         return x, new_cache  # [B,T,D]
 
 
@@ -378,7 +463,7 @@ class Transformer(nn.Module):
                 param_dtype=cfg.param_dtype,
                 embedding_init=_init(0.01, ("pos", "embed")),
             )
-        self.layers = [Block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.layers = [Block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.ln_f = _norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
@@ -414,15 +499,17 @@ class Transformer(nn.Module):
         plan = None
         if cache is not None:
             size = cache.size
-            if cfg.sliding_window is None and t > size:
+            if cfg.cache_window is None and t > size:
                 raise ValueError(f"{t} new tokens do not fit a KV cache of {size} slots")
             skip = max(0, t - size)
             slots = (cache.length + skip + jnp.arange(t - skip)) % size  # [t - skip]
             new_positions = cache.positions.at[:, slots].set(positions[:, skip:])  # [B,S]
-            write_first = cfg.sliding_window is None or t == 1
+            write_first = cfg.cache_window is None or t == 1
             plan = (slots, skip, write_first, cache.positions, new_positions)
 
         x = self.embed(tokens)  # [B,T,D]
+        if cfg.embed_scale is not None:  # Gemma: √D, rounded to the compute dtype as HF does
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
         if cfg.learned_positions:
             x = x + self.pos_embed(jnp.maximum(positions, 0))
         x = self.drop(x, deterministic=deterministic)
@@ -448,10 +535,14 @@ class Transformer(nn.Module):
         return (x if return_hidden else self.logits_from_hidden(x)), new_cache
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        """Output head: hidden [..., D] -> logits [..., V] (tied: hidden @ embeddingᵀ)."""
+        """Output head: hidden [..., D] -> logits [..., V] (tied: hidden @ embeddingᵀ), soft-capped
+        as c·tanh(z / c) when `config.final_softcap` = c is set (Gemma 2)."""
         if self.config.tie_embeddings:
-            return self.embed.attend(hidden)
-        return self.lm_head(hidden)
+            logits = self.embed.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        cap = self.config.final_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def init_params(config: TransformerConfig, rng: jax.Array) -> Params:

@@ -152,3 +152,18 @@ def test_cached_decoding_equals_teacher_forcing(preset):
         wide = config.replace(layer_types=None, sliding_window=None)
         ref_wide = token_logps(run(params, wide, seq, pos)[:, 5:-1], gen.tokens)
         assert not np.allclose(gen.model_logps, ref_wide, atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "gemma3-tiny"])
+def test_new_parameters_have_sharding_rules(preset):
+    """q/k norms name ("head_dim",) (replicated), the sandwich norms ("embed",) (split over fsdp):
+    every leaf resolves under the one rules table, on a device-less 2x2x2 mesh."""
+    from jaxalign.sharding import MeshConfig, abstract_mesh, param_specs
+
+    config = get_config(preset)
+    specs = param_specs(config, abstract_mesh(MeshConfig(2, 2, 2), 8))
+    layer = specs["layers_0"]
+    assert tuple(layer["attn"]["q_norm"]["scale"]) == (None,)
+    assert tuple(layer["attn"]["wq"]["kernel"]) == ("fsdp", "tensor", None)
+    if config.sandwich_norms:
+        assert tuple(layer["ln_post_attn"]["scale"]) == tuple(layer["ln_1"]["scale"])

@@ -1,10 +1,32 @@
-"""Shared test fixtures: the real data folder beside the repo, and a compile counter."""
+"""Shared test fixtures: the real data folder beside the repo, and a compile counter.
+
+Also a JAX persistent compilation cache for the whole test session, set here before any test
+imports jax: the end-to-end tests run the same experiment several times (an uninterrupted run,
+a killed one, its resumption, often in subprocesses), and each run would otherwise recompile the
+same programs. The cache is keyed on the program, the backend and the XLA flags (jax's
+`cache_key.get`), so a cached executable is the one a fresh compile would produce and results
+stay bit-identical. It lives in a fresh temporary directory (inherited by xdist workers and
+subprocesses through the environment) that the process which made it removes at exit; set
+`JAX_COMPILATION_CACHE_DIR` yourself to keep one across sessions.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jaxalign-test-jit-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# cache every program: the tests' programs are small and compile in well under jax's 1 s default
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

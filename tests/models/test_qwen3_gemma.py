@@ -167,3 +167,12 @@ def test_new_parameters_have_sharding_rules(preset):
     assert tuple(layer["attn"]["wq"]["kernel"]) == ("fsdp", "tensor", None)
     if config.sandwich_norms:
         assert tuple(layer["ln_post_attn"]["scale"]) == tuple(layer["ln_1"]["scale"])
+
+
+def test_preset_parameter_counts_match_published_models():
+    # Qwen3-0.6B model card: 0.6B parameters, 0.44B non-embedding (tied head)
+    qwen3 = get_config("qwen3-0.6b")
+    assert num_params(qwen3) == 596_049_920
+    assert round(num_params(qwen3, embeddings=False) / 1e9, 2) == 0.44
+    # google/gemma-3-1b-it safetensors metadata: 999,885,952 parameters
+    assert num_params(get_config("gemma-3-1b")) == 999_885_952

@@ -9,8 +9,10 @@ same variables (``messages``, ``tools``, ``documents``, ``add_generation_prompt`
 tokens such as ``bos_token`` / ``eos_token``, then the caller's keyword arguments). ``transformers``
 is never imported; the tests use it as the oracle.
 
-A tokenizer without a template keeps the library's plain format (``messages_prompt`` in
-``jaxalign.data.datasets``: ``### Role:`` blocks); ``render_conversation`` picks one or the other.
+A tokenizer without a template keeps the library's plain format (``messages_prompt``: ``### Role:``
+blocks); ``render_conversation`` picks one or the other. ``message_problem`` and
+``conversation_problem`` are the checks the loaders (``jaxalign.data.datasets``) and the tokenising
+code (``jaxalign.data.collate``) share, so a malformed conversation reads the same everywhere.
 """
 
 from __future__ import annotations
@@ -27,17 +29,21 @@ import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
 
-from jaxalign.data.datasets import messages_prompt
-
 __all__ = [
     "ChatTemplate",
     "ChatTokenizer",
     "CHAT_ROLES",
+    "messages_prompt",
+    "message_problem",
+    "conversation_problem",
     "render_conversation",
     "encode_chat",
 ]
 
 CHAT_ROLES = ("system", "user", "assistant")  # the roles encode_chat accepts (as messages_prompt)
+
+# The plain format's role headers (no chat template): the library's own, not any model's.
+_ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 
 # Names a message's reasoning may come under; templates read the first (transformers 5.24
 # `_REASONING_FIELDS`, filled in by `_alias_reasoning_fields`).
@@ -235,6 +241,25 @@ class ChatTokenizer(Protocol):
         ...
 
 
+def messages_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """Render chat turns as ``### Role:`` blocks, ending with an open assistant header: the plain
+    format for tokenizers without a chat template (moved here from ``jaxalign.data.datasets``,
+    which re-exports it).
+
+    Args:
+        messages: ``{"role": "system" | "user" | "assistant", "content": str}`` turns that come
+            before the completion.
+
+    Raises:
+        KeyError: if a role is not one of the three above.
+
+    Returns:
+        ``"### User:\\n{content}\\n\\n"`` (etc.) per turn, followed by ``"### Assistant:\\n"``.
+    """
+    turns = "".join(f"{_ROLE_HEADERS[m['role']]}{m['content']}\n\n" for m in messages)
+    return turns + _ROLE_HEADERS["assistant"]
+
+
 def render_conversation(
     tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False, **kwargs: Any
 ) -> str:
@@ -264,8 +289,21 @@ def render_conversation(
     return text if add_generation_prompt else text[: len(text) - len(messages_prompt([]))]
 
 
-def _chat_problem(message: Any, special_tokens: Sequence[str]) -> str | None:
-    """Why one turn cannot be encoded (``None`` if it can); names the field."""
+def message_problem(message: Any, special_tokens: Sequence[str] = ()) -> str | None:
+    """Why one chat turn cannot be rendered and encoded (``None`` if it can).
+
+    Args:
+        message: a candidate ``{"role", "content"}`` mapping (other keys are ignored).
+        special_tokens: strings the content may not contain (``HFTokenizer.special_tokens``: a
+            chat template's output is encoded with them recognised, so content spelling one would
+            inject a control token).
+
+    Returns:
+        ``None``, or the problem naming the field: ``"is a str, not a mapping"``, ``"field 'role'
+        is 'tool', not one of ['system', 'user', 'assistant']"``, ``"field 'content' is not a
+        string (got int)"``, ``"field 'content' is empty"`` (blank), ``"field 'content' contains the
+        special token(s) ['<|im_end|>']"``.
+    """
     if not isinstance(message, Mapping):
         return f"is a {type(message).__name__}, not a mapping"
     role = message.get("role")
@@ -282,11 +320,49 @@ def _chat_problem(message: Any, special_tokens: Sequence[str]) -> str | None:
     return None
 
 
+def conversation_problem(
+    messages: Any,
+    *,
+    special_tokens: Sequence[str] = (),
+    opens: bool = False,
+    ends_with_assistant: bool = False,
+) -> str | None:
+    """Why ``messages`` is not a usable list of chat turns (``None`` if it is).
+
+    The checks of TRL's conversational dataset formats (TRL 0.19+ docs, "Dataset formats and
+    types": a list of ``{"role", "content"}`` dicts), restricted to the roles in ``CHAT_ROLES``.
+
+    Args:
+        messages: a candidate list of turns (a JSON array of objects).
+        special_tokens: strings no content may contain (see ``message_problem``).
+        opens: the list starts a conversation, so its first turn may not be the assistant's.
+        ends_with_assistant: the last turn must be the assistant's (a completion to train on).
+
+    Returns:
+        ``None``, or the problem: ``"is not a list of messages (got str)"``, ``"is empty"``,
+        ``"message {i} {message_problem}"``, ``"message 0 is an 'assistant' turn: ..."`` or
+        ``"must end with an 'assistant' message, not 'user'"``.
+    """
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        return f"is not a list of messages (got {type(messages).__name__})"
+    if len(messages) == 0:
+        return "is empty"
+    for turn, message in enumerate(messages):
+        if (problem := message_problem(message, special_tokens)) is not None:
+            return f"message {turn} {problem}"
+    if opens and messages[0]["role"] == "assistant":
+        return "message 0 is an 'assistant' turn: a conversation must open with a system or user turn"
+    if ends_with_assistant and messages[-1]["role"] != "assistant":
+        return f"must end with an 'assistant' message, not {messages[-1]['role']!r}"
+    return None
+
+
 def encode_chat(
     tokenizer: ChatTokenizer,
     messages: Sequence[Mapping[str, Any]],
     *,
     add_generation_prompt: bool = False,
+    mask_from: int = 0,
     **kwargs: Any,
 ) -> tuple[list[int], list[bool]]:
     """Token ids of a rendered chat and a mask that is True on the assistant turns.
@@ -305,6 +381,8 @@ def encode_chat(
         tokenizer: a ``ChatTokenizer`` with a chat template (``HFTokenizer``).
         messages: ``{"role": "system" | "user" | "assistant", "content": str}`` turns.
         add_generation_prompt: end with an open assistant header (its tokens are not masked).
+        mask_from: assistant turns at indices below this are context, left out of the mask (the
+            prompt of TRL's prompt-completion and preference formats); 0 masks every one.
         **kwargs: template variables (see ``ChatTemplate.render``).
 
     Raises:
@@ -331,7 +409,7 @@ def encode_chat(
     if len(messages) == 0:
         raise ValueError("cannot encode an empty conversation: give at least one message")
     for turn, message in enumerate(messages):
-        if (problem := _chat_problem(message, tokenizer.special_tokens)) is not None:
+        if (problem := message_problem(message, tokenizer.special_tokens)) is not None:
             raise ValueError(f"message {turn} {problem}")
     text = template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
     spans = []
@@ -340,6 +418,8 @@ def encode_chat(
             continue
         if turn == 0:
             raise ValueError("message 0 is an 'assistant' turn: a chat must open with a system or user turn")
+        if turn < mask_from:
+            continue
         prompt = template.render(messages[:turn], add_generation_prompt=True, **kwargs)
         rendered = template.render(messages[: turn + 1], **kwargs)
         if not (rendered.startswith(prompt) and text.startswith(rendered)):

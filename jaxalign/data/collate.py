@@ -2,8 +2,11 @@
 
 Conventions (training; generation will left-pad prompts separately):
   * ``tokens``: int32 ``[B, L]``: ``[bos?] prompt completion eos``, then ``pad_id`` to length ``L``.
+    Conversational rows (TRL's formats, see ``tokenize_conversation``) are instead the chat
+    template's rendering, BOS and end-of-turn tokens as the template writes them.
   * ``mask``: float32 ``[B, L]``: 1.0 exactly where ``tokens`` holds a completion token (including
-    the appended EOS), 0.0 on BOS, prompt and padding. A trainer takes logits from
+    the appended EOS; for conversational rows the completion's assistant turns with their
+    end-of-turn tokens), 0.0 on BOS, prompt and padding. A trainer takes logits from
     ``tokens[:, :-1]`` and scores labels ``tokens[:, 1:]`` weighted by ``mask[:, 1:]``.
   * ``L`` is chosen from a few buckets so that jit compiles once per bucket, and a short final
     batch is filled with all-padding rows (mask 0) so the batch dimension never changes.
@@ -17,18 +20,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, NamedTuple, TypeVar
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import datasets
+import jinja2
 import numpy as np
 
+from jaxalign.data.chat import conversation_problem, encode_chat, messages_prompt
 from jaxalign.data.tokenizers import Tokenizer
 
 __all__ = [
     "Example",
     "PreferenceExample",
     "tokenize_prompt_completion",
+    "tokenize_conversation",
     "tokenize_sft",
     "tokenize_preference",
     "default_buckets",
@@ -67,6 +74,31 @@ class PreferenceExample(NamedTuple):
     rejected: Example
 
 
+def _truncate(
+    head: list[int], prompt: list[int], tail: list[int], tail_mask: Sequence[bool], *, max_length: int
+) -> Example:
+    """``head + prompt + tail`` cut to ``max_length`` (the truncation policy of
+    ``tokenize_prompt_completion``); mask 1.0 where ``tail_mask`` is True, 0.0 on head and prompt.
+
+    Raises ``ValueError`` if ``max_length`` cannot hold the head, one prompt and one tail token.
+    """
+    if max_length < len(head) + 2:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for a prompt and a completion token"
+        )
+    # Left-truncate the prompt to make room for the completion, but keep at least one prompt
+    # token so the first completion token has a position to be predicted from.
+    prompt_room = max(1, max_length - len(head) - len(tail))
+    prompt = prompt[-prompt_room:]
+    # Then right-truncate the completion (this drops the EOS of an over-long completion).
+    keep = max_length - len(head) - len(prompt)
+    trained = np.concatenate(
+        [np.zeros(len(head) + len(prompt), dtype=bool), np.asarray(tail_mask[:keep], dtype=bool)]
+    )
+    tokens = np.asarray(head + prompt + tail[:keep], dtype=np.int32)
+    return Example(tokens, np.where(trained, 1.0, 0.0).astype(np.float32))
+
+
 def _assemble(
     prompt: Sequence[int],
     completion: Sequence[int],
@@ -82,20 +114,7 @@ def _assemble(
     """
     head = [] if bos_id is None else [bos_id]
     tail = list(completion) + ([] if eos_id is None else [eos_id])
-    if max_length < len(head) + 2:
-        raise ValueError(
-            f"max_length={max_length} leaves no room for a prompt and a completion token"
-        )
-    # Left-truncate the prompt to make room for the completion, but keep at least one prompt
-    # token so the first completion token has a position to be predicted from.
-    prompt_room = max(1, max_length - len(head) - len(tail))
-    prompt = list(prompt)[-prompt_room:]
-    # Then right-truncate the completion (this drops the EOS of an over-long completion).
-    tail = tail[: max_length - len(head) - len(prompt)]
-    tokens = np.asarray(head + prompt + tail, dtype=np.int32)
-    mask = np.zeros(len(tokens), dtype=np.float32)
-    mask[len(head) + len(prompt) :] = 1.0
-    return Example(tokens, mask)
+    return _truncate(head, list(prompt), tail, [True] * len(tail), max_length=max_length)
 
 
 def tokenize_prompt_completion(
@@ -135,6 +154,125 @@ def tokenize_prompt_completion(
     )
 
 
+def _has_template(tokenizer: Tokenizer) -> bool:
+    """Whether conversations are rendered with a chat template (``HFTokenizer`` with one)."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def _parts_problem(
+    tokenizer: Tokenizer, prompt: Any, completion: Any, *, fields: tuple[str, str] = ("prompt", "completion")
+) -> str | None:
+    """Why ``prompt`` + ``completion`` turns cannot be tokenised with ``tokenizer`` (``None`` if
+    they can): ``"field '{name}' {problem}"`` from ``chat.conversation_problem`` on each part
+    (named by ``fields``), content checked against the tokenizer's special-token strings when it
+    renders a chat template (in the plain format they are ordinary text)."""
+    special = tuple(getattr(tokenizer, "special_tokens", ())) if _has_template(tokenizer) else ()
+    checks = ((fields[0], prompt, True, False), (fields[1], completion, False, True))
+    for field, turns, opens, ends in checks:
+        problem = conversation_problem(turns, special_tokens=special, opens=opens, ends_with_assistant=ends)
+        if problem is not None:
+            return f"field '{field}' {problem}"
+    return None
+
+
+def tokenize_conversation(
+    tokenizer: Tokenizer,
+    prompt: Sequence[Mapping[str, str]],
+    completion: Sequence[Mapping[str, str]],
+    *,
+    max_length: int,
+) -> Example:
+    """Tokenise one conversation, ``prompt`` turns then ``completion`` turns, masking what to train.
+
+    With a chat template (``HFTokenizer``): the ids are ``encode_chat(tokenizer, prompt +
+    completion)``, i.e. transformers' ``apply_chat_template(prompt + completion, tokenize=True)``;
+    nothing is added by collation (BOS only if the template writes it, the end-of-turn token as the
+    template writes it). The mask is 1.0 exactly on the assistant turns of ``completion``, each turn
+    being the text between the conversation rendered up to it with ``add_generation_prompt=True``
+    and rendered through it (content + end-of-turn token): TRL ``SFTConfig(assistant_only_loss=
+    True)`` on the completion of its prompt-completion format, and for a one-turn ``completion``
+    exactly TRL's DPO split (``prompt`` rendered with the generation prompt, the completion = the
+    rest). Assistant turns inside ``prompt`` are context (mask 0).
+
+    Without one (byte, GPT-2, SentencePiece tokenizers, or an ``HFTokenizer`` whose checkpoint has
+    no template): the library's plain format, ``tokenize_prompt_completion(messages_prompt(prompt +
+    completion[:-1]), completion[-1]["content"])`` with BOS/EOS as there: only the last assistant
+    turn is trained, the earlier turns being ``### Role:`` context.
+
+    Truncation is that of ``tokenize_prompt_completion``, the prompt being everything before the
+    first trained token: a template-written BOS stays first, the prompt is cut from the left
+    (keeping at least one token), then the rest from the right.
+
+    Args:
+        tokenizer: any ``Tokenizer``.
+        prompt: ``{"role", "content"}`` turns before the completion (not opening with the assistant).
+        completion: turns ending with an assistant turn (see ``load_sft_dataset``).
+        max_length: the most tokens to keep; at least 2 (+1 with a BOS first).
+
+    Raises:
+        ValueError: a malformed part, naming it (``"field 'completion' message 0 field 'content'
+            contains the special token(s) ['<|im_end|>']"``; also an unknown role, non-string or
+            blank content, a prompt opening with the assistant, a completion not ending with it:
+            ``chat.conversation_problem``); what
+            ``encode_chat`` refuses (a template that is not prefix-consistent, or renders an
+            assistant turn as nothing); ``max_length`` too small.
+        jinja2.TemplateError: whatever the template raises (e.g. Gemma on a system turn).
+
+    Returns:
+        ``Example(tokens int32 [n], mask float32 [n])`` with ``n <= max_length`` and at least one
+        mask-1 token.
+    """
+    if (problem := _parts_problem(tokenizer, prompt, completion)) is not None:
+        raise ValueError(problem)
+    if not _has_template(tokenizer):
+        text = messages_prompt([*prompt, *completion[:-1]])
+        return tokenize_prompt_completion(tokenizer, text, completion[-1]["content"], max_length=max_length)
+    ids, trained = encode_chat(tokenizer, [*prompt, *completion], mask_from=len(prompt))
+    first = next((i for i, t in enumerate(trained) if t), None)
+    if first is None:
+        raise ValueError("the chat template renders the completion's assistant turns as no token")
+    bos = tokenizer.bos_id
+    head = 1 if bos is not None and first > 1 and ids[0] == bos else 0
+    return _truncate(ids[:head], ids[head:first], ids[first:], trained[first:], max_length=max_length)
+
+
+def _is_conversational(dataset: datasets.Dataset) -> bool:
+    """Whether the ``prompt`` column holds turn lists (``CONVERSATION``) rather than strings."""
+    return isinstance(dataset.features["prompt"], (list, datasets.List, datasets.LargeList))
+
+
+def _tokenize_conversations(
+    dataset: datasets.Dataset,
+    tokenizer: Tokenizer,
+    completion_columns: Sequence[str],
+    max_length: int,
+    source: str | os.PathLike | None,
+) -> list[list[Example]]:
+    """Per row, one ``tokenize_conversation`` ``Example`` per completion column. Every row is
+    checked before any is encoded; errors gain ``"{source}: row {i}: "``."""
+    columns = dataset.select_columns(["prompt", *completion_columns]).to_dict()
+    label = "" if source is None else f"{os.fspath(source)}: "
+    for row, prompt in enumerate(columns["prompt"]):
+        for column in completion_columns:
+            problem = _parts_problem(tokenizer, prompt, columns[column][row], fields=("prompt", column))
+            if problem is not None:
+                raise ValueError(f"{label}row {row}: {problem}")
+    examples = []
+    for row, prompt in enumerate(columns["prompt"]):
+        sides = []
+        for column in completion_columns:
+            where = f"{label}row {row}: prompt + {column}"
+            try:
+                sides.append(tokenize_conversation(tokenizer, prompt, columns[column][row], max_length=max_length))
+            except jinja2.TemplateError as err:
+                err.add_note(f"while rendering {where}")
+                raise
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from err
+        examples.append(sides)
+    return examples
+
+
 def _tokenize_columns(
     dataset: datasets.Dataset,
     tokenizer: Tokenizer,
@@ -165,43 +303,80 @@ def _tokenize_columns(
 
 
 def tokenize_sft(
-    dataset: datasets.Dataset, tokenizer: Tokenizer, *, max_length: int
+    dataset: datasets.Dataset,
+    tokenizer: Tokenizer,
+    *,
+    max_length: int,
+    source: str | os.PathLike | None = None,
 ) -> list[Example]:
-    """Tokenise an SFT dataset (as ``tokenize_prompt_completion`` with EOS, row by row).
+    """Tokenise an SFT dataset row by row.
+
+    String rows: ``tokenize_prompt_completion`` with EOS. Conversational rows (``CONVERSATION``
+    columns, TRL's conversational formats): ``tokenize_conversation``, i.e. rendered with the
+    tokenizer's chat template, every assistant turn of ``completion`` trained (TRL
+    ``assistant_only_loss``), nothing appended; or, without a template, the plain format.
 
     Args:
-        dataset: string columns ``prompt`` and ``completion`` (see ``load_sft_dataset``).
-        tokenizer: any ``Tokenizer``; its ``encode_batch`` is used once per column.
+        dataset: columns ``prompt`` and ``completion``, both strings or both turn lists (see
+            ``load_sft_dataset``).
+        tokenizer: any ``Tokenizer``; for string rows its ``encode_batch`` is used once per column.
         max_length: the most tokens per example.
+        source: the data file, named in the errors of conversational rows (rows are numbered in
+            ``dataset``, which after ``train_val_split`` is not the file's order).
 
     Raises:
-        ValueError: if ``max_length`` is too small (see ``tokenize_prompt_completion``).
+        ValueError: if ``max_length`` is too small (see ``tokenize_prompt_completion``); for
+            conversational rows, before anything is encoded, ``"{source}: row {i}: field
+            '{field}' ..."`` for a malformed conversation (see ``tokenize_conversation``: e.g.
+            content holding a special-token string of the template tokenizer), and
+            ``"{source}: row {i}: prompt + completion: ..."`` for what ``encode_chat`` refuses.
+        jinja2.TemplateError: whatever the template raises, with a note naming the row.
 
     Returns:
         One ``Example`` per row, in row order.
     """
-    rows = _tokenize_columns(dataset, tokenizer, ("completion",), max_length)
+    if _is_conversational(dataset):
+        rows = _tokenize_conversations(dataset, tokenizer, ("completion",), max_length, source)
+    else:
+        rows = _tokenize_columns(dataset, tokenizer, ("completion",), max_length)
     return [completion for (completion,) in rows]
 
 
 def tokenize_preference(
-    dataset: datasets.Dataset, tokenizer: Tokenizer, *, max_length: int
+    dataset: datasets.Dataset,
+    tokenizer: Tokenizer,
+    *,
+    max_length: int,
+    source: str | os.PathLike | None = None,
 ) -> list[PreferenceExample]:
     """Tokenise a preference dataset; each side is truncated on its own to ``max_length``.
 
+    String rows: ``tokenize_prompt_completion`` per side. Conversational rows: ``tokenize_conversation
+    (prompt, chosen)`` and ``(prompt, rejected)``: with a chat template, each side is the rendered
+    ``prompt + side`` and only the side's assistant turns are trained (TRL ``DPOTrainer``: the
+    prompt rendered with ``add_generation_prompt=True``, the completion the rest); without one,
+    the plain format.
+
     Args:
-        dataset: string columns ``prompt``, ``chosen``, ``rejected``
+        dataset: columns ``prompt``, ``chosen``, ``rejected``, all strings or all turn lists
             (see ``load_preference_dataset``).
-        tokenizer: any ``Tokenizer``; its ``encode_batch`` is used once per column.
+        tokenizer: any ``Tokenizer``; for string rows its ``encode_batch`` is used once per column.
         max_length: the most tokens per side.
+        source: the data file, named in the errors of conversational rows (see ``tokenize_sft``).
 
     Raises:
-        ValueError: if ``max_length`` is too small (see ``tokenize_prompt_completion``).
+        ValueError: if ``max_length`` is too small (see ``tokenize_prompt_completion``); for
+            conversational rows, as ``tokenize_sft`` (the field being ``prompt``, ``chosen`` or
+            ``rejected``).
+        jinja2.TemplateError: whatever the template raises, with a note naming the row.
 
     Returns:
         One ``PreferenceExample(chosen, rejected)`` per row, in row order.
     """
-    rows = _tokenize_columns(dataset, tokenizer, ("chosen", "rejected"), max_length)
+    if _is_conversational(dataset):
+        rows = _tokenize_conversations(dataset, tokenizer, ("chosen", "rejected"), max_length, source)
+    else:
+        rows = _tokenize_columns(dataset, tokenizer, ("chosen", "rejected"), max_length)
     return [PreferenceExample(chosen, rejected) for chosen, rejected in rows]
 
 
@@ -352,11 +527,37 @@ def collate_prompts(
     for i, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS token to start from")
+    return pad_prompts(rows, pad_id=tokenizer.pad_id, length=length)
+
+
+def pad_prompts(
+    rows: Sequence[Sequence[int]], *, pad_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """LEFT-pad prompts that are already token ids (e.g. chat-template renderings from
+    ``encode_chat(..., add_generation_prompt=True)``) for generation.
+
+    Args:
+        rows: B non-empty lists of token ids, each complete (BOS included where wanted).
+        pad_id: filler id of the padded positions (their mask is 0).
+        length: pad to this width P (default: the longest row); longer rows keep their last P
+            tokens, so the text nearest the completion survives.
+
+    Raises:
+        ValueError: no rows, or an empty row (named by index).
+
+    Returns:
+        (tokens int32 [B, P] with ``pad_id`` on the left, mask float32 [B, P], 1 on real tokens).
+    """
+    if not rows:
+        raise ValueError("pad_prompts: no prompts")
+    for i, row in enumerate(rows):
+        if not len(row):
+            raise ValueError(f"prompt {i} has no tokens")
     width = length or max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+    tokens = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.float32)
     for i, row in enumerate(rows):
-        row = row[-width:]
+        row = list(row)[-width:]
         tokens[i, width - len(row) :] = row
         mask[i, width - len(row) :] = 1.0
     return tokens, mask

@@ -1,8 +1,10 @@
 """Load SFT and preference data into Hugging Face ``datasets`` with one canonical schema.
 
-SFT rows become ``{prompt, completion}``; preference rows become ``{prompt, chosen, rejected}``,
-all plain strings. The prompt carries the whole template up to and including the response header,
-so a model's response starts right after it. The row format is detected from the column names;
+SFT rows become ``{prompt, completion}``; preference rows become ``{prompt, chosen, rejected}``.
+For plain-text formats these are strings, and the prompt carries the whole template up to and
+including the response header, so a model's response starts right after it. TRL's conversational
+formats keep their conversations: the same columns hold lists of ``{"role", "content"}`` turns
+(``CONVERSATION``), rendered only at tokenisation, with the tokenizer's own chat template. The row format is detected from the column names;
 rows are validated (no missing or blank required field) before any conversion, and errors name the
 source, the 0-based row and the field. Conversions run in memory (``keep_in_memory=True``) so
 nothing is written next to read-only data.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import gzip
 import itertools
 import json
@@ -23,7 +26,10 @@ from typing import Any
 
 import datasets
 
+from jaxalign.data.chat import conversation_problem, messages_prompt
+
 __all__ = [
+    "CONVERSATION",
     "load_records",
     "alpaca_prompt",
     "messages_prompt",
@@ -54,9 +60,10 @@ _ALPACA_PREAMBLE = (
 )
 _ALPACA_RESPONSE_HEADER = "\n\n### Response:\n"
 
-_ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
-
 Batch = dict[str, list[Any]]
+
+# The feature of a canonical conversational column: a list of {"role", "content"} turns.
+CONVERSATION = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 
 
 def load_records(source: str | os.PathLike, *, split: str = "train") -> datasets.Dataset:
@@ -218,23 +225,6 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return prompt + _ALPACA_RESPONSE_HEADER
 
 
-def messages_prompt(messages: Sequence[Mapping[str, str]]) -> str:
-    """Render chat turns as ``### Role:`` blocks, ending with an open assistant header.
-
-    Args:
-        messages: ``{"role": "system" | "user" | "assistant", "content": str}`` turns that come
-            before the completion.
-
-    Raises:
-        KeyError: if a role is not one of the three above.
-
-    Returns:
-        ``"### User:\\n{content}\\n\\n"`` (etc.) per turn, followed by ``"### Assistant:\\n"``.
-    """
-    turns = "".join(f"{_ROLE_HEADERS[m['role']]}{m['content']}\n\n" for m in messages)
-    return turns + _ROLE_HEADERS["assistant"]
-
-
 def stack_exchange_prompt(question: str) -> str:
     """The prompt of TRL's stack-llama example: ``"Question: {question}\\n\\nAnswer: "``.
 
@@ -262,34 +252,84 @@ def text_problem(value: Any) -> str | None:
     return None
 
 
-def _messages_problem(value: Any) -> str | None:
-    """Why ``value`` is not a usable chat (``None`` if it is one ending in an assistant turn)."""
-    if not value:
-        return "is empty"
-    for turn, message in enumerate(value):
-        if not isinstance(message, Mapping) or message.get("role") not in _ROLE_HEADERS:
-            return f"message {turn} needs a role among {sorted(_ROLE_HEADERS)}"
-        if (problem := text_problem(message.get("content"))) is not None:
-            return f"message {turn} content {problem}"
-    if value[-1]["role"] != "assistant":
-        return f"must end with an 'assistant' message, not {value[-1]['role']!r}"
-    return None
+def _turns(*, opens: bool = False, ends_with_assistant: bool = False) -> Callable[[Any], str | None]:
+    """A required conversational field, checked with ``chat.conversation_problem``."""
+    return functools.partial(conversation_problem, opens=opens, ends_with_assistant=ends_with_assistant)
+
+
+def _canonical_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The turns as ``{"role", "content"}`` dicts (other keys, e.g. ``name``, are dropped)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _split_messages(batch: Batch) -> Batch:
+    """TRL language-modeling ``messages`` -> ``{prompt, completion}`` turn lists, split before the
+    first assistant turn (so every assistant turn is in the completion and trained)."""
+    prompts, completions = [], []
+    for messages in batch["messages"]:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(_canonical_turns(messages[:first]))
+        completions.append(_canonical_turns(messages[first:]))
+    return {"prompt": prompts, "completion": completions}
+
+
+def _conversations(batch: Batch, *columns: tuple[str, str]) -> Batch:
+    """Output column ``out`` = canonical turns of input column ``src``, for each ``(out, src)``."""
+    return {out: [_canonical_turns(m) for m in batch[src]] for out, src in columns}
+
+
+def _same_turn(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a["role"] == b["role"] and a["content"] == b["content"]
+
+
+def _shared_turns(chosen: Sequence[Mapping[str, Any]], rejected: Sequence[Mapping[str, Any]]) -> int:
+    """How many leading turns two conversations share, at most ``min(len) - 1`` so that both keep a
+    turn after the prompt (TRL ``extract_prompt``'s longest common prefix of the message lists)."""
+    n, limit = 0, min(len(chosen), len(rejected)) - 1
+    while n < limit and _same_turn(chosen[n], rejected[n]):
+        n += 1
+    return n
+
+
+def _split_conversations(batch: Batch) -> Batch:
+    """TRL implicit-prompt preference rows -> ``{prompt, chosen, rejected}`` turn lists."""
+    out: Batch = {"prompt": [], "chosen": [], "rejected": []}
+    for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
+        n = _shared_turns(chosen, rejected)
+        for key, turns in (("prompt", chosen[:n]), ("chosen", chosen[n:]), ("rejected", rejected[n:])):
+            out[key].append(_canonical_turns(turns))
+    return out
+
+
+def _conversation_row_problems(columns: Batch) -> Iterable[tuple[int, str, str]]:
+    """``(row, field, problem)`` for implicit-prompt rows whose chosen and rejected conversations
+    (each valid on its own) share no leading turn, so no prompt can be split off."""
+    check = _turns(opens=True, ends_with_assistant=True)
+    for row, (chosen, rejected) in enumerate(zip(columns["chosen"], columns["rejected"])):
+        if check(chosen) is None and check(rejected) is None and _shared_turns(chosen, rejected) == 0:
+            yield row, "rejected", (
+                "shares no leading turn with 'chosen' (message 0 differs), so there is no prompt to "
+                "split off (implicit-prompt preference: the shared leading turns are the prompt)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class RowFormat:
     """A row format: its required columns (with their checks) and a batched conversion.
 
-    ``convert`` maps a batch of input columns (lists) to the output columns (lists of str).
-    ``row_problems``, if set, checks what involves several fields of a row: given the required
-    columns (lists), it yields ``(row, field, problem)`` for rows whose fields each passed their
-    own check but that ``convert`` could not convert.
+    ``convert`` maps a batch of input columns (lists) to the output columns: lists of str, or for
+    a ``conversational`` format lists of ``{"role", "content"}`` turn lists. ``row_problems``, if
+    set, checks what involves several fields of a row: given the required columns (lists), it
+    yields ``(row, field, problem)`` for rows whose fields each passed their own check but that
+    ``convert`` could not convert. Formats with the same columns are told apart by
+    ``conversational``: whether the first required column holds lists (see ``_detect_format``).
     """
 
     required: Mapping[str, Callable[[Any], str | None]]
     convert: Callable[[Batch], Batch]
     optional: tuple[str, ...] = ()
     row_problems: Callable[[Batch], Iterable[tuple[int, str, str]]] | None = None
+    conversational: bool = False
 
     @property
     def description(self) -> str:
@@ -380,19 +420,33 @@ _SFT_FORMATS = (
         required=_texts("prompt", "completion"),
         convert=lambda b: {"prompt": b["prompt"], "completion": b["completion"]},
     ),
-    RowFormat(
-        required={"messages": _messages_problem},
-        convert=lambda b: {
-            "prompt": [messages_prompt(m[:-1]) for m in b["messages"]],
-            "completion": [m[-1]["content"] for m in b["messages"]],
-        },
+    RowFormat(  # TRL conversational prompt-completion
+        required={"prompt": _turns(opens=True), "completion": _turns(ends_with_assistant=True)},
+        convert=lambda b: _conversations(b, ("prompt", "prompt"), ("completion", "completion")),
+        conversational=True,
+    ),
+    RowFormat(  # TRL conversational language modeling
+        required={"messages": _turns(opens=True, ends_with_assistant=True)},
+        convert=_split_messages,
+        conversational=True,
     ),
 )
+
+_CHOSEN_REJECTED = (("chosen", "chosen"), ("rejected", "rejected"))
 
 _PREFERENCE_FORMATS = (
     RowFormat(
         required=_texts("prompt", "chosen", "rejected"),
         convert=lambda b: {"prompt": b["prompt"], **_pair(b, "chosen", "rejected")},
+    ),
+    RowFormat(  # TRL conversational preference (explicit prompt)
+        required={
+            "prompt": _turns(opens=True),
+            "chosen": _turns(ends_with_assistant=True),
+            "rejected": _turns(ends_with_assistant=True),
+        },
+        convert=lambda b: _conversations(b, ("prompt", "prompt"), *_CHOSEN_REJECTED),
+        conversational=True,
     ),
     RowFormat(
         required=_texts("instruction", "chosen", "rejected"),
@@ -411,22 +465,40 @@ _PREFERENCE_FORMATS = (
         convert=_split_transcripts,
         row_problems=_transcript_row_problems,
     ),
+    RowFormat(  # TRL conversational implicit-prompt preference (e.g. trl-lib/ultrafeedback_binarized)
+        required=dict.fromkeys(("chosen", "rejected"), _turns(opens=True, ends_with_assistant=True)),
+        convert=_split_conversations,
+        row_problems=_conversation_row_problems,
+        conversational=True,
+    ),
 )
+
+
+def _holds_lists(dataset: datasets.Dataset, column: str) -> bool:
+    """Whether ``column``'s feature is a list (a JSON array per row), i.e. conversational."""
+    return isinstance(dataset.features[column], (list, datasets.List, datasets.LargeList))
 
 
 def _detect_format(
     dataset: datasets.Dataset, formats: Sequence[RowFormat], label: str, kind: str
 ) -> RowFormat:
-    """The first format whose required columns are all present.
+    """The first format whose required columns are all present and whose ``conversational`` flag
+    matches whether its first required column holds lists; failing that, the first format whose
+    columns are present (its checks then say which field has the wrong type).
 
     Raises:
         ValueError: listing the columns found and the accepted formats, if none matches.
     """
     columns = set(dataset.column_names)
-    for fmt in formats:
-        if columns.issuperset(fmt.required):
+    candidates = [fmt for fmt in formats if columns.issuperset(fmt.required)]
+    for fmt in candidates:
+        if _holds_lists(dataset, next(iter(fmt.required))) == fmt.conversational:
             return fmt
-    accepted = "; ".join(f"({fmt.description})" for fmt in formats)
+    if candidates:
+        return candidates[0]
+    accepted = "; ".join(
+        f"({fmt.description}{' as message lists' if fmt.conversational else ''})" for fmt in formats
+    )
     raise ValueError(
         f"{label}: unrecognised {kind} format with columns {sorted(columns)}; "
         f"accepted column sets: {accepted} (? = optional)"
@@ -463,31 +535,44 @@ def load_canonical(
     kind: str,
     columns: Sequence[str],
 ) -> datasets.Dataset:
-    """Load ``source``, detect its format, validate it and convert it to string ``columns``."""
+    """Load ``source``, detect its format, validate it and convert it to ``columns``: strings, or
+    ``CONVERSATION`` turn lists for a conversational format."""
     label = os.fspath(source)
     dataset = load_records(source, split=split)
     fmt = _detect_format(dataset, formats, label, kind)
     _validate(dataset, fmt, label)
+    feature = CONVERSATION if fmt.conversational else datasets.Value("string")
     return dataset.map(
         fmt.convert,
         batched=True,
         remove_columns=dataset.column_names,
-        features=datasets.Features({c: datasets.Value("string") for c in columns}),
+        features=datasets.Features(dict.fromkeys(columns, feature)),
         keep_in_memory=True,
         desc=f"{kind} format",
     )
 
 
 def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> datasets.Dataset:
-    """Load supervised fine-tuning data as ``{prompt, completion}`` strings.
+    """Load supervised fine-tuning data as ``{prompt, completion}``: strings, or turn lists.
 
-    Accepted row formats, detected from the columns (first match wins):
+    Accepted row formats, detected from the columns (and, where two formats share their columns,
+    from whether the first one holds JSON arrays; first match wins):
       (a) ``instruction``, ``input`` (optional, may be empty), ``output`` -> Alpaca prompt
           (``alpaca_prompt``), completion = ``output``;
-      (b) ``prompt``, ``completion`` -> as is;
-      (c) ``messages``: a list of ``{role, content}`` whose last message is the assistant's
-          completion; the earlier turns become the prompt (``messages_prompt``).
-    Other columns are dropped.
+      (b) ``prompt``, ``completion`` strings -> as is;
+      (c) ``prompt``, ``completion`` as message lists (TRL conversational prompt-completion) ->
+          as is;
+      (d) ``messages``: a message list (TRL conversational language modeling) -> split before
+          its first assistant turn: ``prompt`` = the system/user turns before it, ``completion``
+          = that turn and everything after (later user turns included).
+    Formats (c) and (d) follow TRL 0.19+ "Dataset formats and types": a message is
+    ``{"role": "system" | "user" | "assistant", "content": str}`` (other keys are dropped; the
+    roles ``tool`` etc. are refused). Other columns are dropped.
+
+    Canonical schema: (a), (b) give string columns; (c), (d) give ``CONVERSATION`` columns (lists
+    of ``{"role", "content"}``), the whole conversation being ``prompt + completion``. Tokenising
+    (``jaxalign.data.collate.tokenize_sft``) renders those with the tokenizer's chat template and
+    trains every assistant turn of ``completion`` (TRL ``SFTConfig(assistant_only_loss=True)``).
 
     Args:
         source: see ``load_records``.
@@ -498,11 +583,16 @@ def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> data
         ValueError: an unreadable or empty ``source`` (see ``load_records``); an unrecognised
             column set (names the columns found and the formats accepted); or a row whose
             required field is missing, not a string, empty or blank
-            (``"{source}: row {i}: field '{field}' is empty"``).
+            (``"{source}: row {i}: field '{field}' is empty"``); for (c), (d), a field that is not
+            a non-empty message list, a message with an unknown role or a non-string / blank
+            content (``"{source}: row {i}: field 'messages' message 2 field 'role' is 'tool', ..."``),
+            a conversation opening with an assistant turn, or a ``completion`` / ``messages``
+            whose last turn is not the assistant's (``"... must end with an 'assistant'
+            message, not 'user'"``).
 
     Returns:
-        A ``datasets.Dataset`` with exactly the string columns ``prompt`` and ``completion``,
-        in source order.
+        A ``datasets.Dataset`` with exactly the columns ``prompt`` and ``completion`` (both
+        strings, or both ``CONVERSATION``), in source order.
     """
     return load_canonical(source, split, _SFT_FORMATS, "SFT", ("prompt", "completion"))
 
@@ -510,16 +600,28 @@ def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> data
 def load_preference_dataset(
     source: str | os.PathLike, *, split: str = "train"
 ) -> datasets.Dataset:
-    """Load pairwise preference data as ``{prompt, chosen, rejected}`` strings.
+    """Load pairwise preference data as ``{prompt, chosen, rejected}``: strings, or turn lists.
 
-    Accepted row formats, detected from the columns (first match wins):
-      (a) ``prompt``, ``chosen``, ``rejected`` -> as is;
+    Accepted row formats, detected from the columns (and, where two formats share their columns,
+    from whether the first one holds JSON arrays; first match wins):
+      (a) ``prompt``, ``chosen``, ``rejected`` strings -> as is;
+      (a') ``prompt``, ``chosen``, ``rejected`` as message lists (TRL conversational preference)
+          -> as is (``chosen`` / ``rejected`` usually one assistant turn each);
       (b) ``instruction``, ``input`` (optional), ``chosen``, ``rejected`` -> Alpaca prompt (e.g.
           LLMs-from-scratch ``instruction-data-with-preference.json``; its ``output`` is dropped);
       (c) ``question``, ``response_j``, ``response_k`` (stack-exchange-paired; ``response_j`` is
           preferred) -> prompt ``"Question: {question}\\n\\nAnswer: "`` as in TRL's stack-llama;
       (d) only ``chosen``, ``rejected`` as whole ``Human: … Assistant: …`` transcripts
-          (Anthropic hh-rlhf) -> split by ``split_transcripts`` (prompt = the shared turns).
+          (Anthropic hh-rlhf) -> split by ``split_transcripts`` (prompt = the shared turns);
+      (e) only ``chosen``, ``rejected`` as message lists (TRL conversational implicit-prompt
+          preference, e.g. ``trl-lib/ultrafeedback_binarized``) -> ``prompt`` = their longest
+          shared run of leading turns (TRL ``extract_prompt``), kept short enough that each side
+          keeps at least its last turn; ``chosen`` / ``rejected`` = the rest.
+    Messages follow TRL 0.19+ "Dataset formats and types" (see ``load_sft_dataset``).
+    Canonical schema: (a)-(d) give string columns, (a') and (e) ``CONVERSATION`` columns
+    (lists of ``{"role", "content"}``), each side's conversation being ``prompt + chosen`` /
+    ``prompt + rejected``. ``jaxalign.data.collate.tokenize_preference`` renders them with the
+    chat template and trains the assistant turns of ``chosen`` / ``rejected`` only.
     Pairs with ``chosen == rejected`` carry no preference signal: they are dropped, and their
     count is logged as a warning.
 
@@ -532,12 +634,16 @@ def load_preference_dataset(
         ValueError: an unreadable or empty ``source`` (see ``load_records``); an unrecognised
             column set; a missing / non-string / blank required field, or hh-rlhf transcripts
             that share no ``"\n\nAssistant:"`` turn (the message names the source, the 0-based
-            row in the source and the field); or every pair having ``chosen == rejected``
+            row in the source and the field); for (a') and (e), a malformed message list (as
+            ``load_sft_dataset``), a ``prompt`` (or, for (e), a side) opening with an assistant
+            turn, a side whose last turn is not the assistant's, or (e) sides sharing no leading
+            turn (``"{source}: row {i}: field 'rejected' shares no leading turn with 'chosen'
+            ..."``); or every pair having ``chosen == rejected``
             (``"{source}: all {n} pairs have chosen == rejected ..."``).
 
     Returns:
-        A ``datasets.Dataset`` with exactly the string columns ``prompt``, ``chosen``,
-        ``rejected``, in source order (minus the dropped pairs).
+        A ``datasets.Dataset`` with exactly the columns ``prompt``, ``chosen``, ``rejected`` (all
+        strings, or all ``CONVERSATION``), in source order (minus the dropped pairs).
     """
     dataset = load_canonical(
         source, split, _PREFERENCE_FORMATS, "preference", ("prompt", "chosen", "rejected")
@@ -568,13 +674,15 @@ def sft_view(preference: datasets.Dataset) -> datasets.Dataset:
     """The SFT dataset implied by a preference dataset: train on the chosen responses.
 
     Args:
-        preference: a dataset with columns ``prompt`` and ``chosen`` (others are dropped).
+        preference: a dataset with columns ``prompt`` and ``chosen`` (others are dropped), strings
+            or ``CONVERSATION`` turn lists (see ``load_preference_dataset``).
 
     Raises:
         ValueError: if ``prompt`` or ``chosen`` is missing (raised by ``datasets``).
 
     Returns:
-        A ``datasets.Dataset`` with columns ``prompt`` and ``completion`` (= ``chosen``).
+        A ``datasets.Dataset`` with columns ``prompt`` and ``completion`` (= ``chosen``), of the
+        same types: a conversational preference set gives a conversational SFT set.
     """
     return preference.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
 

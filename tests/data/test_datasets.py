@@ -107,11 +107,10 @@ def test_sft_messages(tmp_path):
         {"role": "assistant", "content": "6"},
     ]
     ds = load_sft_dataset(write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}]))
-    assert ds[0] == {
-        "prompt": "### System:\nBe brief.\n\n### User:\n2+2?\n\n### Assistant:\n4\n\n"
-        "### User:\n3+3?\n\n### Assistant:\n",
-        "completion": "6",
-    }
+    # The conversation is kept (split before the first assistant turn); the plain-format
+    # flattening ("### Role:" blocks) now happens at tokenisation, for tokenizers without a
+    # chat template (tests/data/test_conversational.py).
+    assert ds[0] == {"prompt": messages[:2], "completion": messages[2:]}
 
 
 def test_preference_prompt_chosen_rejected_json_list(tmp_path):

@@ -1,6 +1,12 @@
 """Data layer: tokenizers, chat templates, dataset loaders, and collation into static-shape batches."""
 
-from jaxalign.data.chat import ChatTemplate, encode_chat, render_conversation
+from jaxalign.data.chat import (
+    ChatTemplate,
+    conversation_problem,
+    encode_chat,
+    message_problem,
+    render_conversation,
+)
 from jaxalign.data.collate import (
     BatchStream,
     Example,
@@ -13,12 +19,14 @@ from jaxalign.data.collate import (
     collate_sft,
     default_buckets,
     eval_batches,
+    tokenize_conversation,
     tokenize_preference,
     tokenize_prompt_completion,
     tokenize_sft,
     with_reference_logps,
 )
 from jaxalign.data.datasets import (
+    CONVERSATION,
     alpaca_prompt,
     load_preference_dataset,
     load_records,
@@ -49,6 +57,7 @@ __all__ = [
     "ranked_pairs",
     "split_transcripts",
     "BatchStream",
+    "CONVERSATION",
     "ChatTemplate",
     "Example",
     "HFTokenizer",
@@ -65,6 +74,7 @@ __all__ = [
     "collate_prompts",
     "collate_referenced",
     "collate_sft",
+    "conversation_problem",
     "default_buckets",
     "encode_chat",
     "eval_batches",
@@ -76,6 +86,7 @@ __all__ = [
     "load_records",
     "load_sft_dataset",
     "load_tokenizer",
+    "message_problem",
     "messages_prompt",
     "r1_completion",
     "r1_prompt",
@@ -84,6 +95,7 @@ __all__ = [
     "sft_view",
     "sorting_task",
     "stack_exchange_prompt",
+    "tokenize_conversation",
     "tokenize_preference",
     "tokenize_prompt_completion",
     "tokenize_sft",

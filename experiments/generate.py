@@ -7,6 +7,13 @@ Default: the real llama2.c TinyStories model stories260K and its SentencePiece t
   python -m experiments.generate --prompt "Once upon a time" "Tom had a dog" \
       --temperature 0.8 --top-p 0.9 --max-new-tokens 120
 
+With a tokenizer that has a chat template (a Hugging Face checkpoint directory with
+`tokenizer.json`), each --prompt is sent as a user turn rendered by that template with the
+assistant header (`--chat`, on by default there; `--no-chat` feeds the raw text):
+
+  python -m experiments.generate --model /ckpt/Qwen2.5-0.5B-Instruct \\
+      --tokenizer /ckpt/Qwen2.5-0.5B-Instruct --prompt "What is 17 * 3?" --max-new-tokens 64
+
 The NLL table compares the model's mean negative log-likelihood per token of a few story
 sentences with the same words shuffled: a model that learned English story structure assigns the
 shuffled words a clearly higher NLL.
@@ -50,9 +57,13 @@ class Config:
     model: str = STORIES260K_MODEL
     """llama2.c .bin file, Hugging Face checkpoint directory, or (online) hub id."""
     tokenizer: str = STORIES260K_TOKENIZER
-    """SentencePiece .model, .tiktoken ranks file, 'gpt2' (online) or 'bytes'."""
+    """SentencePiece .model, .tiktoken ranks file, a Hugging Face directory with tokenizer.json,
+    'gpt2' (online) or 'bytes'."""
     prompt: tuple[str, ...] = ("",)
-    """Prompts (batched, left-padded); "" starts from BOS alone."""
+    """Prompts (batched, left-padded); "" starts from BOS alone (not with --chat)."""
+    chat: bool | None = None
+    """Send each prompt as a user turn through the tokenizer's chat template (None: when it has
+    one)."""
     max_new_tokens: int = 100
     temperature: float = 0.0
     """0 for greedy decoding."""
@@ -80,6 +91,28 @@ def shuffle_words(text: str, seed: int) -> str:
     return " ".join(words[i] for i in order)
 
 
+def prompt_batch(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded --prompt tokens and mask: chat-rendered user turns (`jd.encode_chat` with
+    the assistant header) or BOS + the raw text.
+
+    Raises:
+      ValueError: --chat with a tokenizer that has no chat template; an empty prompt under
+        --chat (`encode_chat` names the turn and field).
+    """
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if cfg.chat and not has_template:
+        raise ValueError(f"--chat: --tokenizer {cfg.tokenizer} has no chat template")
+    if not (has_template if cfg.chat is None else cfg.chat):
+        return jd.collate_prompts(cfg.prompt, tokenizer)
+    rows = []
+    for i, text in enumerate(cfg.prompt):
+        try:
+            rows.append(jd.encode_chat(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)[0])
+        except ValueError as err:
+            raise ValueError(f"--prompt[{i}]: {err}") from err
+    return jd.pad_prompts(rows, pad_id=tokenizer.pad_id)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Runs generation and the NLL comparison; prints both; returns them.
 
@@ -93,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = tyro.cli(Config, args=argv)
     config, params, tokenizer = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
 
-    tokens, mask = jd.collate_prompts(cfg.prompt, tokenizer)
+    tokens, mask = prompt_batch(cfg, tokenizer)
     if tokens.shape[1] >= config.max_seq_len:  # else max_new below would be <= 0
         longest = int(np.argmax(mask.sum(axis=1)))
         raise ValueError(

@@ -9,15 +9,20 @@ completion = accuracy_weight · [final number in `<answer>…</answer>` equals t
 clipped ratio, k3 KL to the start model) then maximises it. Reported before and after: greedy
 accuracy and format rate on the first --eval-problems test problems.
 
+With a tokenizer that has a chat template (a Hugging Face checkpoint directory with
+`tokenizer.json`; `--chat` defaults to using it), the prompt is that template's rendering of
+`r1_messages(question)`: the R1 instructions as the system turn, the question as the user turn,
+then the assistant header (`add_generation_prompt`), as TRL's and Open-R1's GRPO recipes prompt
+instruct checkpoints. Without one, the plain R1-Zero string.
+
 The defaults are a pipeline check that runs in about a minute on CPU, with the pretrained
 stories260K (TinyStories, 260K parameters) as policy: it cannot solve GSM8K (accuracy 0), but
 every stage runs as it would with a real model. A real run, on one GPU, from a Hugging Face
-checkpoint directory whose tokenizer jaxalign reads (SentencePiece `tokenizer.model`: Llama /
-TinyLlama / Mistral; GPT-2's BPE via a `.tiktoken` file; Qwen2.5's `tokenizer.json` is not
-supported yet, see README):
+checkpoint directory (here Qwen2.5-0.5B-Instruct, tokenizer and chat template read from the same
+directory; a SentencePiece `tokenizer.model` or GPT-2 `.tiktoken` file works too):
 
-  python -m experiments.grpo_gsm8k --output-dir runs/gsm8k_tinyllama \\
-      --model /ckpt/TinyLlama-1.1B-Chat-v1.0 --tokenizer /ckpt/TinyLlama-1.1B-Chat-v1.0/tokenizer.model \\
+  python -m experiments.grpo_gsm8k --output-dir runs/gsm8k_qwen \\
+      --model /ckpt/Qwen2.5-0.5B-Instruct --tokenizer /ckpt/Qwen2.5-0.5B-Instruct \\
       --dtype bfloat16 --max-prompt-length 384 --max-new-tokens 320 \\
       --group-size 8 --prompts-per-iteration 16 --grpo-iterations 500 --grpo-lr 1e-6 \\
       --beta 0.04 --temperature 1.0 --eval-problems 1319 --eval-every 50 --checkpoint-every 100
@@ -79,7 +84,10 @@ class Config(GRPOConfig):
     """A model preset (random init, e.g. gpt2-tiny), a llama2.c .bin, a Hugging Face checkpoint
     directory or (online) hub id."""
     tokenizer: str = STORIES260K_TOKENIZER
-    """SentencePiece .model, .tiktoken ranks file, 'gpt2' (online) or 'bytes'."""
+    """SentencePiece .model, .tiktoken ranks file, a Hugging Face directory with tokenizer.json,
+    'gpt2' (online) or 'bytes'."""
+    chat: bool | None = None
+    """Render prompts with the tokenizer's chat template (None: when it has one)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype (parameters stay float32)."""
     max_prompt_length: int = 448
@@ -123,20 +131,50 @@ def load_policy(cfg: Config, tokenizer: jd.Tokenizer):
     return config, params
 
 
-def fitting_rows(dataset, tokenizer: jd.Tokenizer, max_prompt_length: int, limit: int | None) -> list[dict]:
+def use_chat(cfg: Config, tokenizer: jd.Tokenizer) -> bool:
+    """Whether prompts go through the chat template (--chat, else: the tokenizer has one).
+
+    Raises:
+      ValueError: --chat True with a tokenizer that has no chat template.
+    """
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if cfg.chat and not has:
+        raise ValueError(f"--chat: --tokenizer {cfg.tokenizer} has no chat template")
+    return has if cfg.chat is None else cfg.chat
+
+
+def prompt_ids(rows: list[dict], tokenizer: jd.Tokenizer, chat: bool) -> list[list[int]]:
+    """Each row's prompt as token ids: the chat template's rendering of `r1_messages(question)`
+    with the assistant header (the template writes any BOS), or BOS + the plain R1 prompt."""
+    if chat:
+        return [
+            jd.encode_chat(tokenizer, jd.r1_messages(r["question"]), add_generation_prompt=True)[0]
+            for r in rows
+        ]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return [bos + ids for ids in tokenizer.encode_batch([r["prompt"] for r in rows])]
+
+
+def fitting_rows(
+    dataset, tokenizer: jd.Tokenizer, max_prompt_length: int, limit: int | None, *, chat: bool
+) -> list[dict]:
     """The first `limit` rows (all when None) whose prompt fits `max_prompt_length` tokens
-    (BOS included), with their token counts under "length"."""
-    rows = dataset.to_list()
-    bos = int(tokenizer.bos_id is not None)
-    lengths = [len(ids) + bos for ids in tokenizer.encode_batch([r["prompt"] for r in rows])]
-    fitting = [{**r, "length": n} for r, n in zip(rows, lengths) if n <= max_prompt_length]
+    (BOS included), with their prompt token ids under "ids". Rows are tokenized 512 at a time
+    and only until `limit` fit."""
+    fitting: list[dict] = []
+    for start in range(0, len(dataset), 512):
+        rows = dataset.select(range(start, min(start + 512, len(dataset)))).to_list()
+        ids = prompt_ids(rows, tokenizer, chat)
+        fitting += [{**r, "ids": i} for r, i in zip(rows, ids) if len(i) <= max_prompt_length]
+        if limit is not None and len(fitting) >= limit:
+            break
     return fitting[:limit]
 
 
 def collate(rows: list[dict], tokenizer: jd.Tokenizer, buckets) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompts of `rows`, padded to a bucket width (few widths: few compilations)."""
-    width = jd.bucket_length(max(r["length"] for r in rows), buckets)
-    return jd.collate_prompts([r["prompt"] for r in rows], tokenizer, length=width)
+    width = jd.bucket_length(max(len(r["ids"]) for r in rows), buckets)
+    return jd.pad_prompts([r["ids"] for r in rows], pad_id=tokenizer.pad_id, length=width)
 
 
 def load_problems(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[list[dict], list[dict]]:
@@ -146,8 +184,9 @@ def load_problems(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[list[dict], lis
       ValueError: fewer training problems fit than --prompts-per-iteration, or no test problem.
     """
     train_set, test_set = jd.load_gsm8k(cfg.train_data), jd.load_gsm8k(cfg.test_data)
-    train = fitting_rows(train_set, tokenizer, cfg.max_prompt_length, cfg.train_problems)
-    test = fitting_rows(test_set, tokenizer, cfg.max_prompt_length, cfg.eval_problems)
+    chat = use_chat(cfg, tokenizer)
+    train = fitting_rows(train_set, tokenizer, cfg.max_prompt_length, cfg.train_problems, chat=chat)
+    test = fitting_rows(test_set, tokenizer, cfg.max_prompt_length, cfg.eval_problems, chat=chat)
     log.info("using %d train / %d test problems (of %d / %d; prompts over %d tokens left out)",
              len(train), len(test), len(train_set), len(test_set), cfg.max_prompt_length)
     if len(train) < cfg.prompts_per_iteration or not test:

@@ -19,6 +19,7 @@ from jaxalign.data.collate import (
     collate_sft,
     default_buckets,
     eval_batches,
+    pad_prompts,
     tokenize_conversation,
     tokenize_preference,
     tokenize_prompt_completion,
@@ -38,7 +39,15 @@ from jaxalign.data.datasets import (
     train_val_split,
     val_split_size,
 )
-from jaxalign.data.gsm8k import R1_TEMPLATE, gsm8k_final_answer, load_gsm8k, r1_completion, r1_prompt
+from jaxalign.data.gsm8k import (
+    R1_SYSTEM,
+    R1_TEMPLATE,
+    gsm8k_final_answer,
+    load_gsm8k,
+    r1_completion,
+    r1_messages,
+    r1_prompt,
+)
 from jaxalign.data.ranking import ranked_pairs
 from jaxalign.data.synthetic import sorting_task
 from jaxalign.data.tokenizers import (
@@ -62,6 +71,7 @@ __all__ = [
     "Example",
     "HFTokenizer",
     "PreferenceExample",
+    "R1_SYSTEM",
     "R1_TEMPLATE",
     "ReferencedPair",
     "SentencePieceTokenizer",
@@ -88,7 +98,9 @@ __all__ = [
     "load_tokenizer",
     "message_problem",
     "messages_prompt",
+    "pad_prompts",
     "r1_completion",
+    "r1_messages",
     "r1_prompt",
     "render_conversation",
     "sentencepiece_tokenizer",

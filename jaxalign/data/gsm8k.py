@@ -27,7 +27,15 @@ import datasets
 
 from jaxalign.data.datasets import RowFormat, load_canonical, text_problem
 
-__all__ = ["R1_TEMPLATE", "r1_prompt", "r1_completion", "gsm8k_final_answer", "load_gsm8k"]
+__all__ = [
+    "R1_SYSTEM",
+    "R1_TEMPLATE",
+    "r1_prompt",
+    "r1_messages",
+    "r1_completion",
+    "gsm8k_final_answer",
+    "load_gsm8k",
+]
 
 R1_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -37,6 +45,10 @@ R1_TEMPLATE = (
     "here </think> <answer> answer here </answer>. User: {question} Assistant:"
 )
 
+# The template's instructions alone, as the system turn of a chat model (TRL's and Open-R1's GRPO
+# recipes on instruct checkpoints put them there and the question in the user turn).
+R1_SYSTEM = R1_TEMPLATE.split(" User: {question}")[0]
+
 _FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 
@@ -44,6 +56,13 @@ _CALCULATOR = re.compile(r"<<[^>]*>>")
 def r1_prompt(question: str) -> str:
     """`R1_TEMPLATE` with the question filled in; the completion starts after "Assistant:"."""
     return R1_TEMPLATE.format(question=question.strip())
+
+
+def r1_messages(question: str) -> list[dict[str, str]]:
+    """The R1-Zero prompt as a conversation for a chat template: ``[{"role": "system", "content":
+    R1_SYSTEM}, {"role": "user", "content": question}]`` (render it with
+    ``add_generation_prompt=True``; the completion is the assistant turn)."""
+    return [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": question.strip()}]
 
 
 def r1_completion(reasoning: str, answer: str) -> str:

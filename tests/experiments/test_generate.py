@@ -39,3 +39,33 @@ def test_prompt_longer_than_the_context_is_refused_with_its_length(shared_data, 
                                          r"\(config.max_seq_len of --model\)"):
         main(args + ["--prompt", "Tom", long_prompt])
     assert not (tmp_path / "out.json").exists()  # refused before generating anything
+
+
+def test_qwen_checkpoint_prompts_go_through_its_chat_template(tmp_path):
+    """A Qwen2.5-Instruct-shaped directory: each --prompt becomes the template's user turn (ids
+    equal to `transformers`' apply_chat_template), generation runs from it; --no-chat keeps the
+    raw text."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from experiments.generate import Config, prompt_batch
+    from tests.experiments._qwen import qwen_checkpoint
+
+    directory = qwen_checkpoint(tmp_path / "qwen")
+    tok = jd.load_tokenizer(directory)
+    prompts = ("What is 2+2?", "Name a color.")
+    tokens, mask = prompt_batch(Config(prompt=prompts), tok)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    for row, text in enumerate(prompts):
+        expected = hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert tokens[row][mask[row] > 0].tolist() == list(expected)
+    raw, raw_mask = prompt_batch(Config(prompt=prompts, chat=False), tok)
+    assert tok.decode(raw[0][raw_mask[0] > 0]) == prompts[0]
+
+    result = main(["--model", str(directory), "--tokenizer", str(directory), "--prompt", *prompts,
+                   "--max-new-tokens", "4", "--sentences", "The capital of France is Paris."])
+    assert result["samples"][0].startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n" in result["samples"][0]
+    with pytest.raises(ValueError, match=r"--prompt\[1\]"):  # an empty user turn is refused
+        prompt_batch(Config(prompt=("fine", "")), tok)

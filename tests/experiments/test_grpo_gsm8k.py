@@ -43,3 +43,30 @@ def test_one_grpo_iteration_end_to_end_writes_outputs(shared_data, tmp_path):
     assert [s["answer"] for s in samples] == ["18", "3", "70000", "540"]  # the first test problems
     assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy_after"] == summary["test_accuracy_after"]
     assert (tmp_path / "checkpoints" / "grpo" / "1").is_dir() and (tmp_path / "grpo.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_qwen_checkpoint_with_its_chat_template_end_to_end(shared_data, tmp_path):
+    """A Qwen2.5-Instruct-shaped directory (random weights, tokenizer.json, Qwen's template):
+    prompts are the template's rendering of the R1 system turn + question, token for token what
+    `transformers` renders, and one GRPO iteration runs end to end offline."""
+    transformers = pytest.importorskip("transformers")
+    from experiments.grpo_gsm8k import fitting_rows
+    from tests.experiments._qwen import qwen_checkpoint
+
+    directory = qwen_checkpoint(tmp_path / "qwen")
+    tok = jd.load_tokenizer(directory)
+    rows = fitting_rows(jd.load_gsm8k(shared_data / "gsm8k/test.jsonl"), tok, 448, 2, chat=True)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    expected = hf.apply_chat_template(jd.r1_messages(rows[0]["question"]), add_generation_prompt=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert rows[0]["ids"] == list(expected)
+    assert tok.decode(rows[0]["ids"]).endswith("<|im_start|>assistant\n")
+
+    summary = main(["--output-dir", str(tmp_path / "run"), "--model", str(directory),
+                    "--tokenizer", str(directory), "--no-progress", "--grpo-iterations", "1",
+                    "--train-problems", "8", "--eval-problems", "2", "--max-new-tokens", "8"])
+    assert summary["test_problems"] == 2 and summary["train_problems"] == 8
+    samples = [json.loads(line) for line in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
+    assert [s["answer"] for s in samples] == ["18", "3"]
+    assert (tmp_path / "run/checkpoints/grpo/1").is_dir()

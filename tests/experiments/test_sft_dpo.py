@@ -168,27 +168,40 @@ def test_bad_lora_flags_fail_before_any_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_hf_checkpoint_trains_that_model(tmp_path):
-    """--init: the run starts from a Hugging Face GPT-2 directory (its shapes, its weights) and
-    both objectives move; a tokenizer larger than the checkpoint's vocabulary is refused first."""
-    torch = pytest.importorskip("torch")
+def test_init_from_a_qwen_checkpoint_with_its_chat_template_trains_that_model(tmp_path):
+    """--init and --tokenizer on a Qwen2.5-Instruct-shaped directory (random weights,
+    tokenizer.json, Qwen's chat template): TRL-style conversational data (`messages` for SFT;
+    prompt/chosen/rejected message lists for DPO) is rendered by the template with the loss on the
+    assistant tokens, both objectives move, and a tokenizer larger than the checkpoint's
+    vocabulary is refused first."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(vocab_size=257, n_positions=128, n_embd=48, n_layer=2, n_head=4)
-    hf = transformers.GPT2LMHeadModel(hf_config)
-    hf.save_pretrained(tmp_path / "hf")  # config.json + model.safetensors
-    hf_params = sum(p.numel() for p in hf.parameters())  # tied head counted once
-    cfg = Config(output_dir=tmp_path / "run", init=str(tmp_path / "hf"), tokenizer="bytes",
-                 synthetic_examples=160, max_length=64, sft_steps=20, dpo_steps=10,
-                 checkpoint_every=10, sft_lr=3e-3, dpo_lr=1e-3, **{**TINY, "model": "gpt2-mini"})
+    import jaxalign.data as jd
+    from tests.experiments._qwen import qwen_checkpoint
+
+    directory = qwen_checkpoint(tmp_path / "qwen", hidden=48)
+    pairs = jd.sorting_task(160, seed=0)
+    user = lambda r: [{"role": "user", "content": r["prompt"].strip()}]  # noqa: E731
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    (tmp_path / "sft.jsonl").write_text("".join(
+        json.dumps({"messages": user(r) + answer(r["chosen"])}) + "\n" for r in pairs))
+    (tmp_path / "pref.jsonl").write_text("".join(
+        json.dumps({"prompt": user(r), "chosen": answer(r["chosen"]), "rejected": answer(r["rejected"])}) + "\n"
+        for r in pairs))
+    hf_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(directory).parameters())
+    cfg = Config(output_dir=tmp_path / "run", init=str(directory), tokenizer=str(directory),
+                 sft_data=str(tmp_path / "sft.jsonl"), pref_data=str(tmp_path / "pref.jsonl"),
+                 max_length=128, sft_steps=20, dpo_steps=10, checkpoint_every=10, sft_lr=3e-3,
+                 dpo_lr=1e-3, **{**TINY, "model": "gpt2-mini"})
     summary = run(cfg)
     assert summary["model_params"] == hf_params  # not the --model preset's size
-    assert summary["sft_val_loss_before"] == pytest.approx(math.log(257), abs=0.3)  # HF's N(0, 0.02) init
+    vocab = jd.load_tokenizer(directory).vocab_size
+    assert summary["sft_val_loss_before"] == pytest.approx(math.log(vocab), abs=0.3)  # HF's N(0, 0.02) init
     assert summary["sft_val_loss_after"] < summary["sft_val_loss_before"] - 0.5
     assert summary["dpo_val_reward_margin_after"] > summary["dpo_val_reward_margin_before"] == 0.0
 
-    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=200, n_positions=128, n_embd=16,
-                                                                 n_layer=1, n_head=2))
+    small = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
     small.save_pretrained(tmp_path / "small")
-    with pytest.raises(ValueError, match="257 ids but --init"):
+    with pytest.raises(ValueError, match=f"{vocab} ids but --init"):
         run(Config(**{**cfg.__dict__, "init": str(tmp_path / "small"), "output_dir": tmp_path / "run2"}))

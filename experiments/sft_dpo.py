@@ -89,7 +89,7 @@ class Config:
     tokenizer: str | None = None
     """'bytes', 'gpt2' (online), a .tiktoken ranks file, a SentencePiece .model, or a Hugging Face
     directory with tokenizer.json (its chat template renders conversational data). Default:
-    bytes, or gpt2 with --init."""
+    bytes; with --init, the checkpoint's tokenizer.json if it has one, else gpt2."""
     init: str | None = None
     """Hugging Face checkpoint directory (GPT-2, Llama, Qwen2/3, Mistral, Gemma 2/3; or a hub id
     online) to start from; else from scratch."""
@@ -162,8 +162,13 @@ def _split(ds: datasets.Dataset, cfg: Config, source: str) -> tuple[datasets.Dat
 
 
 def tokenizer_spec(cfg: Config) -> str:
-    """--tokenizer, or its default: bytes, or gpt2 with --init."""
-    return cfg.tokenizer or ("gpt2" if cfg.init else "bytes")
+    """--tokenizer, or its default: bytes; with --init, the checkpoint's own tokenizer.json (and
+    chat template) when the directory has one, else gpt2."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.init and (Path(cfg.init) / "tokenizer.json").is_file():
+        return cfg.init
+    return "gpt2" if cfg.init else "bytes"
 
 
 def load_data(cfg: Config) -> Data:
@@ -178,9 +183,12 @@ def load_data(cfg: Config) -> Data:
         sft_train, sft_val = jd.sft_view(pref_train), jd.sft_view(pref_val)
     else:
         sft_train, sft_val = _split(jd.load_sft_dataset(cfg.sft_data), cfg, cfg.sft_data)
-    tok_sft = functools.partial(jd.tokenize_sft, tokenizer=tokenizer, max_length=cfg.max_length)
+    sft_source, pref_source = cfg.sft_data or cfg.pref_data, cfg.pref_data  # named in errors
+    tok_sft = functools.partial(
+        jd.tokenize_sft, tokenizer=tokenizer, max_length=cfg.max_length, source=sft_source
+    )
     tok_pref = functools.partial(
-        jd.tokenize_preference, tokenizer=tokenizer, max_length=cfg.max_length
+        jd.tokenize_preference, tokenizer=tokenizer, max_length=cfg.max_length, source=pref_source
     )
     return Data(
         tokenizer, tok_sft(sft_train), tok_sft(sft_val), tok_pref(pref_train), tok_pref(pref_val)

@@ -169,7 +169,7 @@ def test_bad_lora_flags_fail_before_any_training(tmp_path):
 
 @pytest.mark.slow
 def test_init_from_a_qwen_checkpoint_with_its_chat_template_trains_that_model(tmp_path):
-    """--init and --tokenizer on a Qwen2.5-Instruct-shaped directory (random weights,
+    """--init on a Qwen2.5-Instruct-shaped directory (random weights,
     tokenizer.json, Qwen's chat template): TRL-style conversational data (`messages` for SFT;
     prompt/chosen/rejected message lists for DPO) is rendered by the template with the loss on the
     assistant tokens, both objectives move, and a tokenizer larger than the checkpoint's
@@ -188,7 +188,8 @@ def test_init_from_a_qwen_checkpoint_with_its_chat_template_trains_that_model(tm
         json.dumps({"prompt": user(r), "chosen": answer(r["chosen"]), "rejected": answer(r["rejected"])}) + "\n"
         for r in pairs))
     hf_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(directory).parameters())
-    cfg = Config(output_dir=tmp_path / "run", init=str(directory), tokenizer=str(directory),
+    # no --tokenizer: the --init directory's own tokenizer.json and chat template are used
+    cfg = Config(output_dir=tmp_path / "run", init=str(directory),
                  sft_data=str(tmp_path / "sft.jsonl"), pref_data=str(tmp_path / "pref.jsonl"),
                  max_length=128, sft_steps=20, dpo_steps=10, checkpoint_every=10, sft_lr=3e-3,
                  dpo_lr=1e-3, **{**TINY, "model": "gpt2-mini"})
@@ -204,4 +205,5 @@ def test_init_from_a_qwen_checkpoint_with_its_chat_template_trains_that_model(tm
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
     small.save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match=f"{vocab} ids but --init"):
-        run(Config(**{**cfg.__dict__, "init": str(tmp_path / "small"), "output_dir": tmp_path / "run2"}))
+        run(Config(**{**cfg.__dict__, "init": str(tmp_path / "small"), "tokenizer": str(directory),
+                      "output_dir": tmp_path / "run2"}))

@@ -42,3 +42,23 @@ def shared_data() -> Path:
 def compile_count(jitted) -> int:
     """Number of compiled specialisations a `jax.jit` function holds."""
     return jitted._cache_size()
+
+
+# Longest first (LPT scheduling): xdist hands tests out in collection order, so a multi-minute
+# test collected last (the 8-device sharding wrapper, tests/test_sharding.py) would run alone at
+# the end while the other worker idles. Stable sort: the order within each group is unchanged.
+_FIRST = ("test_sharding_on_8_simulated_devices",)
+# unmarked tests measured at over a minute under the suite's load (pytest --durations)
+_EARLY = ("test_ppo_loop_adapts_beta_and_resumes_bit_identically", "test_ppo_update_moves_policy_towards_advantage")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the 8-device wrapper, then the `slow`-marked end-to-end tests, then the rest."""
+
+    def rank(item) -> int:
+        if item.name in _FIRST:
+            return 0
+        early = item.get_closest_marker("slow") or item.originalname in _EARLY
+        return 1 if early else 2
+
+    items.sort(key=rank)

@@ -341,6 +341,27 @@ def _head_size(hf: Mapping[str, Any]) -> int | None:
     return None if head_dim in (None, d // n) and d % n == 0 else int(head_dim)
 
 
+def _decoder_shape(hf: Mapping[str, Any], *, max_positions: int, tied: bool) -> dict[str, Any]:
+    """The `TransformerConfig` sizes every Llama-style config.json spells the same way; defaults
+    (`max_positions`, `tied`, RMSNorm ε 1e-6) where the file omits a field, as HF's classes do.
+
+    Raises:
+      KeyError: a required size (vocab_size, hidden_size, ...) is missing.
+    """
+    n = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", max_positions),
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n,
+        n_kv_heads=hf.get("num_key_value_heads") or n,
+        d_ff=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", tied),
+    )
+
+
 def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
     """Maps a Hugging Face Llama / Qwen2 / Mistral config dict to a `TransformerConfig`.
 
@@ -361,15 +382,7 @@ def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
         raise ValueError(f"config.json: {model_type} per-layer sliding windows are not supported")
     return TransformerConfig(
         family="llama",
-        vocab_size=hf["vocab_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        d_model=d,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n,
-        n_kv_heads=hf.get("num_key_value_heads") or n,
-        d_ff=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        **_decoder_shape(hf, max_positions=2048, tied=False),
         qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         rope_theta=theta,
         rope_interleaved=False,  # HF permutes q/k rows so that rotate_half applies
@@ -432,7 +445,6 @@ def gemma_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
         raise ValueError("config.json: use_bidirectional_attention (EmbeddingGemma) is not supported")
     if hf.get("attention_bias"):  # HF Gemma then biases o_proj too, which this model lacks
         raise ValueError("config.json: attention_bias is not supported for Gemma")
-    n = hf["num_attention_heads"]
     head_dim = int(hf.get("head_dim", 256))
     if model_type == "gemma2":
         (theta, scaling), local = _rope_settings(hf), None
@@ -442,15 +454,7 @@ def gemma_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
         softcaps = (hf.get("attn_logit_softcapping"), hf.get("final_logit_softcapping"))
     return TransformerConfig(
         family="gemma",
-        vocab_size=hf["vocab_size"],
-        max_seq_len=hf.get("max_position_embeddings", 8192),
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n,
-        n_kv_heads=hf.get("num_key_value_heads") or n,
-        d_ff=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
+        **_decoder_shape(hf, max_positions=8192, tied=True),
         rope_theta=theta,
         rope_scaling=scaling,
         sliding_window=hf.get("sliding_window", 4096),

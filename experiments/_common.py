@@ -226,6 +226,19 @@ def check_vocab(
         )
 
 
+def use_chat(chat: bool | None, tokenizer: jd.Tokenizer, tokenizer_spec: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template: `--chat` when given, else
+    whether the tokenizer has one (an `HFTokenizer` from a directory with a template).
+
+    Raises:
+      ValueError: `--chat` True with a tokenizer that has no chat template.
+    """
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat and not has_template:
+        raise ValueError(f"--chat: --tokenizer {tokenizer_spec} has no chat template")
+    return has_template if chat is None else chat
+
+
 def check_context(
     config: TransformerConfig, length: int, *, flags: str, model: str, model_flag: str = "--model"
 ) -> None:

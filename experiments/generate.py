@@ -38,6 +38,7 @@ from experiments._common import (
     decode_with_prompt,
     format_table,
     load_model_and_tokenizer,
+    use_chat,
 )
 from jaxalign import SamplingConfig, TransformerConfig, forward, generate, token_logps
 
@@ -99,10 +100,7 @@ def prompt_batch(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[np.ndarray, np.n
       ValueError: --chat with a tokenizer that has no chat template; an empty prompt under
         --chat (`encode_chat` names the turn and field).
     """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if cfg.chat and not has_template:
-        raise ValueError(f"--chat: --tokenizer {cfg.tokenizer} has no chat template")
-    if not (has_template if cfg.chat is None else cfg.chat):
+    if not use_chat(cfg.chat, tokenizer, cfg.tokenizer):
         return jd.collate_prompts(cfg.prompt, tokenizer)
     rows = []
     for i, text in enumerate(cfg.prompt):

@@ -56,6 +56,7 @@ from experiments._common import (
     draw_at,
     format_table,
     load_model,
+    use_chat,
 )
 from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
 from jaxalign import (
@@ -131,18 +132,6 @@ def load_policy(cfg: Config, tokenizer: jd.Tokenizer):
     return config, params
 
 
-def use_chat(cfg: Config, tokenizer: jd.Tokenizer) -> bool:
-    """Whether prompts go through the chat template (--chat, else: the tokenizer has one).
-
-    Raises:
-      ValueError: --chat True with a tokenizer that has no chat template.
-    """
-    has = getattr(tokenizer, "chat_template", None) is not None
-    if cfg.chat and not has:
-        raise ValueError(f"--chat: --tokenizer {cfg.tokenizer} has no chat template")
-    return has if cfg.chat is None else cfg.chat
-
-
 def prompt_ids(rows: list[dict], tokenizer: jd.Tokenizer, chat: bool) -> list[list[int]]:
     """Each row's prompt as token ids: the chat template's rendering of `r1_messages(question)`
     with the assistant header (the template writes any BOS), or BOS + the plain R1 prompt."""
@@ -184,7 +173,7 @@ def load_problems(cfg: Config, tokenizer: jd.Tokenizer) -> tuple[list[dict], lis
       ValueError: fewer training problems fit than --prompts-per-iteration, or no test problem.
     """
     train_set, test_set = jd.load_gsm8k(cfg.train_data), jd.load_gsm8k(cfg.test_data)
-    chat = use_chat(cfg, tokenizer)
+    chat = use_chat(cfg.chat, tokenizer, cfg.tokenizer)
     train = fitting_rows(train_set, tokenizer, cfg.max_prompt_length, cfg.train_problems, chat=chat)
     test = fitting_rows(test_set, tokenizer, cfg.max_prompt_length, cfg.eval_problems, chat=chat)
     log.info("using %d train / %d test problems (of %d / %d; prompts over %d tokens left out)",

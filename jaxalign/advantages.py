@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxalign.ops import last_token_index, masked_var, masked_whiten, select
 
 __all__ = [  # masked_whiten and last_token_index live in jaxalign.ops; re-exported for one release
-    "explained_variance", "gae", "group_advantages", "kl_penalty", "last_token_index",
+    "KLKind", "explained_variance", "gae", "group_advantages", "kl_penalty", "last_token_index",
     "masked_whiten", "ppo_token_rewards", "rloo_advantages",
 ]
 
@@ -70,9 +70,22 @@ def gae(
     return advantages, select(mask, advantages + values)
 
 
-def kl_penalty(
-    logps: jax.Array, ref_logps: jax.Array, *, kind: Literal["k1", "k2", "k3"] = "k1"
-) -> jax.Array:
+KLKind = Literal["k1", "k2", "k3", "low_var_kl"]
+"""The per-token KL estimators of `kl_penalty`."""
+
+_LOW_VAR_KL_LOG_RATIO_CLAMP = 20.0
+"""veRL clamps log π_ref/π to ±20 before the exp of its "low_var_kl" (exp(20) ≈ 4.9e8)."""
+_LOW_VAR_KL_VALUE_CLAMP = 10.0
+"""veRL clamps the per-token "low_var_kl" value to [−10, 10]."""
+
+
+def _clamp(x: jax.Array, low: float, high: float) -> jax.Array:
+    """`torch.clamp(x, low, high)` including its gradient: 1 on the closed interval [low, high],
+    0 outside (`jnp.clip` passes ½ at the end points, where its max/min tie)."""
+    return jnp.where(x < low, low, jnp.where(x > high, high, x))
+
+
+def kl_penalty(logps: jax.Array, ref_logps: jax.Array, *, kind: KLKind = "k1") -> jax.Array:
     """Per-token estimators of KL(π ‖ π_ref) from log-probs of tokens sampled from π
     (Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html).
 
@@ -80,13 +93,25 @@ def kl_penalty(
       k2 = ½ (log π − log π_ref)²                     (biased, low variance)
       k3 = exp(log π_ref − log π) − (log π_ref − log π) − 1   (unbiased, always ≥ 0; GRPO's KL,
                                                        DeepSeekMath arXiv 2402.03300 Eq. 4)
+      low_var_kl = clamp(k3 with x = clamp(log π_ref − log π, ±20), −10, 10)
+
+    "low_var_kl" is veRL's name for k3 as it computes it (verl 0.9.1,
+    verl/trainer/ppo/core_algos.py `kl_penalty_forward`, lines 2239-2245; the same branch serves
+    its "k3"): the log-ratio is clamped to [−20, 20] before the exp, the per-token value to
+    [−10, 10]. Since k3 ≥ 0 only the upper clamp can bind: at log π_ref/π ≳ 2.6 (π_ref/π ≳ 13.6)
+    or ≲ −11. Gradient: where neither clamp binds it is k3's, ∂/∂log π = 1 − π_ref/π; where one
+    binds (strictly outside the interval) it is 0, as `torch.clamp`'s (the end points themselves
+    pass the gradient, as in torch). The clamped value is no longer an unbiased estimate of the
+    KL; it bounds what one outlier token can add to a reward or loss. veRL's `exp(x) − x − 1` is
+    computed here as `expm1(x) − x` (same value up to rounding, exact near x = 0). veRL's "+"
+    variants (straight-through k2 gradient, "k3+") are not provided.
 
     Args:
       logps, ref_logps: float [B, T] log-probs (nats) of the sampled tokens under π and π_ref.
-      kind: "k1", "k2" or "k3".
+      kind: "k1", "k2", "k3" or "low_var_kl".
 
     Returns:
-      float32 [B, T] (apply the mask yourself).
+      float32 [B, T] (apply the mask yourself: select, e.g. `ppo_token_rewards`).
 
     Raises:
       AssertionError: (chex) logps and ref_logps of different shapes.
@@ -100,7 +125,10 @@ def kl_penalty(
         return 0.5 * jnp.square(log_ratio)
     if kind == "k3":
         return jnp.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kind must be 'k1', 'k2' or 'k3', got {kind!r}")
+    if kind == "low_var_kl":
+        x = _clamp(-log_ratio, -_LOW_VAR_KL_LOG_RATIO_CLAMP, _LOW_VAR_KL_LOG_RATIO_CLAMP)  # log π_ref/π
+        return _clamp(jnp.expm1(x) - x, -_LOW_VAR_KL_VALUE_CLAMP, _LOW_VAR_KL_VALUE_CLAMP)
+    raise ValueError(f"kind must be 'k1', 'k2', 'k3' or 'low_var_kl', got {kind!r}")
 
 
 def group_advantages(
@@ -170,7 +198,7 @@ def ppo_token_rewards(
     mask: jax.Array,
     *,
     kl_coef: float | jax.Array,
-    kind: Literal["k1", "k2", "k3"] = "k1",
+    kind: KLKind = "k1",
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token RLHF rewards: r_t = −β·KL_t, plus the sequence score at the last response token
     (Ziegler et al. 2019, arXiv 1909.08593, Eq. 2; InstructGPT arXiv 2203.02155 Eq. 2; TRL's
@@ -183,7 +211,8 @@ def ppo_token_rewards(
       ref_logps: float [B, T] the same under the frozen reference.
       mask: [B, T] 1.0 on response tokens (a prefix of each row).
       kl_coef: β ≥ 0 (float or traced scalar: the adaptive controller changes it between rollouts).
-      kind: KL estimator (`kl_penalty`): TRL and OpenRLHF default to "k1"; "k3" is never negative.
+      kind: KL estimator (`kl_penalty`): TRL and OpenRLHF default to "k1"; "k3" is never negative;
+        "low_var_kl" is veRL's clamped k3.
 
     Returns:
       (rewards float32 [B, T], kl float32 [B, T]), both 0 where mask is 0. An all-zero mask row

@@ -152,3 +152,62 @@ def test_explained_variance():
     # V = R + noise: 1 - var(noise)/var(R) with var(R) = 2/3 over the masked entries
     v = r + jnp.array([[0.5, -0.5, 0.0, 0.0]])
     np.testing.assert_allclose(explained_variance(v, r, mask), 1 - (1 / 6) / (2 / 3), rtol=1e-6)  # 3-term variances: 8 ulps
+
+
+def np_verl_low_var_kl(logprob, ref_logprob):
+    """verl 0.9.1 verl/trainer/ppo/core_algos.py `kl_penalty_forward`, "low_var_kl" branch
+    (lines 2239-2245), transcribed from torch to NumPy float64."""
+    kl = ref_logprob - logprob
+    kl = np.clip(kl, -20, 20)  # "For numerical stability"
+    ratio = np.exp(kl)
+    kld = ratio - kl - 1
+    return np.clip(kld, -10, 10)
+
+
+def test_low_var_kl_matches_verl_transcription():
+    rng = np.random.RandomState(2)
+    ref = rng.uniform(-8, 0, (4, 64)).astype(np.float32)
+    # log π_ref/π over [-30, 30]: both clamps (|x| > 20; k3 > 10 at x > 2.6 or x < -11) and the middle
+    lp = (ref - np.concatenate([rng.uniform(-30, 30, (4, 32)), rng.uniform(-3, 3, (4, 32))], 1)).astype(np.float32)
+    got = kl_penalty(jnp.asarray(lp), jnp.asarray(ref), kind="low_var_kl")
+    want = np_verl_low_var_kl(lp.astype(np.float64), ref.astype(np.float64))
+    # values <= 10: the float32 log-ratio's rounding (½ ulp of |x| <= 30, times |e^x − 1| <= 13 where
+    # unclamped) and expm1's and the subtraction's roundings: ~4 ulps of 10; 16 for the margin
+    np.testing.assert_allclose(got, want, rtol=0, atol=ulps(16, 10.0))
+    assert float(jnp.max(got)) == 10.0 and float(jnp.min(got)) >= 0.0
+    unclamped = np.abs(ref - lp) < 2.5  # k3 < 10 there: the same float32 ops as kind="k3"
+    k3 = kl_penalty(jnp.asarray(lp), jnp.asarray(ref), kind="k3")
+    np.testing.assert_array_equal(np.asarray(got)[unclamped], np.asarray(k3)[unclamped])
+
+
+def test_low_var_kl_hand_values_at_the_clamps_and_gradients():
+    x = np.array([[0.0, 1.0, 2.0, 3.0, 20.0, 25.0, -10.0, -11.0, -25.0]], np.float32)  # log π_ref/π
+    lp, ref = jnp.asarray(-x), jnp.zeros_like(jnp.asarray(x))
+    got = kl_penalty(lp, ref, kind="low_var_kl")
+    # e^x − x − 1, capped at 10: e^3 − 4 = 16.1, e^20 − 21, e^-11 + 10 and (x clamped to -20) e^-20 + 19 hit the cap
+    want = [0.0, np.e - 2, np.exp(2.0) - 3, 10.0, 10.0, 10.0, np.exp(-10.0) + 9, 10.0, 10.0]
+    np.testing.assert_allclose(got, [want], rtol=0, atol=ulps(8, 10.0))  # one expm1 and a subtraction, values <= 10
+    g_lp, g_ref = jax.grad(lambda a, b: kl_penalty(a, b, kind="low_var_kl").sum(), argnums=(0, 1))(lp, ref)
+    # unclamped: k3's gradient ∂/∂log π = 1 − π_ref/π = 1 − e^x (and the opposite for log π_ref);
+    # where a clamp binds, 0 (torch.clamp's gradient)
+    want_g = [0.0, 1 - np.e, 1 - np.exp(2.0), 0.0, 0.0, 0.0, 1 - np.exp(-10.0), 0.0, 0.0]
+    np.testing.assert_allclose(g_lp, [want_g], rtol=0, atol=ulps(8, np.exp(2.0)))  # one expm1 each
+    np.testing.assert_array_equal(g_ref, -g_lp)
+
+
+def test_low_var_kl_rewards_ignore_nan_at_masked_positions():
+    logps = jnp.array([[-1.0, -4.0, -0.5, 0.0], [-1.0, -2.0, 0.0, 0.0]])
+    ref = jnp.array([[-1.5, -1.0, -0.5, 0.0], [-0.5, -14.0, 0.0, 0.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    poison = jnp.where(mask > 0, 0.0, jnp.nan)
+
+    def rewards(lp, rf):
+        return ppo_token_rewards(jnp.array([2.0, -1.0]), lp, rf, mask, kl_coef=0.1, kind="low_var_kl")
+
+    clean_r, clean_kl = rewards(logps, ref)
+    dirty_r, dirty_kl = rewards(logps + poison, ref + poison)
+    np.testing.assert_array_equal(dirty_r, clean_r)  # same program, same selected inputs: exact
+    np.testing.assert_array_equal(dirty_kl, clean_kl)
+    assert float(clean_kl[1, 1]) == 10.0  # log π_ref/π = −12: 11 + e^-12, capped
+    g = jax.grad(lambda lp: rewards(lp, ref + poison)[0].sum())(logps + poison)
+    assert np.all(np.isfinite(g)) and float(jnp.abs(jnp.where(mask > 0, 0.0, g)).sum()) == 0.0

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.advantages import gae, ppo_token_rewards
+from jaxalign.advantages import KLKind, gae, ppo_token_rewards
 from jaxalign.decoding import SamplingConfig
 from jaxalign.models.config import TransformerConfig
 from jaxalign.ops import masked_whiten, select
@@ -82,7 +81,7 @@ def ppo_rollout(
     rng: jax.Array,
     decode: Callable[[Sequence[int]], str] | None = None,
     kl_coef: float = 0.05,
-    kl_kind: Literal["k1", "k2", "k3"] = "k1",
+    kl_kind: KLKind = "k1",
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten_advantages: bool = True,
@@ -107,7 +106,8 @@ def ppo_rollout(
       sampling: the `SamplingConfig`; rng: PRNG key for sampling.
       decode: token ids -> text, to return the completions (None: no texts).
       kl_coef: β (the adaptive controller's current value, see `adaptive_kl_coef`).
-      kl_kind: KL estimator for the penalty.
+      kl_kind: KL estimator for the penalty (`jaxalign.advantages.kl_penalty`; "low_var_kl" is
+        veRL's clamped k3).
       gamma, lam: GAE's γ and λ (TRL: 1.0, 0.95).
       whiten_advantages: whiten advantages over the batch's response tokens (TRL always does).
       missing_eos_penalty: subtracted from the score of responses that hit max_new_tokens without

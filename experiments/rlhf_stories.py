@@ -15,8 +15,16 @@ policy -> reward model from ranked samples -> PPO against the reward model.
   controller of Ziegler et al. 2019, a critic initialised from the reward model as InstructGPT
   does, 4 epochs over 2 minibatches per rollout). The policy never sees gold; it is measured on
   held-out prompts before and after, with the RM score and the KL to the reference.
+* PPO-ptx (InstructGPT Eq. 2, `--ptx-coef γ` > 0): every PPO step also minimises γ·(token-mean
+  NLL) of `--ptx-batch` stories. InstructGPT draws them from the pretraining distribution;
+  stories260K's (TinyStories) is not in ../shared/data, so D_pretrain here is the SFT model's own
+  stage-2 samples (opening + completion, every token after the first counted), which it
+  generated from that distribution: the term pulls the policy back towards π_SFT (a forward-KL
+  regulariser, on top of the reward's reverse KL). Batch n of the run is drawn with
+  `default_rng([seed, n])`, a function of the optimizer step, so a resumed run draws the same.
 
   python -m experiments.rlhf_stories                 # default, a few minutes on 2 CPU cores
+  python -m experiments.rlhf_stories --ptx-coef 1.0  # PPO-ptx
 
 Writes into --output-dir: config.json, metrics.jsonl, summary.json (with sample texts), rlhf.png,
 checkpoints/{reward_model,ppo}/. `--resume` continues a killed run exactly (the RM's pairs are
@@ -30,6 +38,7 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -68,6 +77,7 @@ from jaxalign import (
 )
 from jaxalign.metrics import setup_logging
 from jaxalign.rollout import decode_completions
+from jaxalign.trainers.ppo import PtxBatchAt
 from jaxalign.trainers.rl_loop import PPOState, ppo_loop
 
 log = logging.getLogger("rlhf_stories")
@@ -147,6 +157,11 @@ class Config:
     shorter here because the whole run is ~1,000 samples)."""
     vf_coef: float = 0.1
     ent_coef: float = 0.0
+    ptx_coef: float = 0.0
+    """PPO-ptx γ (InstructGPT Eq. 2): the weight of the token-mean NLL of stage-2 SFT samples added
+    to every PPO step's loss (0: plain PPO). See `jaxalign.trainers.ppo_batch_loss` for its scale."""
+    ptx_batch: int = 8
+    """Stories per PPO-ptx batch."""
     critic: Literal["separate", "shared"] = "separate"
     """separate: a critic initialised from the reward model (InstructGPT); shared: a value head
     on the policy trunk."""
@@ -207,9 +222,9 @@ def sample(params, config, tok, prompts, *, samples: int, cfg: Config, rng: jax.
 
 
 def preference_pairs(params, config, tok, prompts, *, cfg: Config, rng: jax.Array, seed: int):
-    """Samples K answers per prompt, ranks them by gold and returns PreferenceExamples, with the
-    share of tied pairs and the mean gold of the samples."""
-    examples, ties, golds = [], 0, []
+    """Samples K answers per prompt, ranks them by gold and returns PreferenceExamples, the
+    number of tied pairs, the mean gold of the samples, and every sample as an `Example`."""
+    examples, ties, golds, drawn = [], 0, [], []
     order = np.random.default_rng(seed)
     samples, _, _ = sample(params, config, tok, prompts, samples=cfg.rm_samples, cfg=cfg, rng=rng)
     k = cfg.rm_samples
@@ -222,7 +237,29 @@ def preference_pairs(params, config, tok, prompts, *, cfg: Config, rng: jax.Arra
         ties += int(np.sum(np.triu(scores[:, None] == scores[None, :], 1)))
         side = {r: _examples(prompt_ids, samples.tokens[r], int(samples.lengths[r])) for r in rows}
         examples.extend(jd.PreferenceExample(side[b * k + c], side[b * k + r]) for c, r in pairs)
-    return examples, ties, float(np.mean(golds))
+        drawn.extend(side[r] for r in rows)
+    return examples, ties, float(np.mean(golds)), drawn
+
+
+def ptx_batches(samples: Sequence[jd.Example], *, batch_size: int, seed: int, pad_id: int) -> PtxBatchAt:
+    """PPO-ptx's `ptx_batch_at(n)`: `batch_size` distinct stories of `samples` (opening and
+    completion as language-model text: every token after the first counted) drawn with
+    `default_rng([seed, n])`, right-padded to one width (one compiled shape), so batch n is a
+    pure function of n and a resumed run draws what the killed one would have.
+
+    Raises:
+      ValueError: fewer samples than batch_size.
+    """
+    if len(samples) < batch_size:
+        raise ValueError(f"PPO-ptx needs >= ptx_batch={batch_size} samples, got {len(samples)}")
+    texts = [jd.Example(e.tokens, (np.arange(len(e.tokens)) > 0).astype(np.float32)) for e in samples]
+    width = 8 * -(-max(len(e.tokens) for e in texts) // 8)
+
+    def ptx_batch_at(n: int) -> dict[str, np.ndarray]:
+        idx = np.random.default_rng([seed, n]).choice(len(texts), batch_size, replace=False)
+        return jd.collate_sft([texts[i] for i in idx], batch_size=batch_size, buckets=(width,), pad_id=pad_id)
+
+    return ptx_batch_at
 
 
 def _prompt_split(cfg: Config) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -245,20 +282,22 @@ def _optim_configs(cfg: Config) -> tuple[OptimConfig, OptimConfig]:
     return rm, ppo
 
 
-def reward_model_stage(cfg, config, tok, sft_params, prompts, optim, writer, rng) -> tuple[dict, jax.Array, dict]:
+def reward_model_stage(cfg, config, tok, sft_params, prompts, optim, writer, rng) -> tuple[dict, jax.Array, dict, list]:
     """Stage 2: gold-ranked pairs of the policy's samples -> a Bradley-Terry RM (stories260K's
-    trunk + a fresh head). Returns (rm_params, rng advanced past the stage's keys, figures);
-    resumable from checkpoints/reward_model."""
+    trunk + a fresh head). Returns (rm_params, rng advanced past the stage's keys, figures, the
+    SFT model's samples on the RM's training prompts as `Example`s, PPO-ptx's data); resumable
+    from checkpoints/reward_model (the samples are re-drawn with the same keys)."""
     _, _, rm_val_prompts, rm_train_prompts = prompts
-    train_pairs, ties, gold_means = [], 0, []
+    train_pairs, ties, gold_means, drawn = [], 0, [], []
     for r in range(cfg.rm_rounds):
         rng, key = jax.random.split(rng)
-        ex, t, g = preference_pairs(sft_params, config, tok, rm_train_prompts, cfg=cfg, rng=key, seed=cfg.seed + r)
+        ex, t, g, d = preference_pairs(sft_params, config, tok, rm_train_prompts, cfg=cfg, rng=key, seed=cfg.seed + r)
         train_pairs += ex
         ties += t
         gold_means.append(g)
+        drawn += d
     rng, key = jax.random.split(rng)
-    val_pairs, _, _ = preference_pairs(sft_params, config, tok, rm_val_prompts, cfg=cfg, rng=key, seed=cfg.seed + 99)
+    val_pairs, _, _, _ = preference_pairs(sft_params, config, tok, rm_val_prompts, cfg=cfg, rng=key, seed=cfg.seed + 99)
     log.info("reward model: %d train pairs (%d tied pairs dropped), %d held-out pairs", len(train_pairs), ties, len(val_pairs))
     width = 8 * -(-max(len(s.tokens) for p in train_pairs + val_pairs for s in p) // 8)
     collate = functools.partial(jd.collate_preference, batch_size=cfg.rm_batch, buckets=(width,), pad_id=tok.pad_id)
@@ -275,7 +314,7 @@ def reward_model_stage(cfg, config, tok, sft_params, prompts, optim, writer, rng
         "rm_heldout_accuracy_before": before["accuracy"],
         "rm_heldout_accuracy": after["accuracy"],
         "policy_gold_mean_of_samples": float(np.mean(gold_means)),
-    }
+    }, drawn
 
 
 def make_policy_eval(cfg: Config, config, tok, held_out: list[str], sft_params, score_fn):
@@ -306,7 +345,9 @@ def ppo_setup(cfg: Config, config, sft_params, rm_params, optim: OptimConfig, ke
     critic = jax.tree.map(jnp.copy, rm_params) if cfg.critic == "separate" else None  # InstructGPT: V from the RM
     params = init_actor_critic(jax.tree.map(jnp.copy, sft_params), critic, config=config, rng=key)
     tx, schedule = make_optimizer(optim)
-    step = make_ppo_step(config, tx, schedule, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)  # critic: from the tree
+    step = make_ppo_step(  # critic: from the tree; ptx_coef = 0 is plain PPO
+        config, tx, schedule, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, ptx_coef=cfg.ptx_coef
+    )
     state = PPOState(create_train_state(params, tx, cfg.seed + 1), jnp.float32(cfg.kl_coef))
     manager, state = resume_or_start(
         cfg.output_dir / "checkpoints" / "ppo", state, resume=cfg.resume, save_every=cfg.checkpoint_every, keep=2
@@ -314,10 +355,10 @@ def ppo_setup(cfg: Config, config, sft_params, rm_params, optim: OptimConfig, ke
     return step, manager, state
 
 
-def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, rng) -> tuple[dict, dict]:
-    """Stage 3: PPO against the RM (critic from the RM, InstructGPT §3.5), adaptive β, measured on
-    held-out prompts with gold, RM score and KL. Returns (figures, sample texts); resumable from
-    checkpoints/ppo."""
+def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, rng, ptx_samples) -> tuple[dict, dict]:
+    """Stage 3: PPO against the RM (critic from the RM, InstructGPT §3.5), adaptive β, PPO-ptx on
+    `ptx_samples` when --ptx-coef > 0, measured on held-out prompts with gold, RM score and KL.
+    Returns (figures, sample texts); resumable from checkpoints/ppo."""
     held_out, train_prompts, _, _ = prompts
     score_fn = reward_model_scorer(rm_params, config)
     policy_eval = make_policy_eval(cfg, config, tok, held_out, sft_params, score_fn)
@@ -338,11 +379,14 @@ def ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, optim, writer, r
         )
         return {"gold": float(gold_score(texts).mean())}
 
+    ptx_batch_at = None if cfg.ptx_coef == 0 else ptx_batches(
+        ptx_samples, batch_size=cfg.ptx_batch, seed=cfg.seed, pad_id=tok.pad_id
+    )
     state, loop = ppo_loop(
         step, state, prompts_at, config=config, num_iterations=cfg.ppo_iterations, rng=rng, writer=writer,
         ref_params=sft_params, score_fn=score_fn, epochs=cfg.epochs, num_minibatches=cfg.num_minibatches,
         kl_target=cfg.kl_target, kl_horizon=cfg.kl_horizon, rollout_metrics=gold_of, checkpoints=manager,
-        progress=cfg.progress,
+        progress=cfg.progress, ptx_batch_at=ptx_batch_at,
         sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id),
     )
     after, samples_after = policy_eval(state.train.params["policy"])
@@ -364,17 +408,19 @@ def run(cfg: Config) -> dict:
     if (done := run_dir.finished_summary()) is not None:
         return done
     rm_optim, ppo_optim = _optim_configs(cfg)  # bad step counts are refused before any sampling
+    if cfg.ptx_coef < 0 or cfg.ptx_batch < 1:
+        raise ValueError(f"--ptx-coef must be >= 0 and --ptx-batch >= 1, got {cfg.ptx_coef}, {cfg.ptx_batch}")
     config, sft_params, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
     prompts = _prompt_split(cfg)
     writer = run_dir.begin()
     rng = jax.random.key(cfg.seed)  # one key chain through both stages
-    rm_params, rng, rm_figures = reward_model_stage(cfg, config, tok, sft_params, prompts, rm_optim, writer, rng)
-    ppo_figures, texts = ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, ppo_optim, writer, rng)
+    rm_params, rng, rm_figures, samples = reward_model_stage(cfg, config, tok, sft_params, prompts, rm_optim, writer, rng)
+    ppo_figures, texts = ppo_stage(cfg, config, tok, sft_params, rm_params, prompts, ppo_optim, writer, rng, samples)
     writer.close()
     plot_metrics(
         writer.path, cfg.output_dir / "rlhf.png",
         [("ppo", "score"), ("ppo", "gold"), ("ppo", "kl"), ("ppo", "kl_coef"), ("ppo", "explained_variance"),
-         ("reward_model", "accuracy")],
+         ("reward_model", "accuracy"), *([("ppo", "ptx_loss")] if cfg.ptx_coef > 0 else [])],
         title="RLHF on stories260K",
     )
     return run_dir.write_summary(

@@ -15,6 +15,10 @@ checkpoints/{sft,dpo}/. An --output-dir that already holds a run is refused unle
 which continues it exactly (same batches, PRNG keys and records) and refuses flags that would
 change it (`experiments._common.RunDir`).
 
+`--loss-type` picks the preference loss of the second stage: every loss type of TRL's DPOTrainer
+(`jaxalign.losses.dpo`), or the reference-free simpo / orpo (`jaxalign.losses.preference`; no
+reference log-probs are computed, and their rewards are β times length-averaged log-probs).
+
 LoRA (`--lora`, with --lora-rank/-alpha/-dropout/-targets and --dora): both stages train adapters
 only (`jaxalign.lora`), with optimizer state and checkpoints of adapter size. The recipe chosen
 for SFT -> DPO: SFT trains adapters on the frozen base; at the end of SFT they are merged into it
@@ -71,8 +75,16 @@ from jaxalign import (
 from jaxalign.lora import lora_targets
 from jaxalign.metrics import setup_logging
 from jaxalign.trainers import make_pair_logps_fn
+from jaxalign.trainers.dpo import REFERENCE_FREE_LOSSES, uses_average_logps
 
 log = logging.getLogger("sft_dpo")
+
+# Every preference loss of jaxalign (PREFERENCE_LOSS_TYPES, spelled out for the CLI's choices;
+# tests/trainers/test_dpo_variants.py checks the two agree).
+LossType = Literal[
+    "aot", "aot_unpaired", "apo_down", "apo_zero", "bco_pair", "discopop", "exo_pair", "hinge",
+    "ipo", "nca_pair", "robust", "sigmoid", "sigmoid_norm", "sppo_hard", "orpo", "simpo",
+]
 
 
 @dataclasses.dataclass
@@ -117,9 +129,19 @@ class Config:
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
     beta: float = 0.1
-    """DPO β (Raschka ch07 and TRL default: 0.1)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = 0.0
+    """DPO β (Raschka ch07 and TRL default: 0.1); SimPO's β (its paper uses single digits);
+    ORPO's λ (TRL default 0.1)."""
+    loss_type: LossType = "sigmoid"
+    """Preference loss: the DPO family of jaxalign.losses.dpo (TRL DPOTrainer's loss types;
+    ipo and sigmoid_norm on length-averaged log-probs), or the reference-free simpo and orpo
+    (jaxalign.losses.preference), which ignore --reference."""
+    label_smoothing: float | None = None
+    """ε: label-flip rate for sigmoid (cDPO), sigmoid_norm, robust, aot, aot_unpaired, simpo;
+    EXO's ε for exo_pair. Default: 0, or 1e-3 for exo_pair."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin γ (TRL default)."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature τ (TRL and paper default)."""
     reference: Literal["precomputed", "in_step"] = "precomputed"
     """Reference log-probs computed once over the data, or by the frozen model in every step."""
     eval_every: int = 50
@@ -348,7 +370,8 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
     """DPO stage from the SFT model, which is also the frozen reference; returns figures.
 
     With `lora`, fresh adapters train on the frozen SFT model, which with the adapters off is the
-    reference: the same arrays serve as base and reference, no copy.
+    reference: the same arrays serve as base and reference, no copy. The reference-free losses
+    (simpo, orpo) use no reference; their rewards are β times the length-averaged log-probs.
     """
     collate_kw = dict(
         batch_size=cfg.batch_size,
@@ -356,14 +379,20 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
         pad_id=data.tokenizer.pad_id,
     )
     collate = functools.partial(jd.collate_preference, **collate_kw)
-    average = cfg.loss_type == "ipo"
-    if lora is None:
+    average = uses_average_logps(cfg.loss_type)
+    reference_free = cfg.loss_type in REFERENCE_FREE_LOSSES
+    if reference_free:
+        ref_params = None
+    elif lora is None:
         ref_params = jax.tree.map(jnp.copy, sft_params)  # the train step donates the policy's buffers
     else:
         ref_params = sft_params  # not donated: only the adapters are in the train state
 
     val_batches = list(jd.eval_batches(data.pref_val, batch_size=cfg.batch_size, collate=collate))
-    val_ref_c, val_ref_r = reference_logps(ref_params, config, val_batches, average=average)
+    if reference_free:  # rewards β·logp (TRL's CPO/ORPO rewards): a reference of 0
+        val_ref_c = val_ref_r = np.zeros(len(data.pref_val), np.float32)
+    else:
+        val_ref_c, val_ref_r = reference_logps(ref_params, config, val_batches, average=average)
     pair_fn = make_pair_logps_fn(config, average=average)
 
     def evaluate(p) -> dict[str, float]:
@@ -384,7 +413,10 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
     if lora is None:  # the policy starts as a copy of the SFT model (the step donates it)
         sft_params = jax.tree.map(jnp.copy, sft_params)
     train = _trainable(lora, sft_params, _optim(cfg, cfg.dpo_lr, cfg.dpo_steps), cfg.seed + 1)
-    if cfg.reference == "precomputed":
+    if reference_free:
+        stream = jd.BatchStream(data.pref_train, cfg.batch_size, cfg.seed, collate)
+        extra_args = train.extra_args
+    elif cfg.reference == "precomputed":
         train_batches = jd.eval_batches(data.pref_train, batch_size=cfg.batch_size, collate=collate)
         train_c, train_r = reference_logps(ref_params, config, train_batches, average=average)
         items = jd.with_reference_logps(data.pref_train, train_c, train_r)
@@ -397,7 +429,8 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
         extra_args = (*train.extra_args, ref_params)
     step = make_dpo_step(
         config, train.tx, train.schedule, beta=cfg.beta, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing, lora=lora,
+        label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+        discopop_tau=cfg.discopop_tau, lora=lora,
     )
     manager, state = resume_or_start(
         ckpt_dir / "dpo", create_train_state(train.params, train.tx, cfg.seed + 1),

@@ -1,5 +1,8 @@
-"""DPO training: completion log-probs of chosen/rejected pairs, reference log-probs, train step.
+"""Preference training: completion log-probs of chosen/rejected pairs, reference log-probs, step.
 
+One step builder, `make_dpo_step`, for every preference loss type (`PREFERENCE_LOSS_TYPES`): the
+DPO family of `jaxalign.losses.dpo` (`dpo_batch_loss`), and the reference-free SimPO and ORPO of
+`jaxalign.losses.preference` (`simpo_batch_loss`, `orpo_batch_loss`), which skip the reference.
 The reference model's log-probs come either precomputed once over the dataset (batch keys
 `ref_chosen_logps`, `ref_rejected_logps`; TRL's `precompute_ref_log_probs=True`) or from frozen
 reference params passed to every step (`ref_params` argument; TRL's default).
@@ -17,10 +20,24 @@ import optax
 
 from jaxalign.logprobs import sequence_logps, token_logps
 from jaxalign.lora import LoraConfig
-from jaxalign.losses.dpo import dpo_loss
+from jaxalign.losses.dpo import DPO_LOSSES, LENGTH_NORMALISED_LOSSES, dpo_loss
+from jaxalign.losses.preference import orpo_loss, simpo_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
+from jaxalign.ops import masked_count, masked_mean
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
+
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+"""Preference loss types that need no reference model (length-averaged policy log-probs only)."""
+
+PREFERENCE_LOSS_TYPES = (*sorted(DPO_LOSSES), *REFERENCE_FREE_LOSSES)
+"""Every `loss_type` `make_dpo_step` accepts: the DPO family, then SimPO and ORPO."""
+
+
+def uses_average_logps(loss_type: str) -> bool:
+    """Whether `loss_type` scores completions by length-averaged log-probs (IPO, sigmoid_norm,
+    SimPO, ORPO) rather than summed ones: the `average` of `pair_logps` / `reference_logps`."""
+    return loss_type in LENGTH_NORMALISED_LOSSES or loss_type in REFERENCE_FREE_LOSSES
 
 
 def pair_logps(
@@ -59,6 +76,21 @@ def _real_pairs(batch: Batch) -> jax.Array:
     return jnp.sum(batch["chosen_mask"], axis=-1) > 0  # [B]
 
 
+def completion_lengths(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Completion token counts of both sides, float32 [B] each: the tokens `pair_logps` sums
+    (the masks shifted by one, as the log-probs are of tokens 1..T-1)."""
+    return (
+        masked_count(batch["chosen_mask"][:, 1:], axis=-1),
+        masked_count(batch["rejected_mask"][:, 1:], axis=-1),
+    )
+
+
+def _with_logps(loss: jax.Array, metrics: Metrics, chosen: jax.Array, rejected: jax.Array, real):
+    # the policy's mean completion log-probs over the real pairs (the logged `logps/*` of TRL)
+    from_real = {"chosen_logps": masked_mean(chosen, real), "rejected_logps": masked_mean(rejected, real)}
+    return loss, {**metrics, **from_real}
+
+
 def dpo_batch_loss(
     params,
     config: TransformerConfig,
@@ -68,43 +100,127 @@ def dpo_batch_loss(
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | None = None,
+    discopop_tau: float = 0.05,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """DPO loss of the policy on a preference batch.
+    """DPO-family loss (`jaxalign.losses.dpo.dpo_loss`, any key of `DPO_LOSSES`) on a batch.
 
     Reference log-probs are read from `batch["ref_chosen_logps"]`/`batch["ref_rejected_logps"]`
-    ([B] float32) when present, else computed from `ref_params` under `stop_gradient`.
+    ([B] float32) when present, else computed from `ref_params` under `stop_gradient`. Log-probs
+    are length-averaged for `LENGTH_NORMALISED_LOSSES` (ipo, sigmoid_norm), else summed;
+    precomputed ones must be the same kind (`reference_logps(..., average=...)`). bco_pair runs
+    with δ = 0 (TRL 1.16); the running-mean δ of TRL 0.19 is `jaxalign.losses.dpo.bco_pair_loss`.
 
     Raises:
-      ValueError: neither precomputed reference log-probs nor `ref_params` are given.
+      ValueError: neither precomputed reference log-probs nor `ref_params` are given; a bad
+        loss_type or hyperparameter (`dpo_loss`).
     """
-    average = loss_type == "ipo"
+    if "ref_chosen_logps" not in batch and ref_params is None:
+        raise ValueError(
+            "DPO needs reference log-probs: batch keys 'ref_chosen_logps'/'ref_rejected_logps' "
+            "or ref_params"
+        )
+    average = loss_type in LENGTH_NORMALISED_LOSSES
     chosen, rejected = pair_logps(
         params, config, batch, dropout_rng, average=average, chunk_size=chunk_size
     )
     if "ref_chosen_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    elif ref_params is not None:
+    else:
         ref_chosen, ref_rejected = jax.lax.stop_gradient(
             pair_logps(ref_params, config, batch, average=average, chunk_size=chunk_size)
         )
-    else:
-        raise ValueError(
-            "DPO needs reference log-probs: batch keys 'ref_chosen_logps'/'ref_rejected_logps' "
-            "or ref_params"
-        )
+    real = _real_pairs(batch)
     loss, metrics = dpo_loss(
-        chosen,
-        rejected,
-        ref_chosen,
-        ref_rejected,
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        where=_real_pairs(batch),
+        chosen, rejected, ref_chosen, ref_rejected,
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        discopop_tau=discopop_tau, where=real,
     )
-    return loss, {**metrics, "chosen_logps": jnp.mean(chosen), "rejected_logps": jnp.mean(rejected)}
+    return _with_logps(loss, metrics, chosen, rejected, real)
+
+
+def simpo_batch_loss(
+    params,
+    config: TransformerConfig,
+    batch: Batch,
+    dropout_rng: jax.Array | None = None,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """SimPO (`jaxalign.losses.preference.simpo_loss`) on a preference batch: no reference;
+    length-averaged policy log-probs. Metrics: simpo_loss's plus chosen/rejected_logps."""
+    chosen, rejected = pair_logps(params, config, batch, dropout_rng, average=True, chunk_size=chunk_size)
+    real = _real_pairs(batch)
+    loss, metrics = simpo_loss(
+        chosen, rejected, beta=beta, gamma=gamma, label_smoothing=label_smoothing, where=real
+    )
+    return _with_logps(loss, metrics, chosen, rejected, real)
+
+
+def orpo_batch_loss(
+    params,
+    config: TransformerConfig,
+    batch: Batch,
+    dropout_rng: jax.Array | None = None,
+    *,
+    beta: float = 0.1,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """ORPO (`jaxalign.losses.preference.orpo_loss`) on a preference batch: no reference; the
+    NLL of the chosen completion tokens plus λ = `beta` times the odds-ratio term. Metrics:
+    orpo_loss's plus chosen/rejected_logps (length-averaged, as the odds use them)."""
+    chosen, rejected = pair_logps(params, config, batch, dropout_rng, chunk_size=chunk_size)  # sums
+    chosen_len, rejected_len = completion_lengths(batch)
+    real = _real_pairs(batch)
+    loss, metrics = orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=beta, where=real)
+    average = lambda x, n: x / jnp.maximum(n, 1.0)  # noqa: E731 - orpo_loss's own averages
+    return _with_logps(loss, metrics, average(chosen, chosen_len), average(rejected, rejected_len), real)
+
+
+def preference_loss_fn(
+    config: TransformerConfig,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float | None = None,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    chunk_size: int | None = None,
+) -> Callable:
+    """`loss_fn(params, batch, dropout_rng, ref_params=None) -> (loss, metrics)` of `loss_type`
+    (any of `PREFERENCE_LOSS_TYPES`), for `make_train_step`.
+
+    Raises:
+      ValueError: unknown loss_type (eagerly); at trace time, `ref_params` passed to a
+        reference-free loss (a misconfigured step, not silently ignored).
+    """
+    if loss_type not in PREFERENCE_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(PREFERENCE_LOSS_TYPES)}, got {loss_type!r}")
+    if loss_type in DPO_LOSSES:
+
+        def with_reference(params, batch, dropout_rng, ref_params=None):
+            return dpo_batch_loss(
+                params, config, batch, dropout_rng, ref_params, beta=beta, loss_type=loss_type,
+                label_smoothing=label_smoothing, discopop_tau=discopop_tau, chunk_size=chunk_size,
+            )
+
+        return with_reference
+    if loss_type == "simpo":
+        batch_loss = simpo_batch_loss
+        kw = dict(beta=beta, gamma=simpo_gamma, label_smoothing=label_smoothing or 0.0)
+    else:
+        batch_loss, kw = orpo_batch_loss, dict(beta=beta)
+
+    def reference_free(params, batch, dropout_rng, ref_params=None):
+        if ref_params is not None:
+            raise ValueError(f"loss_type {loss_type!r} is reference-free: pass no ref_params")
+        return batch_loss(params, config, batch, dropout_rng, chunk_size=chunk_size, **kw)
+
+    return reference_free
 
 
 def make_dpo_step(
@@ -114,38 +230,37 @@ def make_dpo_step(
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | None = None,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
     chunk_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
     shardings: StepShardings | None = None,
 ) -> Callable:
-    """jit-compiled DPO step `step(state, batch, ref_params=None) -> (state, metrics)`.
+    """jit-compiled preference step `step(state, batch, ref_params=None) -> (state, metrics)`.
 
-    Pass `ref_params` (frozen reference) unless the batch carries precomputed reference log-probs
-    (see `reference_logps`). Metrics: loss, chosen/rejected rewards, reward_accuracy,
-    reward_margin, logits, chosen/rejected log-probs, grad_norm, learning_rate. With `lora`, the
-    state's params are the adapters and the step is `step(state, batch, base_params, ref_params)`:
-    pass the base itself as `ref_params` (adapters off = the reference, no second copy), or
-    precompute reference log-probs with `reference_logps(base_params, ...)`; `lora.dropout`
-    applies to the policy only (and not with `dropout=False`). `shardings`
-    (`jaxalign.trainers.step_shardings(..., num_extra_params=1)` with `ref_params`) compiles
-    the step for a device mesh.
+    `loss_type` is any of `PREFERENCE_LOSS_TYPES`: a DPO-family type (`dpo_batch_loss`; `beta`
+    is β, `label_smoothing` ε, `discopop_tau` τ) or the reference-free "simpo" (`beta` β,
+    `simpo_gamma` γ, `label_smoothing` ε) and "orpo" (`beta` is λ). For the DPO family pass
+    `ref_params` (frozen reference) unless the batch carries precomputed reference log-probs
+    (see `reference_logps`; length-averaged ones where `uses_average_logps(loss_type)`); the
+    reference-free types take no reference. Metrics: the loss function's (loss, chosen/rejected
+    rewards, reward_accuracy, reward_margin, ...), chosen/rejected log-probs, grad_norm,
+    learning_rate. With `lora`, the state's params are the adapters and the step is
+    `step(state, batch, base_params, ref_params)`: pass the base itself as `ref_params`
+    (adapters off = the reference, no second copy), or precompute reference log-probs with
+    `reference_logps(base_params, ...)`; `lora.dropout` applies to the policy only (and not
+    with `dropout=False`). `shardings` (`jaxalign.trainers.step_shardings(...,
+    num_extra_params=1)` with `ref_params`) compiles the step for a device mesh.
+
+    Raises:
+      ValueError: unknown loss_type.
     """
-
-    def loss_fn(params, batch, dropout_rng, ref_params=None):
-        return dpo_batch_loss(
-            params,
-            config,
-            batch,
-            dropout_rng,
-            ref_params,
-            beta=beta,
-            loss_type=loss_type,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-        )
-
+    loss_fn = preference_loss_fn(
+        config, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, chunk_size=chunk_size,
+    )
     return make_train_step(
         loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
     )

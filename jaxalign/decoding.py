@@ -210,7 +210,13 @@ def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
     return jnp.where(real, jnp.cumsum(real, axis=-1) - 1, -1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"))
+def repeat_rows(tree, n: int):
+    """Every batch-major array of `tree` (a `KVCache`, logits, positions) with each row repeated
+    `n` times in place (`jnp.repeat(x, n, axis=0)`); scalars (the cache's `length`) as they are."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, tree)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "num_samples"))
 def generate(
     params,
     config: TransformerConfig,
@@ -219,6 +225,7 @@ def generate(
     *,
     sampling: SamplingConfig,
     rng: jax.Array,
+    num_samples: int = 1,
 ) -> Generation:
     """Samples up to `sampling.max_new_tokens` tokens after each left-padded prompt, with a KV
     cache.
@@ -235,15 +242,20 @@ def generate(
       prompt_mask: [B, P], 1 on real prompt tokens, 0 on padding.
       sampling: the `SamplingConfig` (N, temperature, top-k, top-p, EOS and padding ids).
       rng: a PRNG key (unused for greedy decoding).
+      num_samples: n >= 1 completions per prompt from one prefill: the prompt's cache and last
+        logits are repeated n times after the prefill (inference-time scaling, GRPO groups), so
+        the B·(n−1)·P prefill tokens of repeating the prompts are not paid. Output rows
+        i·n … i·n + n − 1 are prompt i's samples (`np.repeat` order), each row with its own draws.
 
     Returns:
-      `Generation` (tokens, logps, model_logps, mask, lengths).
+      `Generation` (tokens, logps, model_logps, mask, lengths), all with B·n rows.
 
     Raises:
       ValueError: raised at trace time, before any compute: P >= config.max_seq_len ("prompt is
         P tokens ..., the model's context is M (config.max_seq_len)"), P + N >
         config.max_seq_len, top_k > config.vocab_size (and `SamplingConfig`'s own checks).
       AssertionError: (chex) prompt_tokens not rank 2, or prompt_mask of another shape.
+      ValueError: num_samples < 1.
     """
     chex.assert_rank(prompt_tokens, 2)
     chex.assert_equal_shape((prompt_tokens, prompt_mask))
@@ -259,15 +271,21 @@ def generate(
         raise ValueError(f"prompt length {p} + max_new_tokens {n} exceeds max_seq_len {config.max_seq_len}")
     if top_k is not None and top_k > config.vocab_size:
         raise ValueError(f"top_k must be in [1, vocab_size={config.vocab_size}], got {top_k}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
     positions = prompt_positions(prompt_mask)  # [B,P]
     cache = init_cache(config, b, p + n)
     logits, cache = forward_with_cache(params, config, prompt_tokens, cache, positions)  # [B,P,V]
+    last_logits, next_positions = logits[:, -1].astype(jnp.float32), positions[:, -1] + 1  # [B,V], [B]
+    if num_samples > 1:
+        cache, last_logits, next_positions = repeat_rows((cache, last_logits, next_positions), num_samples)
+        b = b * num_samples
     state = SamplingState(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
-        logits=logits[:, -1].astype(jnp.float32),
-        positions=positions[:, -1] + 1,
+        logits=last_logits,
+        positions=next_positions,
         done=jnp.zeros((b,), bool),
         tokens=jnp.full((b, n), pad_id, jnp.int32),
         logps=jnp.zeros((b, n), jnp.float32),

@@ -134,6 +134,7 @@ class BeforeAfter(NamedTuple):
       before, after: the evaluation's figures for the start and the trained policy.
       before_extra, after_extra: what the evaluation returned beside them (samples, texts).
       training: `training_figures` of the run.
+      params: the trained policy's parameters.
     """
 
     before: dict[str, float]
@@ -141,6 +142,7 @@ class BeforeAfter(NamedTuple):
     before_extra: Any
     after_extra: Any
     training: dict[str, float]
+    params: Any
 
 
 def grpo_before_after(
@@ -168,7 +170,7 @@ def grpo_before_after(
       The rest: as `train_grpo`.
 
     Returns:
-      `BeforeAfter` (before/after figures and extras, `training_figures`).
+      `BeforeAfter` (before/after figures and extras, `training_figures`, trained params).
     """
     before, before_extra = evaluate(params)
     log.info("before GRPO: %s", before)
@@ -184,7 +186,7 @@ def grpo_before_after(
         after, after_extra = evaluate(state.params)
     log.info("after GRPO: %s", after)
     log_once(writer, cfg.grpo_iterations, after, stage="grpo_eval")
-    return BeforeAfter(before, after, before_extra, after_extra, training_figures(result))
+    return BeforeAfter(before, after, before_extra, after_extra, training_figures(result), state.params)
 
 
 def write_outputs(run_dir: RunDir, writer: MetricsWriter, summary: dict, curves, *, title: str) -> dict:

@@ -9,7 +9,11 @@ k3 KL to the SFT model) raises its held-out accuracy when sampling at the rollou
 
   python -m experiments.grpo_arithmetic                  # default, a few minutes on 2 CPU cores
 
-Writes into --output-dir: metrics.jsonl, summary.json, grpo.png.
+Then, on the GRPO model, inference-time scaling (`experiments._scaling`): held-out accuracy of
+pass@k, maj@k (self-consistency), confidence-weighted maj@k and best-of-k by confidence for
+k = 1 … --scaling-samples, printed as a table and drawn in scaling.png.
+
+Writes into --output-dir: metrics.jsonl, summary.json, grpo.png, scaling.png.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import tyro
 import jaxalign.data as jd
 from experiments._common import RunDir, before_after, draw_at, format_table, resume_or_start
 from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
+from experiments._scaling import plot_scaling, scaling_figures, scaling_table
 from jaxalign import (
     OptimConfig,
     SamplingConfig,
@@ -59,6 +64,9 @@ class Config(GRPOConfig):
     sft_lr: float = 3e-3
     eval_samples: int = 4
     """Samples per held-out problem for the sampled accuracy (at --temperature)."""
+    scaling_samples: int = 16
+    """n samples per held-out problem for the inference-time scaling figures of the GRPO model
+    (pass@k, maj@k, weighted maj@k, best-of-k by confidence, k = 1 … n; 0 skips them)."""
 
 
 def make_problems(n: int, *, digits: int, seed: int) -> list[tuple[str, str]]:
@@ -141,6 +149,14 @@ def run(cfg: Config) -> dict:
         tokenizer=tokenizer, max_new_tokens=max_new, writer=writer, eval_during=True, reuse_final_eval=True,
     )
     summary = {**before_after(grpo.before, grpo.after, prefix="heldout_", labels=("sft", "grpo")), **grpo.training}
+    if cfg.scaling_samples:
+        sampling = SamplingConfig(max_new_tokens=max_new, temperature=cfg.temperature, eos_id=tokenizer.eos_id,
+                                  pad_id=tokenizer.pad_id)
+        summary["scaling"] = scaling_figures(
+            grpo.params, config, tokenizer, [p for p, _ in held_out], [a for _, a in held_out],
+            samples=cfg.scaling_samples, sampling=sampling, seed=cfg.seed + 5,
+        )
+        plot_scaling(summary["scaling"], run_dir.path / "scaling.png", title="GRPO addition model, held-out")
     return write_outputs(
         run_dir, writer, summary,
         [("grpo", "reward_mean"), ("grpo_eval", "accuracy_sampled"), ("grpo_eval", "accuracy_greedy"), ("grpo", "kl")],
@@ -157,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(("train reward, first/last 20% iters",
                  f"{summary['train_reward_first']:>8.3f} -> {summary['train_reward_last']:.3f}"))
     print(format_table("held-out accuracy", ("after SFT", "after GRPO"), rows, widths=(36, 10, 12)))
+    if "scaling" in summary:
+        print("\ninference-time scaling of the GRPO model (held-out accuracy, k samples per problem):")
+        print(scaling_table(summary["scaling"]))
     return summary
 
 

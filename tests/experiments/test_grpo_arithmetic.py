@@ -20,6 +20,16 @@ def test_grpo_raises_heldout_sampled_accuracy(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["heldout_accuracy_sampled_grpo"] == pytest.approx(
         summary["heldout_accuracy_sampled_grpo"]
     )
+    # inference-time scaling of the GRPO model, 16 samples per held-out problem
+    scaling = summary["scaling"]
+    assert all(len(curve) == 16 for curve in scaling.values())
+    passes = scaling["pass"]
+    assert all(a <= b for a, b in zip(passes, passes[1:]))  # the unbiased pass@k grows with k
+    assert all(passes[-1] >= scaling[name][-1] for name in scaling)  # pass@n: any of the n correct
+    # pass@1 and the 4-draw sampled accuracy estimate one number (200 problems: s.e. ~0.03 each)
+    assert abs(passes[0] - summary["heldout_accuracy_sampled_grpo"]) < 0.1
+    assert scaling["maj"][-1] > scaling["maj"][0]  # self-consistency helps (measured: see README)
+    assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
 def test_problems_are_distinct_and_correct():

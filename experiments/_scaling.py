@@ -15,7 +15,7 @@ Answers are compared as `jaxalign.rewards.extract_answer` reads them (exact Deci
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax
@@ -30,21 +30,34 @@ from jaxalign.search import best_of_n, majority_vote, pass_at_k
 CURVES = ("pass", "maj", "weighted_maj", "best_of_confidence")
 
 
-def scaling_figures(
-    params, config, tokenizer: jd.Tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
-    samples: int, sampling: SamplingConfig, seed: int,
-) -> dict[str, list[float]]:
-    """`{curve: [accuracy at k = 1 … samples]}` for the CURVES, over the held-out prompts."""
-    tokens, mask = jd.collate_prompts(prompts, tokenizer)
+def _sample_answers(params, config, tokenizer, tokens, mask, *, samples, sampling, seed):
+    """(predicted answers [b][n], confidence [b, n]) of n samples per prompt of one batch."""
     gen = jax.device_get(generate(params, config, tokens, mask, sampling=sampling, rng=jax.random.key(seed),
                                   num_samples=samples))
     texts = decode_completions(gen.tokens, gen.lengths, tokenizer.decode, sampling.eos_id)
-    b, n = len(prompts), samples
+    b, n = len(tokens), samples
     predicted = [[extract_answer(texts[i * n + j]) for j in range(n)] for i in range(b)]
-    gold = [extract_answer(a) for a in answers]
-    correct = np.array([[p is not None and p == g for p in row] for row, g in zip(predicted, gold)])  # [B,n]
     lengths = np.maximum(gen.lengths, 1).reshape(b, n)
     confidence = np.exp(np.where(gen.mask > 0, gen.model_logps, 0.0).sum(-1).reshape(b, n) / lengths)  # (0, 1]
+    return predicted, confidence
+
+
+def scaling_figures(
+    params, config, tokenizer: jd.Tokenizer, batches: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str]]], *,
+    samples: int, sampling: SamplingConfig, seed: int,
+) -> dict[str, list[float]]:
+    """`{curve: [accuracy at k = 1 … samples]}` for the CURVES over held-out prompts, given as
+    batches of (left-padded prompt tokens [b, P], their mask, the b reference answers)."""
+    predicted, confidence, gold = [], [], []
+    for index, (tokens, mask, answers) in enumerate(batches):
+        rows, conf = _sample_answers(params, config, tokenizer, tokens, mask, samples=samples, sampling=sampling,
+                                     seed=seed + index)
+        predicted += rows
+        confidence.append(conf)
+        gold += [extract_answer(a) for a in answers]
+    confidence = np.concatenate(confidence)  # [B,n]
+    correct = np.array([[p is not None and p == g for p in row] for row, g in zip(predicted, gold)])  # [B,n]
+    b, n = correct.shape
     figures: dict[str, list[float]] = {name: [] for name in CURVES}
     for k in range(1, n + 1):
         figures["pass"].append(float(pass_at_k(np.full(b, n), correct.sum(1), k).mean()))

@@ -152,8 +152,9 @@ def run(cfg: Config) -> dict:
     if cfg.scaling_samples:
         sampling = SamplingConfig(max_new_tokens=max_new, temperature=cfg.temperature, eos_id=tokenizer.eos_id,
                                   pad_id=tokenizer.pad_id)
+        tokens, mask = jd.collate_prompts([p for p, _ in held_out], tokenizer)
         summary["scaling"] = scaling_figures(
-            grpo.params, config, tokenizer, [p for p, _ in held_out], [a for _, a in held_out],
+            grpo.params, config, tokenizer, [(tokens, mask, [a for _, a in held_out])],
             samples=cfg.scaling_samples, sampling=sampling, seed=cfg.seed + 5,
         )
         plot_scaling(summary["scaling"], run_dir.path / "scaling.png", title="GRPO addition model, held-out")

@@ -59,6 +59,7 @@ from experiments._common import (
     use_chat,
 )
 from experiments._grpo import GRPOConfig, grpo_before_after, write_outputs
+from experiments._scaling import plot_scaling, scaling_figures, scaling_table
 from jaxalign import (
     SamplingConfig,
     evaluate_policy,
@@ -99,6 +100,10 @@ class Config(GRPOConfig):
     eval_problems: int = 8
     """Evaluate on the first N test problems (that fit --max-prompt-length)."""
     eval_batch_size: int = 64
+    scaling_samples: int = 0
+    """n > 0: inference-time scaling figures of the trained policy on the test problems (pass@k,
+    maj@k, weighted maj@k, best-of-k by confidence for k = 1 … n, at --temperature), printed and
+    drawn in scaling.png. 16 is the usual figure; it costs n sampled completions per problem."""
     accuracy_weight: float = 1.0
     format_weight: float = 0.2
     grpo_iterations: int = 2
@@ -239,6 +244,14 @@ def run(cfg: Config) -> dict:
         "test_problems": len(test),
         **grpo.training,
     }
+    if cfg.scaling_samples:
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        chunks = [test[i : i + cfg.eval_batch_size] for i in range(0, len(test), cfg.eval_batch_size)]
+        batches = ((*collate(c, tokenizer, buckets), [r["answer"] for r in c]) for c in chunks)
+        summary["scaling"] = scaling_figures(grpo.params, config, tokenizer, batches, samples=cfg.scaling_samples,
+                                             sampling=sampling, seed=cfg.seed + 5)
+        plot_scaling(summary["scaling"], run_dir.path / "scaling.png", title="GSM8K test, after GRPO")
     return write_outputs(
         run_dir, writer, summary,
         [("grpo", "reward_mean"), ("grpo_eval", "accuracy"), ("grpo_eval", "format"), ("grpo", "kl")],
@@ -255,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append(("train reward, first/last 20% iters", summary["train_reward_first"], summary["train_reward_last"]))
     print(format_table(f"GSM8K test ({summary['test_problems']} problems, greedy)", ("before", "after"), rows,
                        widths=(40, 10, 10)))
+    if "scaling" in summary:
+        print("\ninference-time scaling after GRPO (test accuracy, k samples per problem):")
+        print(scaling_table(summary["scaling"]))
     return summary
 
 

@@ -31,8 +31,10 @@ def test_reward_scores_gold_completions_in_the_template(shared_data):
 @pytest.mark.slow
 def test_one_grpo_iteration_end_to_end_writes_outputs(shared_data, tmp_path):
     summary = main(["--output-dir", str(tmp_path), "--no-progress", "--grpo-iterations", "1",
-                    "--eval-problems", "4", "--max-new-tokens", "16"])
+                    "--eval-problems", "4", "--max-new-tokens", "16", "--scaling-samples", "3"])
     assert summary["test_problems"] == 4 and summary["train_problems"] == 6117  # of 7473 fit 448 tokens
+    assert all(len(curve) == 3 for curve in summary["scaling"].values())  # k = 1, 2, 3
+    assert (tmp_path / "scaling.png").stat().st_size > 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     grpo = [r for r in records if r["stage"] == "grpo"]
     assert len(grpo) == 1 and [r["step"] for r in records if r["stage"] == "grpo_eval"] == [0, 1]

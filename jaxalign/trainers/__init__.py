@@ -2,16 +2,33 @@
 loops that drive them (`loop.py` for supervised stages, `rl_loop.py` for GRPO and PPO)."""
 
 from jaxalign.rollout import evaluate_policy
+from jaxalign.trainers.distill import (
+    distill_batch_loss,
+    make_distill_step,
+)
 from jaxalign.trainers.dpo import (
+    PREFERENCE_LOSS_TYPES,
+    REFERENCE_FREE_LOSSES,
+    completion_lengths,
     dpo_batch_loss,
     make_dpo_step,
     make_pair_logps_fn,
+    orpo_batch_loss,
     pair_logps,
+    preference_loss_fn,
     reference_logps,
+    simpo_batch_loss,
+    uses_average_logps,
 )
 from jaxalign.trainers.grpo import grpo_batch_loss, make_grpo_step
 from jaxalign.trainers.loop import count_tokens, train_loop
-from jaxalign.trainers.ppo import adaptive_kl_coef, make_ppo_step, ppo_batch_loss, ppo_update
+from jaxalign.trainers.ppo import (
+    PPOPtxBatch,
+    adaptive_kl_coef,
+    make_ppo_step,
+    ppo_batch_loss,
+    ppo_update,
+)
 from jaxalign.trainers.reward import (
     evaluate_reward_model,
     make_reward_eval_step,
@@ -32,19 +49,25 @@ from jaxalign.trainers.step import (
 )
 
 __all__ = [
+    "PPOPtxBatch",
     "PPOState",
+    "PREFERENCE_LOSS_TYPES",
     "PolicyFn",
     "PromptsAt",
+    "REFERENCE_FREE_LOSSES",
     "StepShardings",
     "TrainState",
     "adaptive_kl_coef",
+    "completion_lengths",
     "count_tokens",
     "create_train_state",
+    "distill_batch_loss",
     "dpo_batch_loss",
     "evaluate_policy",
     "evaluate_reward_model",
     "grpo_batch_loss",
     "grpo_loop",
+    "make_distill_step",
     "make_dpo_step",
     "make_grpo_step",
     "make_pair_logps_fn",
@@ -54,16 +77,20 @@ __all__ = [
     "make_sft_eval_step",
     "make_sft_step",
     "make_train_step",
+    "orpo_batch_loss",
     "pair_logps",
     "pair_scores",
     "params_step_shardings",
     "ppo_batch_loss",
     "ppo_loop",
     "ppo_update",
+    "preference_loss_fn",
     "reference_logps",
     "reward_batch_loss",
     "sft_batch_loss",
+    "simpo_batch_loss",
     "step_shardings",
     "train_loop",
     "train_state_shardings",
+    "uses_average_logps",
 ]

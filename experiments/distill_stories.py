@@ -14,10 +14,16 @@ Both are then scored on continuations the teacher wrote for held-out openings: t
 token-mean NLL of those tokens (nats), and KL(teacher ‖ student) per token; the teacher's own NLL
 of its samples is the floor. Sample texts from each student are kept in summary.json.
 
-  python -m experiments.distill_stories        # defaults: about 1 minute on 2 CPU cores
+  python -m experiments.distill_stories        # defaults: about 70 s on 2 CPU cores
 
-Measured here (defaults; held-out NLL in nats per token, KL per token):
-  see README.md ("Distillation"): kd beats sft on both.
+Measured here at the defaults (256 teacher continuations, 12,288 tokens, 400 steps of 16; held-out:
+64 continuations of the 8 held-out openings, 3,072 tokens; nats per token):
+                      init     kd     sft
+  student NLL        6.247   3.078   3.269     (the teacher's own NLL of them: 1.437)
+  KL(teacher‖student) 4.841  1.636   1.826
+The KD student's greedy text is TinyStories-shaped but repetitive ("He saw a big box. He was
+very shiny. He wanted to play with her toys."); the SFT student's misspells more ("He was very
+exccark."). Teacher 260,032 parameters, student 39,200.
 
 Writes into --output-dir: config.json, metrics.jsonl, summary.json, checkpoints/.
 """
@@ -77,7 +83,7 @@ class Config:
     max_new_tokens: int = 48
     temperature: float = 1.0
     """The teacher's sampling temperature."""
-    steps: int = 150
+    steps: int = 400
     batch_size: int = 16
     lr: float = 3e-3
     kd_temperature: float = 1.0

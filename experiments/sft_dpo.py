@@ -76,14 +76,15 @@ from jaxalign.lora import lora_targets
 from jaxalign.metrics import setup_logging
 from jaxalign.trainers import make_pair_logps_fn
 from jaxalign.trainers.dpo import REFERENCE_FREE_LOSSES, uses_average_logps
+from jaxalign.trainers.kto import make_kto_step
 
 log = logging.getLogger("sft_dpo")
 
-# Every preference loss of jaxalign (PREFERENCE_LOSS_TYPES, spelled out for the CLI's choices;
-# tests/trainers/test_dpo_variants.py checks the two agree).
+# Every preference loss of jaxalign (PREFERENCE_LOSS_TYPES and KTO, spelled out for the CLI's
+# choices; tests/trainers/test_dpo_variants.py checks the two agree).
 LossType = Literal[
     "aot", "aot_unpaired", "apo_down", "apo_zero", "bco_pair", "discopop", "exo_pair", "hinge",
-    "ipo", "nca_pair", "robust", "sigmoid", "sigmoid_norm", "sppo_hard", "orpo", "simpo",
+    "ipo", "nca_pair", "robust", "sigmoid", "sigmoid_norm", "sppo_hard", "orpo", "simpo", "kto",
 ]
 
 
@@ -134,7 +135,9 @@ class Config:
     loss_type: LossType = "sigmoid"
     """Preference loss: the DPO family of jaxalign.losses.dpo (TRL DPOTrainer's loss types;
     ipo and sigmoid_norm on length-averaged log-probs), or the reference-free simpo and orpo
-    (jaxalign.losses.preference), which ignore --reference."""
+    (jaxalign.losses.preference), which ignore --reference, or kto (jaxalign.losses.kto: each
+    pair as one desirable and one undesirable example, z₀ from mismatched pairs; its reference
+    always runs in the step)."""
     label_smoothing: float | None = None
     """ε: label-flip rate for sigmoid (cDPO), sigmoid_norm, robust, aot, aot_unpaired, simpo;
     EXO's ε for exo_pair. Default: 0, or 1e-3 for exo_pair."""
@@ -416,6 +419,9 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
     if reference_free:
         stream = jd.BatchStream(data.pref_train, cfg.batch_size, cfg.seed, collate)
         extra_args = train.extra_args
+    elif cfg.loss_type == "kto":  # the KL pairs are formed per batch: the reference scores them in the step
+        stream = jd.BatchStream(data.pref_train, cfg.batch_size, cfg.seed, functools.partial(jd.collate_kto, **collate_kw))
+        extra_args = (*train.extra_args, ref_params)
     elif cfg.reference == "precomputed":
         train_batches = jd.eval_batches(data.pref_train, batch_size=cfg.batch_size, collate=collate)
         train_c, train_r = reference_logps(ref_params, config, train_batches, average=average)
@@ -427,11 +433,14 @@ def run_dpo(cfg, data: Data, config, sft_params, writer, ckpt_dir: Path, lora=No
     else:
         stream = jd.BatchStream(data.pref_train, cfg.batch_size, cfg.seed, collate)
         extra_args = (*train.extra_args, ref_params)
-    step = make_dpo_step(
-        config, train.tx, train.schedule, beta=cfg.beta, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-        discopop_tau=cfg.discopop_tau, lora=lora,
-    )
+    if cfg.loss_type == "kto":
+        step = make_kto_step(config, train.tx, train.schedule, beta=cfg.beta, lora=lora)
+    else:
+        step = make_dpo_step(
+            config, train.tx, train.schedule, beta=cfg.beta, loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+            discopop_tau=cfg.discopop_tau, lora=lora,
+        )
     manager, state = resume_or_start(
         ckpt_dir / "dpo", create_train_state(train.params, train.tx, cfg.seed + 1),
         resume=cfg.resume, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,

@@ -42,6 +42,7 @@ __all__ = [
     "bucket_length",
     "collate_sft",
     "collate_preference",
+    "collate_kto",
     "BatchStream",
     "eval_batches",
 ]
@@ -499,6 +500,60 @@ def collate_preference(
         "chosen_mask": chosen["mask"],
         "rejected_tokens": rejected["tokens"],
         "rejected_mask": rejected["mask"],
+    }
+
+
+def _prompt_and_completion(example: Example) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt tokens, completion tokens) of an example: split where its mask first turns 1."""
+    start = int(np.argmax(example.mask > 0)) if np.any(example.mask > 0) else len(example.tokens)
+    return example.tokens[:start], example.tokens[start:]
+
+
+def collate_kto(
+    examples: Sequence[PreferenceExample],
+    *,
+    batch_size: int,
+    buckets: Sequence[int],
+    pad_id: int,
+) -> Batch:
+    """Preference pairs as KTO's unpaired batch: chosen = desirable, rejected = undesirable, and
+    the mismatched pairs of KTO's reference point z₀.
+
+    KL pair i is the prompt of pair i with the chosen completion of pair i − 1 (cyclically),
+    TRL's rotation of completions within a batch (KTOTrainer, trl 1.16.0 kto_trainer.py
+    L1141–1156; a batch of one pair gets its own completion). Every side is padded to one length
+    ``L``, the bucket of the longest of the three, so the trainer scores all in one [3B, L] pass.
+
+    Args:
+        examples: 1 to ``batch_size`` ``PreferenceExample``s (filler rows complete the batch).
+        batch_size, buckets, pad_id: as in ``collate_preference``.
+
+    Raises:
+        ValueError: as ``collate_preference``.
+
+    Returns:
+        ``collate_preference``'s four arrays plus ``kl_tokens`` int32 [B, L] and ``kl_mask``
+        float32 [B, L] (1.0 on the borrowed completion).
+    """
+    _check_count(examples, batch_size)
+    kl = []
+    for i, pair in enumerate(examples):
+        prompt, _ = _prompt_and_completion(pair.chosen)
+        _, completion = _prompt_and_completion(examples[i - 1].chosen)
+        kl.append(Example(
+            np.concatenate([prompt, completion]).astype(np.int32),
+            np.concatenate([np.zeros(len(prompt)), np.ones(len(completion))]).astype(np.float32),
+        ))
+    length = bucket_length(max(len(e.tokens) for e in (*kl, *(s for pair in examples for s in pair))), buckets)
+    pad = functools.partial(_pad, batch_size=batch_size, length=length, pad_id=pad_id)
+    chosen, rejected, mismatched = pad([p.chosen for p in examples]), pad([p.rejected for p in examples]), pad(kl)
+    return {
+        "chosen_tokens": chosen["tokens"],
+        "chosen_mask": chosen["mask"],
+        "rejected_tokens": rejected["tokens"],
+        "rejected_mask": rejected["mask"],
+        "kl_tokens": mismatched["tokens"],
+        "kl_mask": mismatched["mask"],
     }
 
 

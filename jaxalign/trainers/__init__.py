@@ -21,6 +21,7 @@ from jaxalign.trainers.dpo import (
     uses_average_logps,
 )
 from jaxalign.trainers.grpo import grpo_batch_loss, make_grpo_step
+from jaxalign.trainers.kto import kto_batch_loss, kto_logps, make_kto_step
 from jaxalign.trainers.loop import count_tokens, train_loop
 from jaxalign.trainers.ppo import (
     PPOPtxBatch,
@@ -67,9 +68,12 @@ __all__ = [
     "evaluate_reward_model",
     "grpo_batch_loss",
     "grpo_loop",
+    "kto_batch_loss",
+    "kto_logps",
     "make_distill_step",
     "make_dpo_step",
     "make_grpo_step",
+    "make_kto_step",
     "make_pair_logps_fn",
     "make_ppo_step",
     "make_reward_eval_step",

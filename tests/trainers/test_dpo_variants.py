@@ -123,6 +123,6 @@ def test_cli_lists_and_accepts_every_loss_type():
     tyro = pytest.importorskip("tyro")
     from experiments import sft_dpo
 
-    assert set(typing.get_args(sft_dpo.LossType)) == set(PREFERENCE_LOSS_TYPES)
+    assert set(typing.get_args(sft_dpo.LossType)) == {*PREFERENCE_LOSS_TYPES, "kto"}
     for t in PREFERENCE_LOSS_TYPES:
         assert tyro.cli(sft_dpo.Config, args=["--loss-type", t]).loss_type == t

@@ -1,0 +1,100 @@
+"""KTO's train step: `kto_loss` on a `collate_kto` batch (desirable, undesirable and mismatched
+completions), the policy and the frozen reference each scoring all three in one forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxalign.logprobs import sequence_logps, token_logps
+from jaxalign.lora import LoraConfig
+from jaxalign.losses.kto import kto_loss
+from jaxalign.models.config import TransformerConfig
+from jaxalign.models.transformer import forward
+from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
+
+_SIDES = ("chosen", "rejected", "kl")
+
+
+def kto_logps(
+    params, config: TransformerConfig, batch: Batch, dropout_rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed completion log-probs of the three sides of a `collate_kto` batch, in one [3B, L]
+    forward pass.
+
+    Args:
+      params, config: the model.
+      batch: `{side}_tokens` int32 [B, L] and `{side}_mask` float32 [B, L] for side in chosen,
+        rejected, kl (1.0 on completion tokens).
+      dropout_rng: key enabling dropout, or None.
+
+    Returns:
+      (chosen, rejected, kl) float32 [B] each, nats.
+    """
+    tokens = jnp.concatenate([batch[f"{s}_tokens"] for s in _SIDES])  # [3B,L]
+    mask = jnp.concatenate([batch[f"{s}_mask"] for s in _SIDES])  # [3B,L]
+    logits = forward(params, config, tokens[:, :-1], dropout_rng=dropout_rng)  # [3B,L-1,V]
+    seq = sequence_logps(token_logps(logits, tokens[:, 1:]), mask[:, 1:])  # [3B]
+    return tuple(jnp.split(seq, 3))
+
+
+def kto_batch_loss(
+    params,
+    config: TransformerConfig,
+    batch: Batch,
+    dropout_rng: jax.Array | None,
+    ref_params,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[jax.Array, Metrics]:
+    """KTO loss of the policy on a `collate_kto` batch, the reference under `stop_gradient`.
+
+    Filler rows (an all-zero chosen mask) take part in no term. Each real pair contributes one
+    desirable and one undesirable example (TRL's `unpair_preference_dataset` view of paired
+    data), so λ_D = λ_U = 1 meets TRL's balance rule.
+
+    Returns:
+      `kto_loss`'s (loss, metrics).
+    """
+    real = jnp.sum(batch["chosen_mask"], axis=-1) > 0  # [B]
+    chosen, rejected, kl = kto_logps(params, config, batch, dropout_rng)
+    ref_chosen, ref_rejected, ref_kl = jax.lax.stop_gradient(kto_logps(ref_params, config, batch))
+    return kto_loss(
+        chosen, rejected, kl, ref_chosen, ref_rejected, ref_kl,
+        beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        chosen_where=real, rejected_where=real, kl_where=real,
+    )
+
+
+def make_kto_step(
+    config: TransformerConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    dropout: bool = True,
+    lora: LoraConfig | None = None,
+    shardings: StepShardings | None = None,
+) -> Callable:
+    """jit-compiled KTO step `step(state, batch, ref_params) -> (state, metrics)` on
+    `jaxalign.data.collate_kto` batches.
+
+    Metrics: loss, kl (z₀), chosen/rejected rewards, reward_margin, num_chosen, num_rejected,
+    grad_norm, learning_rate (and `make_train_step`'s). With `lora` the step is
+    `step(state, batch, base_params, ref_params)` (the base itself can be the reference).
+    """
+
+    def loss_fn(params, batch, dropout_rng, ref_params):
+        return kto_batch_loss(
+            params, config, batch, dropout_rng, ref_params, beta=beta,
+            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        )
+
+    return make_train_step(loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings)

@@ -610,16 +610,28 @@ def forward_with_cache(
     tokens: jax.Array,
     cache: KVCache,
     positions: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+    return_hidden: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """One prefill or decode call: logits [B, T, V] for the new tokens and the updated cache.
+
+    Also a teacher-forced pass over a pre-filled cache (a prefix, `jaxalign.prefix`): the cache
+    is an ordinary, differentiable input, so gradients reach the keys and values it holds.
 
     Args:
       tokens: int32 [B, T] new tokens.
       cache: the `KVCache` holding every earlier token (from `init_cache` for the first call).
       positions: int32 [B, T] absolute positions, -1 on padding (default: continue from
         `cache.length`, the right choice without padding).
+      dropout_rng: a key enables dropout (training); None runs deterministically.
+      return_hidden: return final hidden states [B, T, D] instead of logits.
     """
-    return Transformer(config).apply({"params": params}, tokens, positions, cache=cache)
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return Transformer(config).apply(
+        {"params": params}, tokens, positions, cache=cache, deterministic=dropout_rng is None,
+        return_hidden=return_hidden, rngs=rngs,
+    )
 
 
 def logits_from_hidden(params: Params, config: TransformerConfig, hidden: jax.Array) -> jax.Array:

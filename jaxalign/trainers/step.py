@@ -7,7 +7,8 @@
   deterministic program;
 * the LoRA wrap: with `lora`, the state's params are the adapters (`jaxalign.lora.init_lora`)
   and the frozen base becomes the step's first extra argument (`make_lora_loss_fn`); adapter
-  dropout follows the same `dropout` switch;
+  dropout follows the same `dropout` switch; `prefix` does the same for prefix-tuning
+  (`jaxalign.prefix.make_prefix_loss_fn`: the state's params are the prefix tree);
 * gradient accumulation: given once, in the optimizer (`OptimConfig.grad_accum_steps`, which
   wraps it in `optax.MultiSteps`); the logged learning rate is read from the optimizer's own
   update count, so the step needs no second copy of the setting;
@@ -33,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxalign.lora import LoraConfig, make_lora_loss_fn
 from jaxalign.models.config import TransformerConfig
 from jaxalign.optim import nonfinite_metrics
+from jaxalign.prefix import PrefixConfig, make_prefix_loss_fn
 from jaxalign.sharding import (
     DEFAULT_RULES,
     LogicalRules,
@@ -117,6 +119,7 @@ def make_train_step(
     config: TransformerConfig | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    prefix: PrefixConfig | None = None,
     donate: bool = True,
     shardings: StepShardings | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
@@ -144,20 +147,32 @@ def make_train_step(
         `dropout_rng=None`.
       lora: train LoRA adapters of the params instead (`jaxalign.lora.make_lora_loss_fn`): the
         state's params are the adapters and the step is `step(state, batch, base, *extra)`.
+      prefix: train a prefix of the frozen params instead (`jaxalign.prefix.make_prefix_loss_fn`):
+        the state's params are the prefix tree (`init_prefix`) and the step is `step(state,
+        batch, base, *extra)`, as with `lora`.
       donate: donate the input state's buffers to the output (halves peak parameter memory).
         The state passed in is invalid afterwards, and so is any array it shares: a frozen
         reference built from the initial params must be a copy (`jax.tree.map(jnp.copy, p)`).
       shardings: compile for a device mesh (`step_shardings`): the state, batch and extra
         arguments get those input/output shardings and the model's activations are constrained
         by the logical-axis rules. None (default): a plain single-device `jax.jit`.
+
+    Raises:
+      ValueError: both `lora` and `prefix`.
     """
+    if lora is not None and prefix is not None:
+        raise ValueError("make_train_step: give lora or prefix, not both")
     model_dropout = dropout and (config is None or config.dropout > 0)
 
     def gated(params, batch, dropout_rng, *extra):
         return loss_fn(params, batch, dropout_rng if model_dropout else None, *extra)
 
-    # LoRA: train adapters only; the base params become the first extra argument
-    wrapped = make_lora_loss_fn(gated, lora, dropout=dropout) if lora is not None else gated
+    # LoRA / prefix: train adapters (a prefix) only; the base params become the first extra argument
+    wrapped = gated
+    if lora is not None:
+        wrapped = make_lora_loss_fn(gated, lora, dropout=dropout)
+    elif prefix is not None:
+        wrapped = make_prefix_loss_fn(gated, prefix)
     grad_fn = jax.value_and_grad(wrapped, has_aux=True)
 
     def step(state: TrainState, batch: Batch, *extra) -> tuple[TrainState, Metrics]:

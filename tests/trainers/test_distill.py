@@ -61,7 +61,28 @@ def test_steps_move_the_student_toward_the_teacher_and_leave_it_frozen(models, b
     for _ in range(15):
         state, m = step(state, batch, teacher)
         divergences.append(float(m["divergence"]))
-    # measured 15 Adam steps on one batch: forward KL 0.36 -> 0.07 nats/token
+    # measured 15 Adam steps on one batch: forward KL 0.026 -> 0.0022 nats/token
     assert divergences[-1] < 0.5 * divergences[0]
     for a, b in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(teacher)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_on_policy_step_distils_on_the_students_own_samples(models):
+    from jaxalign import SamplingConfig
+    from jaxalign.trainers.distill import make_on_policy_distill_step
+
+    student, teacher = models
+    prompts = jnp.array([[0, 5, 6], [7, 8, 9]], jnp.int32)
+    batch = {"prompt_tokens": prompts, "prompt_mask": jnp.array([[0, 1, 1], [1, 1, 1]]),
+             "rng": jax.random.key_data(jax.random.key(3))}
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=2)
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=12))
+    step = make_on_policy_distill_step(STUDENT, tx, schedule, teacher_config=TEACHER, sampling=sampling, vocab_size=40)
+    state = create_train_state(jax.tree.map(jnp.copy, student), tx, 0)
+    divergences = []
+    for _ in range(12):
+        state, m = step(state, batch, teacher)  # the same prompts and key: samples of the moving student
+        divergences.append(float(m["divergence"]))
+        assert 1.0 <= float(m["completion_length"]) <= 6.0
+    # measured 12 steps: forward KL on the student's samples 0.025 -> 0.0036 nats/token
+    assert divergences[-1] < 0.5 * divergences[0]

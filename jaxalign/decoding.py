@@ -226,6 +226,7 @@ def generate(
     sampling: SamplingConfig,
     rng: jax.Array,
     num_samples: int = 1,
+    cache: KVCache | None = None,
 ) -> Generation:
     """Samples up to `sampling.max_new_tokens` tokens after each left-padded prompt, with a KV
     cache.
@@ -246,6 +247,9 @@ def generate(
         logits are repeated n times after the prefill (inference-time scaling, GRPO groups), so
         the B·(n−1)·P prefill tokens of repeating the prompts are not paid. Output rows
         i·n … i·n + n − 1 are prompt i's samples (`np.repeat` order), each row with its own draws.
+      cache: a pre-filled `KVCache` of B rows and at least its filled slots + P + N slots, e.g.
+        a prefix (`jaxalign.prefix.prefix_cache`); the prompt's positions then continue after
+        its `length` filled slots, as Hugging Face counts a prefix. None: an empty cache.
 
     Returns:
       `Generation` (tokens, logps, model_logps, mask, lengths), all with B·n rows.
@@ -275,7 +279,10 @@ def generate(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
     positions = prompt_positions(prompt_mask)  # [B,P]
-    cache = init_cache(config, b, p + n)
+    if cache is None:
+        cache = init_cache(config, b, p + n)
+    else:  # pre-filled (a prefix): real tokens follow its filled slots
+        positions = jnp.where(positions >= 0, positions + cache.length, -1)
     logits, cache = forward_with_cache(params, config, prompt_tokens, cache, positions)  # [B,P,V]
     last_logits, next_positions = logits[:, -1].astype(jnp.float32), positions[:, -1] + 1  # [B,V], [B]
     if num_samples > 1:

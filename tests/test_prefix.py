@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
-from jaxalign.decoding import prompt_positions
+from jaxalign.decoding import SamplingConfig, generate, prompt_positions
 from jaxalign.logprobs import token_logps
 from jaxalign.losses.dpo import dpo_loss
 from jaxalign.models import forward as _forward
@@ -34,7 +34,7 @@ from jaxalign.prefix import (
 )
 from jaxalign.prefix import prefix_forward as _prefix_forward
 from jaxalign.scoring import completion_logps
-from jaxalign.trainers import create_train_state, make_train_step
+from jaxalign.trainers import create_train_state, make_sft_step, make_train_step
 from jaxalign.trainers.dpo import dpo_batch_loss, pair_logps
 from jaxalign.trainers.sft import sft_batch_loss
 from tests._tolerance import ulps
@@ -194,6 +194,11 @@ def test_greedy_decode_with_prefix_equals_teacher_forced(llama):
     # left padding changes nothing: row 2 alone, unpadded
     row2 = scorer(prefix, (prompts[2:, 4:], mask[2:, 4:], completion[2:]), None, params)[1]
     np.testing.assert_allclose(row2["logps"], decoded[2:], rtol=0, atol=ulps(64, decoded))
+    # `generate` over the same pre-filled cache is that loop in one while_loop
+    gen = generate(params, config, prompts, mask, sampling=SamplingConfig(max_new_tokens=n, temperature=0.0),
+                   rng=jax.random.key(0), cache=prefix_cache(prefix, config, pcfg, 3, 6 + n))
+    np.testing.assert_array_equal(np.asarray(gen.tokens), np.asarray(completion))
+    np.testing.assert_allclose(np.asarray(gen.model_logps), decoded, rtol=0, atol=ulps(64, decoded))
 
 
 # --- gradients and training touch the prefix only ---------------------------------------------
@@ -213,8 +218,7 @@ def test_sft_steps_train_only_the_prefix_and_reduce_the_loss(llama):
     config, params, pcfg, prefix = llama
     base_copy = jax.tree.map(np.array, params)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=0.1, total_steps=30, warmup_steps=0))
-    step = make_train_step(lambda p, b, r: sft_batch_loss(p, config, b, r), tx, schedule,
-                           config=config, prefix=pcfg)
+    step = make_sft_step(config, tx, schedule, prefix=pcfg)  # make_train_step(sft_batch_loss, prefix=pcfg)
     state = create_train_state(jax.tree.map(jnp.copy, prefix), tx, 0)
     assert nbytes(state.opt_state) < 3 * nbytes(prefix) + 64  # two Adam moments, small counters
     batch = sft_batch()

@@ -23,6 +23,7 @@ from jaxalign.lora import LoraConfig
 from jaxalign.losses.distill import align_vocab, kd_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward, logits_from_hidden
+from jaxalign.prefix import PrefixConfig
 from jaxalign.scoring import completion_hidden
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
@@ -92,6 +93,7 @@ def make_distill_step(
     chunk_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    prefix: PrefixConfig | None = None,
     shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled distillation step `step(state, batch, teacher_params) -> (state, metrics)`.
@@ -102,6 +104,8 @@ def make_distill_step(
     is `step(state, batch, base_params, teacher_params)`. `shardings`
     (`step_shardings(..., num_extra_params=1)`) compiles it for a mesh; teacher params are not
     donated.
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`).
     """
 
     def loss_fn(params, batch, dropout_rng, teacher_params):
@@ -120,7 +124,7 @@ def make_distill_step(
         )
 
     return make_train_step(
-        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings
     )
 
 
@@ -179,11 +183,14 @@ def make_on_policy_distill_step(
     vocab_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    prefix: PrefixConfig | None = None,
     shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled on-policy distillation step `step(state, batch, teacher_params)` on batches
     of prompts (`on_policy_distill_batch_loss`): sampling, both teacher-forced passes and the
     update in one program. Metrics: `make_distill_step`'s plus completion_length.
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`).
     """
 
     def loss_fn(params, batch, dropout_rng, teacher_params):
@@ -192,4 +199,4 @@ def make_on_policy_distill_step(
             sampling=sampling, temperature=temperature, beta=beta, vocab_size=vocab_size,
         )
 
-    return make_train_step(loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings)
+    return make_train_step(loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings)

@@ -25,6 +25,7 @@ from jaxalign.losses.preference import orpo_loss, simpo_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
 from jaxalign.ops import masked_count, masked_mean
+from jaxalign.prefix import PrefixConfig
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
@@ -236,6 +237,7 @@ def make_dpo_step(
     chunk_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    prefix: PrefixConfig | None = None,
     shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled preference step `step(state, batch, ref_params=None) -> (state, metrics)`.
@@ -256,13 +258,15 @@ def make_dpo_step(
 
     Raises:
       ValueError: unknown loss_type.
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`).
     """
     loss_fn = preference_loss_fn(
         config, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
         simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, chunk_size=chunk_size,
     )
     return make_train_step(
-        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings
     )
 
 

@@ -15,6 +15,7 @@ import optax
 from jaxalign.lora import LoraConfig
 from jaxalign.losses.grpo import grpo_loss
 from jaxalign.models.config import TransformerConfig
+from jaxalign.prefix import PrefixConfig
 from jaxalign.rollout.grpo import Rollout
 from jaxalign.scoring import completion_logps
 from jaxalign.trainers.step import Metrics, StepShardings, make_train_step
@@ -69,6 +70,7 @@ def make_grpo_step(
     *,
     dropout: bool = False,
     lora: LoraConfig | None = None,
+    prefix: PrefixConfig | None = None,
     shardings: StepShardings | None = None,
     **loss_kwargs,
 ) -> Callable:
@@ -85,11 +87,13 @@ def make_grpo_step(
     `merge_lora(base_params, adapters, lora)` and `ref_params=base_params`: the base with the
     adapters off is the reference, so there is no second copy of the weights. (`shardings` then
     needs `num_extra_params=1` for the base.) Adapter dropout follows `dropout`.
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`).
     """
 
     def loss_fn(params, rollout, dropout_rng):
         return grpo_batch_loss(params, config, rollout, dropout_rng, **loss_kwargs)
 
     return make_train_step(
-        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings
     )

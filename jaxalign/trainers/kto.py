@@ -14,6 +14,7 @@ from jaxalign.lora import LoraConfig
 from jaxalign.losses.kto import kto_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
+from jaxalign.prefix import PrefixConfig
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 _SIDES = ("chosen", "rejected", "kl")
@@ -81,6 +82,7 @@ def make_kto_step(
     undesirable_weight: float = 1.0,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    prefix: PrefixConfig | None = None,
     shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled KTO step `step(state, batch, ref_params) -> (state, metrics)` on
@@ -89,6 +91,8 @@ def make_kto_step(
     Metrics: loss, kl (z₀), chosen/rejected rewards, reward_margin, num_chosen, num_rejected,
     grad_norm, learning_rate (and `make_train_step`'s). With `lora` the step is
     `step(state, batch, base_params, ref_params)` (the base itself can be the reference).
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`).
     """
 
     def loss_fn(params, batch, dropout_rng, ref_params):
@@ -97,4 +101,4 @@ def make_kto_step(
             desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
         )
 
-    return make_train_step(loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings)
+    return make_train_step(loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings)

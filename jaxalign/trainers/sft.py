@@ -11,6 +11,7 @@ from jaxalign.lora import LoraConfig
 from jaxalign.losses.sft import sft_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.transformer import forward
+from jaxalign.prefix import PrefixConfig
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 
@@ -56,6 +57,7 @@ def make_sft_step(
     chunk_size: int | None = None,
     dropout: bool = True,
     lora: LoraConfig | None = None,
+    prefix: PrefixConfig | None = None,
     shardings: StepShardings | None = None,
 ) -> Callable:
     """jit-compiled SFT step `step(state, batch) -> (state, metrics)`.
@@ -66,6 +68,8 @@ def make_sft_step(
     (`jaxalign.lora.init_lora`) and the step is `step(state, batch, base_params)`. `shardings`
     (`jaxalign.trainers.step_shardings`) compiles the step for a device mesh. Gradient
     accumulation is the optimizer's (`OptimConfig.grad_accum_steps`).
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`).
     """
 
     def loss_fn(params, batch, dropout_rng):
@@ -74,7 +78,7 @@ def make_sft_step(
         )
 
     return make_train_step(
-        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings
+        loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings
     )
 
 
@@ -82,6 +86,8 @@ def make_sft_eval_step(config: TransformerConfig, *, chunk_size: int | None = No
     """jit-compiled `eval_step(params, batch) -> metrics` (no dropout).
 
     Sum `loss_sum` and `num_tokens` over batches and divide for the dataset's token-mean loss.
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`).
     """
 
     def eval_step(params, batch):

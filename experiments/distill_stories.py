@@ -15,6 +15,7 @@ token-mean NLL of those tokens (nats), and KL(teacher ‖ student) per token; th
 of its samples is the floor. Sample texts from each student are kept in summary.json.
 
   python -m experiments.distill_stories        # defaults: about 70 s on 2 CPU cores
+  python -m experiments.distill_stories --on-policy-fraction 0.5   # GKD: half the KD steps on-policy
 
 Measured here at the defaults (256 teacher continuations, 12,288 tokens, 400 steps of 16; held-out:
 64 continuations of the 8 held-out openings, 3,072 tokens; nats per token):
@@ -23,7 +24,8 @@ Measured here at the defaults (256 teacher continuations, 12,288 tokens, 400 ste
   KL(teacher‖student) 4.841  1.636   1.826
 The KD student's greedy text is TinyStories-shaped but repetitive ("He saw a big box. He was
 very shiny. He wanted to play with her toys."); the SFT student's misspells more ("He was very
-exccark."). Teacher 260,032 parameters, student 39,200.
+exccark."). Teacher 260,032 parameters, student 39,200. With --on-policy-fraction 0.5 (GKD, half
+the KD steps on the student's own samples; 110 s): KD student NLL 3.040, KL 1.602.
 
 Writes into --output-dir: config.json, metrics.jsonl, summary.json, checkpoints/.
 """
@@ -57,7 +59,7 @@ from jaxalign import SamplingConfig, create_train_state, generate, init_params, 
 from jaxalign.metrics import setup_logging
 from jaxalign.optim import OptimConfig
 from jaxalign.trainers import make_sft_eval_step, train_loop
-from jaxalign.trainers.distill import distill_batch_loss, make_distill_step
+from jaxalign.trainers.distill import distill_batch_loss, make_distill_step, make_on_policy_distill_step
 
 log = logging.getLogger("distill_stories")
 
@@ -90,6 +92,11 @@ class Config:
     """τ of the KD loss (both distributions divided by it, τ² scaling)."""
     kd_beta: float = 0.0
     """β of the divergence: 0 forward KL (Hinton), 1 reverse KL, between GKD's JSD."""
+    on_policy_fraction: float = 0.0
+    """GKD's λ: the share of the KD student's steps whose batch is its own continuations of
+    --batch-size training openings (sampled at --temperature inside the step, scored by the
+    teacher at every sampled position) instead of the teacher's samples. 0: off-policy KD on the
+    SFT student's tokens. Each step's choice is a seeded function of the step (resumable)."""
     log_every: int = 10
     checkpoint_every: int = 50
     keep_checkpoints: int | None = 2
@@ -171,6 +178,37 @@ def train_student(cfg: Config, stage: str, step, init, batch_at, writer, ckpt_di
     return state.params, loop["tokens_per_s"]
 
 
+def gkd_step_and_batches(cfg: Config, config, teacher_config, tokenizer, stream, tx, schedule):
+    """The KD student's (step, batch_at): off-policy KD on the teacher's samples, and with
+    --on-policy-fraction λ > 0, GKD's mix: a step's batch is, with probability λ (drawn from
+    `default_rng([seed, step])`), prompts the student continues itself inside the step."""
+    offline = make_distill_step(
+        config, tx, schedule, teacher_config=teacher_config, temperature=cfg.kd_temperature, beta=cfg.kd_beta
+    )
+    if not cfg.on_policy_fraction:
+        return offline, stream.batch_at
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    on_policy = make_on_policy_distill_step(
+        config, tx, schedule, teacher_config=teacher_config, sampling=sampling, temperature=cfg.kd_temperature,
+        beta=cfg.kd_beta,
+    )
+    prompts, prompt_mask = jd.collate_prompts(STORY_OPENINGS, tokenizer)
+
+    def batch_at(step: int):
+        rng = np.random.default_rng([cfg.seed, step])
+        if rng.random() >= cfg.on_policy_fraction:
+            return stream.batch_at(step)
+        rows = rng.choice(len(STORY_OPENINGS), cfg.batch_size)
+        key = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed + 3), step))
+        return {"prompt_tokens": prompts[rows], "prompt_mask": prompt_mask[rows], "rng": np.asarray(key)}
+
+    def step(state, batch, teacher_params):
+        return (on_policy if "prompt_tokens" in batch else offline)(state, batch, teacher_params)
+
+    return step, batch_at
+
+
 def _optim(cfg: Config) -> OptimConfig:
     return OptimConfig(
         learning_rate=cfg.lr, warmup_steps=cfg.steps // 10, total_steps=cfg.steps, end_learning_rate=cfg.lr * 0.1
@@ -179,6 +217,8 @@ def _optim(cfg: Config) -> OptimConfig:
 
 def run(cfg: Config) -> dict:
     """Samples from the teacher, trains both students, evaluates; returns (and writes) the summary."""
+    if not 0.0 <= cfg.on_policy_fraction <= 1.0:  # refused before anything is computed or written
+        raise ValueError(f"--on-policy-fraction must be in [0, 1], got {cfg.on_policy_fraction}")
     run_dir = RunDir.open(cfg)
     if (done := run_dir.finished_summary()) is not None:
         return done
@@ -195,11 +235,9 @@ def run(cfg: Config) -> dict:
     init = init_params(config, jax.random.key(cfg.seed))
     writer = run_dir.begin()
     tx, schedule = make_optimizer(_optim(cfg))
-    kd_step = make_distill_step(
-        config, tx, schedule, teacher_config=teacher_config, temperature=cfg.kd_temperature, beta=cfg.kd_beta
-    )
+    kd_step, kd_batch_at = gkd_step_and_batches(cfg, config, teacher_config, tokenizer, stream, tx, schedule)
     kd_params, kd_speed = train_student(
-        cfg, "kd", kd_step, init, stream.batch_at, writer, run_dir.path / "checkpoints", (teacher_params,)
+        cfg, "kd", kd_step, init, kd_batch_at, writer, run_dir.path / "checkpoints", (teacher_params,)
     )
     sft_params, sft_speed = train_student(
         cfg, "sft", make_sft_step(config, tx, schedule), init, stream.batch_at, writer, run_dir.path / "checkpoints"

@@ -25,3 +25,9 @@ def test_kd_student_beats_sft_student_on_held_out_teacher_samples(shared_data, t
     assert summary == main(["--output-dir", str(tmp_path), *TINY, "--resume"])  # finished: unchanged
     with pytest.raises(FileExistsError, match="already holds a run"):
         main(["--output-dir", str(tmp_path), *TINY])
+
+
+def test_a_bad_on_policy_fraction_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"--on-policy-fraction must be in \[0, 1\], got 1.5"):
+        main(["--output-dir", str(tmp_path / "run"), "--on-policy-fraction", "1.5"])
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxalign.advantages import kl_penalty
+from jaxalign.advantages import KLKind, kl_penalty
 from jaxalign.ops import masked_count, masked_mean, masked_sum, select
 
 LossAgg = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
@@ -73,7 +73,7 @@ def grpo_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     beta: float = 0.04,
-    kl_kind: Literal["k1", "k2", "k3"] = "k3",
+    kl_kind: KLKind = "k3",
     loss_agg: LossAgg = "seq_mean_token_mean",
     importance_level: ImportanceLevel = "token",
     max_length: int | None = None,
@@ -96,7 +96,7 @@ def grpo_loss(
       clip_eps: ε_low (and ε_high unless given).
       clip_eps_high: ε_high (DAPO: 0.28).
       beta: KL coefficient β (0 disables the KL term; DAPO and Dr. GRPO use 0).
-      kl_kind: KL estimator (see `jaxalign.advantages.kl_penalty`).
+      kl_kind: KL estimator, k1 | k2 | k3 | low_var_kl (see `jaxalign.advantages.kl_penalty`).
       loss_agg: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm". Checked
         against the peers' code: verl b178a3c (0.8.0.dev, 2026-01-29) `agg_loss` in
         verl/trainer/ppo/core_algos.py, and TRL f2cd577 (1.10.0.dev0, 2026-07-24)

@@ -164,9 +164,9 @@ def sample_texts(cfg: Config, config, params, tokenizer) -> list[str]:
     return [decode_with_prompt(tokenizer, prompts[i], mask[i], gen.tokens[i], int(gen.lengths[i])) for i in range(len(openings))]
 
 
-def train_student(cfg: Config, stage: str, step, init, batch_at, writer, ckpt_dir: Path, extra_args=()) -> tuple:
-    """One stage (`kd` or `sft`) from the shared init; returns (params, tokens/s)."""
-    tx, _ = make_optimizer(_optim(cfg))
+def train_student(cfg: Config, stage: str, step, tx, init, batch_at, writer, ckpt_dir: Path, extra_args=()) -> tuple:
+    """One stage (`kd` or `sft`) from the shared init, with the optimizer `tx` its `step` was
+    built with; returns (params, tokens/s)."""
     manager, state = resume_or_start(
         ckpt_dir / stage, create_train_state(jax.tree.map(jnp.copy, init), tx, cfg.seed),
         resume=cfg.resume, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
@@ -237,10 +237,10 @@ def run(cfg: Config) -> dict:
     tx, schedule = make_optimizer(_optim(cfg))
     kd_step, kd_batch_at = gkd_step_and_batches(cfg, config, teacher_config, tokenizer, stream, tx, schedule)
     kd_params, kd_speed = train_student(
-        cfg, "kd", kd_step, init, kd_batch_at, writer, run_dir.path / "checkpoints", (teacher_params,)
+        cfg, "kd", kd_step, tx, init, kd_batch_at, writer, run_dir.path / "checkpoints", (teacher_params,)
     )
     sft_params, sft_speed = train_student(
-        cfg, "sft", make_sft_step(config, tx, schedule), init, stream.batch_at, writer, run_dir.path / "checkpoints"
+        cfg, "sft", make_sft_step(config, tx, schedule), tx, init, stream.batch_at, writer, run_dir.path / "checkpoints"
     )
     writer.close()
     figures = {"init": evaluate(init), "kd": evaluate(kd_params), "sft": evaluate(sft_params)}

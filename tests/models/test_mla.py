@@ -7,6 +7,7 @@ N(0, 0.02) init every softmax would be almost uniform and a wrong softmax scale 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -244,20 +245,27 @@ def test_yarn_parameters_match_hf(yarn):
     assert cfg.softmax_scale == pytest.approx(yarn_apply_mscale(hcfg.rope_parameters, (DN + DR) ** -0.5), rel=1e-12)
 
 
-def test_yarn_deepseek_v3_dimensions():
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_deepseek_v3_dimensions(truncate):
     """V3's shipped rope_parameters (d_R 64, factor 40, original 4096, mscale = mscale_all_dim = 1):
-    all 32 frequencies against HF, cos/sin factor 1, softmax scale 192^-0.5·(0.1·ln 40 + 1)²."""
-    y = YarnScaling(factor=40.0, original_max_position=4096, mscale=1.0, mscale_all_dim=1.0)
+    all 32 frequencies against HF (the ramp spans several channels here), cos/sin factor 1,
+    softmax scale 192^-0.5·(0.1·ln 40 + 1)²."""
+    y = YarnScaling(factor=40.0, original_max_position=4096, mscale=1.0, mscale_all_dim=1.0, truncate=truncate)
     cfg = MLAConfig(n_heads=128, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     q_lora_rank=1536, yarn=y)
     hcfg = DeepseekV3Config(hidden_size=64, num_attention_heads=128, max_position_embeddings=163840, rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": truncate})
     inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hcfg)
     ours = mla_rope_frequencies(cfg)
     assert ours.shape == (32,)
     np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=ulps(8), atol=0)
-    assert (ours < 1.0 / 10000 ** (np.arange(0, 64, 2) / 64) * 0.999).any()  # some frequencies interpolated
+    plain = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
+    ratio = ours / plain  # 1 below the ramp, 1/40 above it, in between on the ramp
+    assert ratio[0] == pytest.approx(1.0) and ratio[-1] == pytest.approx(1 / 40)
+    assert ((ratio < 0.99) & (ratio > 1 / 40 * 1.01)).sum() >= 3  # blended channels
+    other = mla_rope_frequencies(dataclasses.replace(cfg, yarn=dataclasses.replace(y, truncate=not truncate)))
+    assert np.abs(other - ours).max() > 1e-3 * ours.max()  # `truncate` changes the ramp
     assert factor == 1.0 and mla_mod.rope_attention_factor(cfg) == 1.0
     assert cfg.softmax_scale == pytest.approx(192**-0.5 * (0.1 * np.log(40) + 1) ** 2, rel=1e-12)
     assert (0.1 * np.log(40) + 1) ** 2 == pytest.approx(1.874, abs=1e-3)

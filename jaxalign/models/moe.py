@@ -32,8 +32,9 @@ Two expert implementations with the same outputs and gradients (up to float roun
     `jax.lax.ragged_dot`, unsort with the inverse permutation and sum the k weighted rows. Both
     permutations have a custom VJP that gathers with the other permutation (MaxText's
     `_sort_activations_custom`) instead of XLA's scatter-add. Useful FLOPs only on TPU; on CPU
-    (jax 0.10) ragged_dot lowers to a dense masked expansion and is slower than `dense` (see
-    benchmarks/moe.py).
+    (jax 0.10) ragged_dot lowers to a dense masked expansion and is slower than `dense`
+    (benchmarks/moe.py, fwd+bwd, N=512, D=64, F=32 on 2 shared cores: E=8 k=2 ragged 1.1× dense
+    time; E=64 k=8 5.1×, XLA counting 10.2 GFLOP against dense's 1.25 for 0.15 useful).
 Both are dropless: no capacity, no token dropping, a token's output never depends on other tokens.
 
 Rollout Routing Replay (R3, arXiv 2510.11370): `MoE(...)(x, routing=ids)` uses the given expert ids
@@ -213,9 +214,15 @@ class MoEConfig:
 def router_scores(router_logits: jax.Array, cfg: MoEConfig) -> jax.Array:
     """The router's scores: softmax(z) over experts or σ(z), float32 [..., E].
 
+    Source: HF `MixtralTopKRouter` / `Qwen2MoeTopKRouter` (softmax in float32),
+    `DeepseekV3TopkRouter` (sigmoid), transformers 5.25.
+
     Args:
       router_logits: float [..., E] (computed in float32 by `MoE`).
       cfg: the layer's `MoEConfig` (its `router`).
+
+    Raises:
+      nothing (any shape with experts last).
     """
     z = router_logits.astype(jnp.float32)
     return jax.nn.softmax(z, axis=-1) if cfg.router == "softmax" else jax.nn.sigmoid(z)
@@ -320,7 +327,8 @@ def experts_dense(
     h = silu(x·W1_e) ⊙ (x·W3_e) for all e ([N, E, F]); y = Σ_e (G[:, e]·h_e)·W2_e with the gate
     matrix G = `combine_matrix` folded in before the down projection (no [N, E, D] tensor).
     Cost: E/k × the useful FLOPs, memory N·E·F. The weighting is done in float32 and cast to
-    x's dtype before the down projection.
+    x's dtype before the down projection. The same sum as HF's eager expert loop
+    (`MixtralExperts.forward`, transformers 5.25: per hit expert, index_add of g·FFN(x)).
 
     Args:
       x: [N, D] tokens (compute dtype).

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxalign.decoding import prompt_positions
-from jaxalign.logprobs import token_logps
+from jaxalign.logprobs import HEAD_CHUNK_TOKENS, HeadStats, head_stats, sequence_logps
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.heads import (
     apply_scalar_head,
@@ -67,6 +67,92 @@ def completion_hidden(
     return hidden[:, p - 1 :]  # [B,N,D]
 
 
+def label_stats(
+    params,
+    config: TransformerConfig,
+    hidden: jax.Array,
+    labels: jax.Array,
+    *,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    uniform_ce: bool = False,
+    entropy: bool = False,
+    argmax: bool = False,
+) -> HeadStats:
+    """The model's output head on final hidden states [B, T, D], reduced at once to per-token
+    statistics of `labels` [B, T] (`jaxalign.logprobs.head_stats`: chunks of about `head_chunk`
+    tokens, rematerialised, so no [B, T, V] logits are held; None: the unfused reference).
+
+    Returns:
+      `HeadStats`: float32 [B, T] logps (and uniform_ce / entropy / int32 argmax when asked).
+
+    Raises:
+      ValueError: head_chunk <= 0.
+    """
+    return head_stats(
+        hidden, labels, functools.partial(logits_from_hidden, params, config), chunk_tokens=head_chunk,
+        uniform_ce=uniform_ce, entropy=entropy, argmax=argmax,
+    )
+
+
+def next_token_stats(
+    params,
+    config: TransformerConfig,
+    tokens: jax.Array,
+    *,
+    dropout_rng: jax.Array | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    uniform_ce: bool = False,
+    entropy: bool = False,
+    argmax: bool = False,
+) -> HeadStats:
+    """Teacher-forced statistics of tokens[:, 1:] given tokens[:, :-1] (the SFT, DPO and KTO
+    objective's pass over right-padded [B, T] rows): one forward pass to hidden states, then
+    `label_stats`.
+
+    Args:
+      params, config: the model.
+      tokens: int32 [B, T].
+      dropout_rng: enables dropout.
+      head_chunk, uniform_ce, entropy, argmax: as in `label_stats`.
+
+    Returns:
+      `HeadStats` of [B, T-1]: entry t is about token t+1.
+    """
+    hidden = forward(params, config, tokens[:, :-1], dropout_rng=dropout_rng, return_hidden=True)  # [B,T-1,D]
+    return label_stats(
+        params, config, hidden, tokens[:, 1:], head_chunk=head_chunk, uniform_ce=uniform_ce,
+        entropy=entropy, argmax=argmax,
+    )
+
+
+def row_logps(
+    params,
+    config: TransformerConfig,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    average: bool = False,
+    dropout_rng: jax.Array | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
+) -> jax.Array:
+    """Log-probability of each right-padded row's counted tokens (the preference and KTO
+    objectives' sequence scores): Σ_t mask[:, t]·log p(tokens[:, t] | tokens[:, <t]), t ≥ 1, or
+    its mean over the counted tokens with `average` (IPO, SimPO).
+
+    Args:
+      params, config: the model.
+      tokens: int32 [B, T]; mask: [B, T], 1.0 on the tokens that count (the completion).
+      average: length-normalised log-probs instead of sums (rows with no counted token: 0).
+      dropout_rng: enables dropout.
+      head_chunk: tokens per chunk of the fused head (`label_stats`); None: unfused reference.
+
+    Returns:
+      float32 [B], nats.
+    """
+    logps = next_token_stats(params, config, tokens, dropout_rng=dropout_rng, head_chunk=head_chunk).logps
+    return sequence_logps(logps, mask[:, 1:], average=average)  # [B]
+
+
 def completion_logps(
     params,
     config: TransformerConfig,
@@ -75,19 +161,20 @@ def completion_logps(
     completion_tokens: jax.Array,
     *,
     dropout_rng: jax.Array | None = None,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> jax.Array:
     """Teacher-forced log-probs of each completion token given its (left-padded) prompt.
 
     The output head runs only on the N positions that predict completion tokens
-    (`completion_hidden`), so the [B, P+N, V] logits of the prompt are never formed.
+    (`completion_hidden`), fused with the log-prob gather in chunks (`label_stats`), so neither
+    the [B, P+N, V] logits of the prompt nor the [B, N, V] ones of the completion are held.
 
     Args:
       params, config: the model.
       prompt_tokens: int32 [B, P] left-padded; prompt_mask: [B, P], 1 on real tokens.
       completion_tokens: int32 [B, N] (tokens after EOS are ignored by the caller's mask).
       dropout_rng: enables dropout.
-      chunk_size: sequence chunking of the log-prob gather.
+      head_chunk: tokens per chunk of the fused head; None: the unfused reference.
 
     Returns:
       float32 [B, N] log-probs (nats); equal to `generate`'s `model_logps` on the same tokens.
@@ -95,8 +182,7 @@ def completion_logps(
     hidden = completion_hidden(
         params, config, prompt_tokens, prompt_mask, completion_tokens, dropout_rng=dropout_rng
     )  # [B,N,D]
-    logits = logits_from_hidden(params, config, hidden)  # [B,N,V]
-    return token_logps(logits, completion_tokens, chunk_size=chunk_size)
+    return label_stats(params, config, hidden, completion_tokens, head_chunk=head_chunk).logps
 
 
 @functools.lru_cache(maxsize=16)
@@ -198,22 +284,28 @@ def policy_and_values(
     *,
     value_config: TransformerConfig | None = None,
     dropout_rng: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Policy logits and critic values at the N completion positions.
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    entropy: bool = True,
+) -> tuple[HeadStats, jax.Array]:
+    """The policy's completion statistics (log-probs, entropy) and the critic's values at the N
+    completion positions.
 
     values[b, t] = V(s_t), the state before completion token t (the same hidden state the LM head
     reads to predict token t; TRL's PPOTrainer aligns values and log-probs this way). The critic
     is the one the tree holds (`critic_kind`): a value head on the policy trunk (one forward pass;
-    the value loss also trains the trunk) or its own trunk and forward pass.
+    the value loss also trains the trunk) or its own trunk and forward pass. The policy head is
+    fused with its reductions (`label_stats`): no [B, N, V] logits are held.
 
     Args:
       params: `{"policy", "value"}` from `init_actor_critic`.
       config: the policy's config; value_config: the separate critic's (default: config).
       prompt_tokens, prompt_mask: [B, P] left-padded; completion_tokens: int32 [B, N].
       dropout_rng: enables dropout in both.
+      head_chunk: tokens per chunk of the fused head; None: the unfused reference.
+      entropy: also compute the policy's per-token entropy.
 
     Returns:
-      (logits [B, N, V] in config.dtype, values float32 [B, N]).
+      (`HeadStats` with float32 [B, N] logps (and entropy), values float32 [B, N]).
 
     Raises:
       ValueError: params that are not an actor-critic tree (`critic_kind`).
@@ -222,13 +314,13 @@ def policy_and_values(
     hidden = completion_hidden(
         params["policy"], config, prompt_tokens, prompt_mask, completion_tokens, dropout_rng=dropout_rng
     )  # [B,N,D]
-    logits = logits_from_hidden(params["policy"], config, hidden)  # [B,N,V]
+    stats = label_stats(params["policy"], config, hidden, completion_tokens, head_chunk=head_chunk, entropy=entropy)
     if critic == "separate":
         hidden = completion_hidden(
             params["value"]["backbone"], value_config or config, prompt_tokens, prompt_mask,
             completion_tokens, dropout_rng=dropout_rng,
         )  # [B,N,D_critic]
-    return logits, apply_scalar_head(params["value"]["head"], hidden)
+    return stats, apply_scalar_head(params["value"]["head"], hidden)
 
 
 def reward_model_scorer(
@@ -259,7 +351,10 @@ __all__ = [
     "completion_logps_fn",
     "critic_kind",
     "init_actor_critic",
+    "label_stats",
+    "next_token_stats",
     "policy_and_values",
     "reward_model_scorer",
+    "row_logps",
     "scalar_model_shardings",
 ]

@@ -65,14 +65,52 @@ def sft_loss(
     nll = over_sequence_chunks(
         lambda z, y: _token_nll(z, y, label_smoothing), chunk_size, logits, labels
     )  # [B,T]
+    correct = jnp.argmax(logits, axis=-1) == labels  # [B,T]
+    return _token_mean(nll, correct, mask)
+
+
+def sft_token_loss(
+    logps: jax.Array,
+    mask: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    uniform_ce: jax.Array | None = None,
+    correct: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`sft_loss` from per-token statistics instead of logits (what the fused output head
+    `jaxalign.logprobs.head_stats` returns): ℓ = (1-ε)·(-logps) + ε·uniform_ce.
+
+    Args:
+      logps: float32 [B, T] label log-probs.
+      mask: [B, T], 1 on the tokens that count (selected: anything may sit at masked positions).
+      label_smoothing: ε in [0, 1); ε > 0 needs `uniform_ce`.
+      uniform_ce: float32 [B, T], -mean_v log p_v (`HeadStats.uniform_ce`).
+      correct: bool [B, T], argmax == label (`HeadStats.argmax == labels`); None omits
+        `token_accuracy`.
+
+    Returns:
+      (loss, metrics) as `sft_loss` (`token_accuracy` only with `correct`).
+
+    Raises:
+      AssertionError: (chex) shapes that differ.
+      ValueError: label_smoothing outside [0, 1), or ε > 0 without uniform_ce.
+    """
+    chex.assert_equal_shape((logps, mask))
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    nll = -logps  # [B,T]
+    if label_smoothing:
+        if uniform_ce is None:
+            raise ValueError("sft_token_loss: label_smoothing > 0 needs uniform_ce (HeadStats.uniform_ce)")
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform_ce
+    return _token_mean(nll, correct, mask)
+
+
+def _token_mean(nll, correct, mask):
     loss_sum = masked_sum(nll, mask)
     num_tokens = masked_count(mask)
     loss = loss_sum / jnp.maximum(num_tokens, 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)  # [B,T]
-    accuracy = masked_sum(correct, mask) / jnp.maximum(num_tokens, 1.0)
-    return loss, {
-        "loss": loss,
-        "loss_sum": loss_sum,
-        "num_tokens": num_tokens,
-        "token_accuracy": accuracy,
-    }
+    metrics = {"loss": loss, "loss_sum": loss_sum, "num_tokens": num_tokens}
+    if correct is not None:
+        metrics["token_accuracy"] = masked_sum(correct.astype(jnp.float32), mask) / jnp.maximum(num_tokens, 1.0)
+    return loss, metrics

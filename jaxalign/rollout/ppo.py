@@ -57,7 +57,7 @@ class PPORollout:
 
 @functools.partial(jax.jit, static_argnames=("config", "value_config"))
 def _values(params, config, value_config, prompts, masks, completions):
-    return policy_and_values(params, config, prompts, masks, completions, value_config=value_config)[1]
+    return policy_and_values(params, config, prompts, masks, completions, value_config=value_config, entropy=False)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "gamma", "lam", "whiten"))

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxalign.logprobs import sequence_logps, token_logps
+from jaxalign.logprobs import HEAD_CHUNK_TOKENS
 from jaxalign.lora import LoraConfig
 from jaxalign.losses.dpo import DPO_LOSSES, LENGTH_NORMALISED_LOSSES, dpo_loss
 from jaxalign.losses.preference import orpo_loss, simpo_loss
 from jaxalign.models.config import TransformerConfig
-from jaxalign.models.transformer import forward
 from jaxalign.ops import masked_count, masked_mean
 from jaxalign.prefix import PrefixConfig
+from jaxalign.scoring import row_logps
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
@@ -48,7 +48,7 @@ def pair_logps(
     dropout_rng: jax.Array | None = None,
     *,
     average: bool = False,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, jax.Array]:
     """Completion log-probs of both sides of a preference batch, in one forward pass of [2B, T].
 
@@ -58,16 +58,15 @@ def pair_logps(
         float32 [B, T] (1.0 on completion tokens), right-padded to the same T.
       dropout_rng: key enabling dropout, or None.
       average: length-normalised log-probs (IPO) instead of sums.
-      chunk_size: sequence chunking of the log-prob gather.
+      head_chunk: tokens per chunk of the fused output head (`jaxalign.scoring.row_logps`: no
+        [2B, T, V] logits are held); None: the unfused reference.
 
     Returns:
       (chosen_logps [B], rejected_logps [B]) float32, nats.
     """
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])  # [2B,T]
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])  # [2B,T]
-    logits = forward(params, config, tokens[:, :-1], dropout_rng=dropout_rng)  # [2B,T-1,V]
-    logps = token_logps(logits, tokens[:, 1:], chunk_size=chunk_size)  # [2B,T-1]
-    seq = sequence_logps(logps, mask[:, 1:], average=average)  # [2B]
+    seq = row_logps(params, config, tokens, mask, average=average, dropout_rng=dropout_rng, head_chunk=head_chunk)  # [2B]
     b = batch["chosen_tokens"].shape[0]
     return seq[:b], seq[b:]
 
@@ -103,7 +102,7 @@ def dpo_batch_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float | None = None,
     discopop_tau: float = 0.05,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, Metrics]:
     """DPO-family loss (`jaxalign.losses.dpo.dpo_loss`, any key of `DPO_LOSSES`) on a batch.
 
@@ -124,13 +123,13 @@ def dpo_batch_loss(
         )
     average = loss_type in LENGTH_NORMALISED_LOSSES
     chosen, rejected = pair_logps(
-        params, config, batch, dropout_rng, average=average, chunk_size=chunk_size
+        params, config, batch, dropout_rng, average=average, head_chunk=head_chunk
     )
     if "ref_chosen_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref_chosen, ref_rejected = jax.lax.stop_gradient(
-            pair_logps(ref_params, config, batch, average=average, chunk_size=chunk_size)
+            pair_logps(ref_params, config, batch, average=average, head_chunk=head_chunk)
         )
     real = _real_pairs(batch)
     loss, metrics = dpo_loss(
@@ -150,11 +149,11 @@ def simpo_batch_loss(
     beta: float = 2.0,
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, Metrics]:
     """SimPO (`jaxalign.losses.preference.simpo_loss`) on a preference batch: no reference;
     length-averaged policy log-probs. Metrics: simpo_loss's plus chosen/rejected_logps."""
-    chosen, rejected = pair_logps(params, config, batch, dropout_rng, average=True, chunk_size=chunk_size)
+    chosen, rejected = pair_logps(params, config, batch, dropout_rng, average=True, head_chunk=head_chunk)
     real = _real_pairs(batch)
     loss, metrics = simpo_loss(
         chosen, rejected, beta=beta, gamma=gamma, label_smoothing=label_smoothing, where=real
@@ -169,12 +168,12 @@ def orpo_batch_loss(
     dropout_rng: jax.Array | None = None,
     *,
     beta: float = 0.1,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, Metrics]:
     """ORPO (`jaxalign.losses.preference.orpo_loss`) on a preference batch: no reference; the
     NLL of the chosen completion tokens plus λ = `beta` times the odds-ratio term. Metrics:
     orpo_loss's plus chosen/rejected_logps (length-averaged, as the odds use them)."""
-    chosen, rejected = pair_logps(params, config, batch, dropout_rng, chunk_size=chunk_size)  # sums
+    chosen, rejected = pair_logps(params, config, batch, dropout_rng, head_chunk=head_chunk)  # sums
     chosen_len, rejected_len = completion_lengths(batch)
     real = _real_pairs(batch)
     loss, metrics = orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=beta, where=real)
@@ -190,7 +189,7 @@ def preference_loss_fn(
     label_smoothing: float | None = None,
     simpo_gamma: float = 0.5,
     discopop_tau: float = 0.05,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> Callable:
     """`loss_fn(params, batch, dropout_rng, ref_params=None) -> (loss, metrics)` of `loss_type`
     (any of `PREFERENCE_LOSS_TYPES`), for `make_train_step`.
@@ -206,7 +205,7 @@ def preference_loss_fn(
         def with_reference(params, batch, dropout_rng, ref_params=None):
             return dpo_batch_loss(
                 params, config, batch, dropout_rng, ref_params, beta=beta, loss_type=loss_type,
-                label_smoothing=label_smoothing, discopop_tau=discopop_tau, chunk_size=chunk_size,
+                label_smoothing=label_smoothing, discopop_tau=discopop_tau, head_chunk=head_chunk,
             )
 
         return with_reference
@@ -219,7 +218,7 @@ def preference_loss_fn(
     def reference_free(params, batch, dropout_rng, ref_params=None):
         if ref_params is not None:
             raise ValueError(f"loss_type {loss_type!r} is reference-free: pass no ref_params")
-        return batch_loss(params, config, batch, dropout_rng, chunk_size=chunk_size, **kw)
+        return batch_loss(params, config, batch, dropout_rng, head_chunk=head_chunk, **kw)
 
     return reference_free
 
@@ -234,7 +233,7 @@ def make_dpo_step(
     label_smoothing: float | None = None,
     simpo_gamma: float = 0.5,
     discopop_tau: float = 0.05,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
     dropout: bool = True,
     lora: LoraConfig | None = None,
     prefix: PrefixConfig | None = None,
@@ -256,14 +255,16 @@ def make_dpo_step(
     with `dropout=False`). `shardings` (`jaxalign.trainers.step_shardings(...,
     num_extra_params=1)` with `ref_params`) compiles the step for a device mesh.
 
+    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
+    instead, the way `lora` trains adapters (`make_train_step`). `head_chunk` (tokens per chunk of
+    the fused output head; None: the unfused reference) as in `pair_logps`.
+
     Raises:
       ValueError: unknown loss_type.
-    `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
-    instead, the way `lora` trains adapters (`make_train_step`).
     """
     loss_fn = preference_loss_fn(
         config, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-        simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, chunk_size=chunk_size,
+        simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, head_chunk=head_chunk,
     )
     return make_train_step(
         loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings
@@ -272,7 +273,7 @@ def make_dpo_step(
 
 @functools.lru_cache(maxsize=32)
 def make_pair_logps_fn(
-    config: TransformerConfig, *, average: bool = False, chunk_size: int | None = None
+    config: TransformerConfig, *, average: bool = False, head_chunk: int | None = HEAD_CHUNK_TOKENS
 ) -> Callable:
     """jit-compiled `fn(params, batch) -> (chosen_logps [B], rejected_logps [B])` (no dropout).
 
@@ -280,7 +281,7 @@ def make_pair_logps_fn(
     """
     return jax.jit(
         lambda params, batch: pair_logps(
-            params, config, batch, average=average, chunk_size=chunk_size
+            params, config, batch, average=average, head_chunk=head_chunk
         )
     )
 
@@ -291,7 +292,7 @@ def reference_logps(
     batches: Iterable[Batch],
     *,
     average: bool = False,
-    chunk_size: int | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Precomputes reference log-probs over a dataset, once.
 
@@ -305,7 +306,7 @@ def reference_logps(
       (ref_chosen_logps, ref_rejected_logps): float32 NumPy arrays, one entry per *real* row of
       the batches in order (padding rows dropped).
     """
-    fn = make_pair_logps_fn(config, average=average, chunk_size=chunk_size)
+    fn = make_pair_logps_fn(config, average=average, head_chunk=head_chunk)
     chosen, rejected = [], []
     for batch in batches:
         c, r = jax.device_get(fn(ref_params, batch))

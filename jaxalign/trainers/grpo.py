@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import optax
 
+from jaxalign.logprobs import HEAD_CHUNK_TOKENS
 from jaxalign.lora import LoraConfig
 from jaxalign.losses.grpo import grpo_loss
 from jaxalign.models.config import TransformerConfig
@@ -35,15 +36,17 @@ def grpo_batch_loss(
     importance_level: str = "token",
     max_length: int | None = None,
     denominator: jax.Array | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, Metrics]:
     """`grpo_loss` of the policy on a rollout (see `jaxalign.losses.grpo_loss` for the options).
 
     `denominator` (the whole rollout's `grpo_denominator`) makes a minibatch of a rollout
-    contribute its exact share of the whole-batch loss.
+    contribute its exact share of the whole-batch loss. `head_chunk`: tokens per chunk of the
+    fused output head (`jaxalign.scoring.completion_logps`; None: the unfused reference).
     """
     logps = completion_logps(
         params, config, rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens,
-        dropout_rng=dropout_rng,
+        dropout_rng=dropout_rng, head_chunk=head_chunk,
     )  # [B·G,N]
     return grpo_loss(
         logps,
@@ -77,7 +80,7 @@ def make_grpo_step(
     """jit-compiled `step(state, rollout) -> (state, metrics)` minimising `grpo_batch_loss`.
 
     `loss_kwargs` are `grpo_batch_loss`'s options (clip_eps, clip_eps_high, beta, kl_kind,
-    loss_agg, importance_level, max_length). Dropout is off by default: it would make the first
+    loss_agg, importance_level, max_length, head_chunk). Dropout is off by default: it would make the first
     inner iteration's ratio differ from 1 (TRL disables it for the same reason). `shardings`
     (`jaxalign.trainers.step_shardings(config, tx, mesh)`) compiles the step for a device mesh:
     the rollout's rows are split over the batch axes and the loss stays the whole batch's.

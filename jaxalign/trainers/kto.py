@@ -9,19 +9,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxalign.logprobs import sequence_logps, token_logps
+from jaxalign.logprobs import HEAD_CHUNK_TOKENS
 from jaxalign.lora import LoraConfig
 from jaxalign.losses.kto import kto_loss
 from jaxalign.models.config import TransformerConfig
-from jaxalign.models.transformer import forward
 from jaxalign.prefix import PrefixConfig
+from jaxalign.scoring import row_logps
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 _SIDES = ("chosen", "rejected", "kl")
 
 
 def kto_logps(
-    params, config: TransformerConfig, batch: Batch, dropout_rng: jax.Array | None = None
+    params,
+    config: TransformerConfig,
+    batch: Batch,
+    dropout_rng: jax.Array | None = None,
+    *,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Summed completion log-probs of the three sides of a `collate_kto` batch, in one [3B, L]
     forward pass.
@@ -31,14 +36,15 @@ def kto_logps(
       batch: `{side}_tokens` int32 [B, L] and `{side}_mask` float32 [B, L] for side in chosen,
         rejected, kl (1.0 on completion tokens).
       dropout_rng: key enabling dropout, or None.
+      head_chunk: tokens per chunk of the fused output head (`jaxalign.scoring.row_logps`);
+        None: the unfused reference.
 
     Returns:
       (chosen, rejected, kl) float32 [B] each, nats.
     """
     tokens = jnp.concatenate([batch[f"{s}_tokens"] for s in _SIDES])  # [3B,L]
     mask = jnp.concatenate([batch[f"{s}_mask"] for s in _SIDES])  # [3B,L]
-    logits = forward(params, config, tokens[:, :-1], dropout_rng=dropout_rng)  # [3B,L-1,V]
-    seq = sequence_logps(token_logps(logits, tokens[:, 1:]), mask[:, 1:])  # [3B]
+    seq = row_logps(params, config, tokens, mask, dropout_rng=dropout_rng, head_chunk=head_chunk)  # [3B]
     return tuple(jnp.split(seq, 3))
 
 
@@ -52,6 +58,7 @@ def kto_batch_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, Metrics]:
     """KTO loss of the policy on a `collate_kto` batch, the reference under `stop_gradient`.
 
@@ -59,12 +66,14 @@ def kto_batch_loss(
     desirable and one undesirable example (TRL's `unpair_preference_dataset` view of paired
     data), so λ_D = λ_U = 1 meets TRL's balance rule.
 
+    `head_chunk` as in `kto_logps`.
+
     Returns:
       `kto_loss`'s (loss, metrics).
     """
     real = jnp.sum(batch["chosen_mask"], axis=-1) > 0  # [B]
-    chosen, rejected, kl = kto_logps(params, config, batch, dropout_rng)
-    ref_chosen, ref_rejected, ref_kl = jax.lax.stop_gradient(kto_logps(ref_params, config, batch))
+    chosen, rejected, kl = kto_logps(params, config, batch, dropout_rng, head_chunk=head_chunk)
+    ref_chosen, ref_rejected, ref_kl = jax.lax.stop_gradient(kto_logps(ref_params, config, batch, head_chunk=head_chunk))
     return kto_loss(
         chosen, rejected, kl, ref_chosen, ref_rejected, ref_kl,
         beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
@@ -80,6 +89,7 @@ def make_kto_step(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
     dropout: bool = True,
     lora: LoraConfig | None = None,
     prefix: PrefixConfig | None = None,
@@ -92,13 +102,14 @@ def make_kto_step(
     grad_norm, learning_rate (and `make_train_step`'s). With `lora` the step is
     `step(state, batch, base_params, ref_params)` (the base itself can be the reference).
     `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
-    instead, the way `lora` trains adapters (`make_train_step`).
+    instead, the way `lora` trains adapters (`make_train_step`). `head_chunk`: tokens per chunk
+    of the fused output head (None: the unfused reference).
     """
 
     def loss_fn(params, batch, dropout_rng, ref_params):
         return kto_batch_loss(
             params, config, batch, dropout_rng, ref_params, beta=beta,
-            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, head_chunk=head_chunk,
         )
 
     return make_train_step(loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxalign.advantages import explained_variance
-from jaxalign.logprobs import entropy, token_logps
+from jaxalign.logprobs import HEAD_CHUNK_TOKENS
 from jaxalign.lora import LoraConfig
 from jaxalign.losses.ppo import ppo_policy_loss, ppo_value_loss
 from jaxalign.models.config import TransformerConfig
@@ -63,6 +63,7 @@ def ppo_batch_loss(
     log_ratio_clip: float | None = None,
     sft_batch: Batch | None = None,
     ptx_coef: float = 0.0,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> tuple[jax.Array, Metrics]:
     """L = L_clip(policy) + c_v · L_value − c_ent · entropy [+ γ · L_ptx], token means over response
     tokens (PPO paper Eq. 9 with the signs of a loss to minimise; TRL defaults c_v = 0.1,
@@ -88,6 +89,8 @@ def ppo_batch_loss(
       sft_batch: the PPO-ptx batch (`PPOPtxBatch.sft`); given exactly when ptx_coef > 0. Its
         forward pass gets the dropout key `fold_in(dropout_rng, 2)`.
       ptx_coef: γ ≥ 0.
+      head_chunk: tokens per chunk of the fused output head (log-probs and entropy in one
+        chunked pass, `jaxalign.scoring.policy_and_values`; None: the unfused reference).
 
     Returns:
       (loss, metrics): `policy_loss`, `value_loss`, `entropy`, `clip_fraction`,
@@ -103,17 +106,17 @@ def ppo_batch_loss(
             f"{'no' if sft_batch is None else 'an'} SFT batch"
         )
     mask = rollout.completion_mask
-    logits, values = policy_and_values(
+    stats, values = policy_and_values(
         params, config, rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens,
-        value_config=value_config, dropout_rng=dropout_rng,
-    )  # [B,N,V], [B,N]
-    logps = token_logps(logits, rollout.completion_tokens)  # [B,N]
+        value_config=value_config, dropout_rng=dropout_rng, head_chunk=head_chunk,
+    )  # [B,N] each
+    logps = stats.logps  # [B,N]
     pg_loss, pg = ppo_policy_loss(
         logps, rollout.old_logps, rollout.advantages, mask, clip_eps=clip_eps, dual_clip=dual_clip,
         log_ratio_clip=log_ratio_clip,
     )
     vf_loss, vf = ppo_value_loss(values, rollout.old_values, rollout.returns, mask, clip_eps=value_clip_eps)
-    ent = masked_mean(entropy(logits), mask)
+    ent = masked_mean(stats.entropy, mask)
     loss = pg_loss + vf_coef * vf_loss - ent_coef * ent
     metrics = {
         "policy_loss": pg_loss,
@@ -131,7 +134,7 @@ def ppo_batch_loss(
         metrics["dual_clip_fraction"] = pg["dual_clip_fraction"]
     if sft_batch is not None:
         ptx_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 2)
-        ptx_loss, _ = sft_batch_loss(params["policy"], config, sft_batch, ptx_rng)
+        ptx_loss, _ = sft_batch_loss(params["policy"], config, sft_batch, ptx_rng, head_chunk=head_chunk)
         loss = loss + ptx_coef * ptx_loss
         metrics["ptx_loss"] = ptx_loss
     return loss, metrics
@@ -150,7 +153,7 @@ def make_ppo_step(
     """jit-compiled `step(state, rollout) -> (state, metrics)` minimising `ppo_batch_loss`.
 
     `loss_kwargs` are `ppo_batch_loss`'s options (value_config, clip_eps, value_clip_eps,
-    vf_coef, ent_coef, dual_clip, log_ratio_clip, ptx_coef). With ptx_coef > 0 (PPO-ptx) the
+    vf_coef, ent_coef, dual_clip, log_ratio_clip, ptx_coef, head_chunk). With ptx_coef > 0 (PPO-ptx) the
     step's batch is a `PPOPtxBatch(rollout, sft)` (`ppo_update(..., ptx_batch_at=...)` builds
     them); with ptx_coef = 0 (default) it is the rollout and the step is plain PPO. Dropout is off by default so that the first minibatch's ratio is exactly
     1 (TRL sets dropout to 0 for PPO for the same reason). With `lora`, the state's params are

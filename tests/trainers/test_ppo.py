@@ -6,9 +6,10 @@ import pytest
 import jaxalign.data as jd
 from jaxalign.advantages import gae
 from jaxalign.decoding import SamplingConfig
-from jaxalign.ops import masked_whiten
-from jaxalign.models import get_config, init_params, init_scalar_model, sequence_scores
+from jaxalign.logprobs import entropy
+from jaxalign.models import get_config, init_params, init_scalar_model, logits_from_hidden, sequence_scores
 from jaxalign.models.heads import apply_scalar_head
+from jaxalign.ops import masked_whiten
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.rollout import ppo_rollout
 from jaxalign.scoring import (
@@ -57,15 +58,19 @@ def test_policy_and_values_shared_and_separate(policy):
     completion = jax.random.randint(jax.random.key(2), (3, 5), 0, TOK.vocab_size)
     shared = init_actor_critic(policy, config=CONFIG, rng=jax.random.key(3))
     assert critic_kind(shared) == "shared"
-    logits, values = policy_and_values(shared, CONFIG, tokens, mask, completion)
+    stats, values = policy_and_values(shared, CONFIG, tokens, mask, completion)
     hidden = completion_hidden(policy, CONFIG, tokens, mask, completion)
     # two programs through 2 layers of 64-term sums: 128 ulps of max|value|, not of each value (a
     # value near 0 has the rounding of the large terms); measured equal
     np.testing.assert_allclose(values, apply_scalar_head(shared["value"]["head"], hidden), rtol=0, atol=ulps(128, values))
+    logits = logits_from_hidden(policy, CONFIG, hidden)  # [B,N,V], the unfused head
     lp = jax.nn.log_softmax(logits.astype(jnp.float32))
     lp = jnp.take_along_axis(lp, completion[..., None], -1)[..., 0]
     # 256 ulps of max|logp| as in tests/test_decoding.py; measured 0.5
     np.testing.assert_allclose(lp, completion_logps(policy, CONFIG, tokens, mask, completion), rtol=0, atol=ulps(256, lp))
+    np.testing.assert_allclose(stats.logps, lp, rtol=0, atol=ulps(256, lp))
+    ent = entropy(logits)  # [B,N] nats <= log V: the same 256 ulps of its magnitude
+    np.testing.assert_allclose(stats.entropy, ent, rtol=0, atol=ulps(256, ent))
 
     critic = init_scalar_model(CONFIG, jax.random.key(4))
     separate = init_actor_critic(policy, critic, config=CONFIG, rng=jax.random.key(3))

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 Family = Literal["gpt2", "llama", "gemma"]
 LayerType = Literal["full", "sliding"]
+Remat = Literal["none", "dots", "full"]
+AttentionImpl = Literal["xla", "cudnn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,18 @@ class TransformerConfig:
       rope_local_theta: RoPE θ of the sliding layers when `layer_types` is set (Gemma 3's
         `rope_local_base_freq` = 10,000, without `rope_scaling`); None means `rope_theta` and
         `rope_scaling` in every layer.
+      remat: rematerialisation of each block under a gradient (`jax.checkpoint` through
+        `nn.remat`; values and gradients are unchanged, memory traded for recomputation):
+        "none" saves every activation the backward pass reads; "dots" saves only the outputs of
+        the projection matmuls (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`) and
+        recomputes norms, RoPE, the attention softmax and activations; "full" saves only each
+        block's input and recomputes the whole block (one more forward pass of the layers).
+        A training choice: set it on the config a step is built with
+        (`dataclasses.replace(config, remat="full")`); the parameters are the same.
+      attention_impl: `jax.nn.dot_product_attention`'s implementation for the model's attention
+        (training, prefill and decoding): "xla" (every backend; on CPU the only one) or
+        "cudnn" (NVIDIA's fused flash-attention kernel: GPU only, bfloat16/float16 compute, no
+        soft-capping; JAX raises at compile time where it cannot run).
     """
 
     family: Family = "gpt2"
@@ -124,6 +138,8 @@ class TransformerConfig:
     final_softcap: float | None = None
     layer_types: tuple[LayerType, ...] | None = None
     rope_local_theta: float | None = None
+    remat: Remat = "none"
+    attention_impl: AttentionImpl = "xla"
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama", "gemma"):
@@ -154,6 +170,12 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.sliding_window must be >= 1, got {self.sliding_window}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.remat not in ("none", "dots", "full"):
+            raise ValueError(f"TransformerConfig.remat: {self.remat!r} is not 'none', 'dots' or 'full'")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"TransformerConfig.attention_impl: {self.attention_impl!r} is not 'xla' or 'cudnn'")
+        if self.attention_impl == "cudnn" and self.attn_softcap is not None:
+            raise ValueError("TransformerConfig: attention_impl='cudnn' has no attention soft-capping (attn_softcap)")
 
     def _check_layer_types(self) -> None:
         if self.layer_types is None:

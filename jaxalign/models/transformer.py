@@ -84,6 +84,26 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int) -> KVCache:
     )
 
 
+@flax.struct.dataclass
+class CachePlan:
+    """Where one call's new tokens go in the KV cache, computed once by `Transformer` and shared
+    by every layer.
+
+    Attributes:
+      slots: int32 [T - skip], the slots receiving the kept new tokens.
+      old_positions, new_positions: int32 [B, S], the slot positions before and after this call.
+      skip: leading new tokens that do not fit (a chunk longer than a rolling buffer); static.
+      write_first: the new tokens can be written before attention reads the buffer (a cache as
+        long as the sequence, or one token into a rolling buffer); static.
+    """
+
+    slots: jax.Array
+    old_positions: jax.Array
+    new_positions: jax.Array
+    skip: int = flax.struct.field(pytree_node=False)
+    write_first: bool = flax.struct.field(pytree_node=False)
+
+
 # Mesh axes that split the batch dimension of activations while a sharded program is traced;
 # set (with the abstract mesh) by `jaxalign.sharding.activation_sharding`. Default (): no
 # constraint, so single-device programs are unchanged. (Flax's logical-axis rules context cannot
@@ -265,20 +285,20 @@ def _softcapped_attention(q, k, v, mask, *, scale: float, softcap: float) -> jax
 
 def _attend(cfg: TransformerConfig, q, k, v, *, mask=None, window: int | None = None) -> jax.Array:
     """Attention of q [B,T,N,H] over k/v [B,S,K,H]: with `mask` (bool [B,1,T,S]) when given,
-    else causal with an optional sliding `window` (T == S). Scale `cfg.attn_scale`."""
+    else causal with an optional sliding `window` (T == S). Scale `cfg.attn_scale`; kernel
+    `cfg.attention_impl` ("xla": XLA's einsums and softmax, [B,N,T,S] scores materialised;
+    "cudnn": the fused flash-attention kernel on NVIDIA GPUs)."""
     if cfg.attn_softcap is not None:
         if mask is None:
             pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
             mask = _position_mask(pos, pos, window)
         return _softcapped_attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+    impl = cfg.attention_impl  # one call site per case, one place to switch kernels
     if mask is not None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.attn_scale)
-    # One call, one place to switch kernels. With implementation=None JAX 0.10 lowers it through
-    # XLA on every backend (GPU included); cuDNN's fused kernel needs implementation="cudnn" and
-    # bf16/fp16 inputs, not yet wired into the config.
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.attn_scale, implementation=impl)
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, local_window_size=local, scale=cfg.attn_scale
+        q, k, v, is_causal=True, local_window_size=local, scale=cfg.attn_scale, implementation=impl
     )
 
 
@@ -299,7 +319,7 @@ class Attention(nn.Module):
         *,
         padded: bool,
         layer_cache: tuple[jax.Array, jax.Array] | None,
-        plan: tuple | None,
+        plan: CachePlan | None,
         deterministic: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         cfg = self.config
@@ -346,9 +366,8 @@ def _write(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan, window):
     """Attention of T new queries over the cached keys plus the T new ones; updates the cache.
 
-    `plan` = (slots receiving the kept new tokens, number of leading new tokens that do not fit,
-    write-first flag, slot positions before and after this call) is computed once per call by
-    `Transformer` and shared by every layer; `window` is this layer's (None: global).
+    `plan` (`CachePlan`) is computed once per call by `Transformer` and shared by every layer;
+    `window` is this layer's (None: global).
 
     When the new tokens cannot overwrite a key that one of them still needs (a cache as long as
     the sequence, or one token into a rolling buffer) they are written first and attention reads
@@ -356,7 +375,8 @@ def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan, window
     [old cache; new keys] and is written afterwards (only its last S tokens fit).
     """
     k_buf, v_buf = layer_cache  # [B,S,K,H]
-    slots, skip, write_first, old_positions, new_positions = plan
+    slots, skip, write_first = plan.slots, plan.skip, plan.write_first
+    old_positions, new_positions = plan.old_positions, plan.new_positions
     if write_first:
         k_buf = _write(k_buf, k_new[:, skip:], slots)
         v_buf = _write(v_buf, v_new[:, skip:], slots)
@@ -405,7 +425,8 @@ class Block(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, *, padded, layer_cache, plan, deterministic):
+    def __call__(self, x, positions, layer_cache, plan, padded: bool, deterministic: bool):
+        # positional, so that nn.remat can mark `padded` and `deterministic` static (argnums 5, 6)
         cfg = self.config
         attn_out, new_cache = Attention(cfg, self.layer, name="attn")(
             _norm(cfg, "ln_1")(x),
@@ -423,6 +444,26 @@ class Block(nn.Module):
             mlp_out = _norm(cfg, "ln_post_mlp")(mlp_out)
         x = x + mlp_out
         return x, new_cache  # [B,T,D]
+
+
+REMAT_POLICIES = {
+    "full": None,  # jax.checkpoint's default: nothing saveable, only the block's inputs are kept
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_block(remat: str):
+    """`Block`, or `Block` under `nn.remat` with the config's policy (see `TransformerConfig.remat`).
+
+    Under a gradient a rematerialised block keeps only what its policy saves and recomputes the
+    rest in the backward pass: "full" keeps the block's input (B·T·D) and recomputes everything,
+    "dots" also keeps the outputs of the projections (matmuls without batch dimensions: q, k, v,
+    wo, the MLP's), recomputing norms, RoPE, the attention softmax and the activations. Without a
+    gradient (decoding) it is the plain block.
+    """
+    if remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(5, 6))
 
 
 class Transformer(nn.Module):
@@ -463,7 +504,8 @@ class Transformer(nn.Module):
                 param_dtype=cfg.param_dtype,
                 embedding_init=_init(0.01, ("pos", "embed")),
             )
-        self.layers = [Block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        block = _remat_block(cfg.remat)
+        self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.ln_f = _norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
@@ -505,7 +547,7 @@ class Transformer(nn.Module):
             slots = (cache.length + skip + jnp.arange(t - skip)) % size  # [t - skip]
             new_positions = cache.positions.at[:, slots].set(positions[:, skip:])  # [B,S]
             write_first = cfg.cache_window is None or t == 1
-            plan = (slots, skip, write_first, cache.positions, new_positions)
+            plan = CachePlan(slots, cache.positions, new_positions, skip, write_first)
 
         x = self.embed(tokens)  # [B,T,D]
         if cfg.embed_scale is not None:  # Gemma: √D, rounded to the compute dtype as HF does
@@ -517,10 +559,7 @@ class Transformer(nn.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, updated = layer(
-                x, positions, padded=padded, layer_cache=layer_cache, plan=plan,
-                deterministic=deterministic,
-            )  # [B,T,D]
+            x, updated = layer(x, positions, layer_cache, plan, padded, deterministic)  # [B,T,D]
             x = _constrain_batch(x)
             if updated is not None:
                 new_keys.append(updated[0])
@@ -529,7 +568,7 @@ class Transformer(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(
-                keys=tuple(new_keys), values=tuple(new_values), positions=plan[4],
+                keys=tuple(new_keys), values=tuple(new_values), positions=plan.new_positions,
                 length=cache.length + t,
             )
         return (x if return_hidden else self.logits_from_hidden(x)), new_cache

@@ -2,7 +2,8 @@
 collectives; XLA's GSPMD partitioner inserts the communication).
 
 The MaxText / Levanter pattern: every parameter carries logical axis names (`param_logical_axes`:
-"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "pos"), activations name their batch
+"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "pos"; "layers" for the leading axis of
+`scan_layers=True` params, replicated: each device holds its split of every layer), activations name their batch
 axis "batch", and ONE rules table (`DEFAULT_RULES`) maps logical names to the axes of a 3-axis
 mesh:
 
@@ -83,6 +84,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("pos", None),
     ("length", None),
+    ("layers", None),  # the stacked layer axis of `scan_layers=True` params: never split
 )
 
 

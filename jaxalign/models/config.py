@@ -111,6 +111,14 @@ class TransformerConfig:
         (training, prefill and decoding): "xla" (every backend; on CPU the only one) or
         "cudnn" (NVIDIA's fused flash-attention kernel: GPU only, bfloat16/float16 compute, no
         soft-capping; JAX raises at compile time where it cannot run).
+      scan_layers: run the L blocks as one `flax.linen.scan` (a `lax.scan` over stacked
+        parameters: params["layers"], every leaf [L, ...] with the logical axis "layers", KV
+        caches from `init_cache` [L, B, S, K, H]) instead of L unrolled blocks ("layers_0", ...).
+        Values are the same up to float rounding; the program holds one block, so compile time
+        hardly grows with L, and `remat` acts inside the scanned body, where XLA keeps only the
+        saved residuals per layer (on XLA:CPU, remat of unrolled blocks saves no memory).
+        Convert parameters with `stack_layers` / `unstack_layers`. Needs identical layers:
+        refused with `layer_types` mixing "full" and "sliding" (Gemma 2/3).
     """
 
     family: Family = "gpt2"
@@ -140,6 +148,7 @@ class TransformerConfig:
     rope_local_theta: float | None = None
     remat: Remat = "none"
     attention_impl: AttentionImpl = "xla"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama", "gemma"):
@@ -176,6 +185,11 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.attention_impl: {self.attention_impl!r} is not 'xla' or 'cudnn'")
         if self.attention_impl == "cudnn" and self.attn_softcap is not None:
             raise ValueError("TransformerConfig: attention_impl='cudnn' has no attention soft-capping (attn_softcap)")
+        if self.scan_layers and self.layer_types is not None and len(set(self.layer_types)) > 1:
+            raise ValueError(
+                "TransformerConfig.scan_layers needs identical layers, but layer_types mixes "
+                f"{sorted(set(self.layer_types))} (per-layer window and RoPE); use scan_layers=False"
+            )
 
     def _check_layer_types(self) -> None:
         if self.layer_types is None:

@@ -47,14 +47,18 @@ class KVCache:
     """Pre-allocated keys and values of every layer, plus the position held in each slot.
 
     Attributes:
-      keys, values: per layer, [B, S, K, H] in the compute dtype.
+      keys, values: per layer [B, S, K, H] in the compute dtype, in one of two layouts: a tuple
+        of L arrays (the unrolled model's, `scan_layers=False`) or one stacked array
+        [L, B, S, K, H] (`init_cache` of a `scan_layers=True` config; `stack_cache` /
+        `unstack_cache` convert). `keys[i]` is layer i's [B, S, K, H] in both. A model accepts
+        either layout and returns the one its config asks for.
       positions: int32 [B, S], absolute position of the token in each slot; -1 = empty/padding.
       length: int32 scalar, tokens written so far; the next token goes to slot `length % S`
         (a rolling buffer when S is a sliding window).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     positions: jax.Array
     length: jax.Array
 
@@ -62,6 +66,25 @@ class KVCache:
     def size(self) -> int:
         """Number of slots S."""
         return self.positions.shape[1]
+
+    @property
+    def stacked(self) -> bool:
+        """Whether keys/values are stacked arrays [L, B, S, K, H] (else tuples of [B, S, K, H])."""
+        return not isinstance(self.keys, (tuple, list))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """The cache with keys/values as stacked arrays [L, B, S, K, H] (a copy; as is if stacked)."""
+    if cache.stacked:
+        return cache
+    return cache.replace(keys=jnp.stack(cache.keys), values=jnp.stack(cache.values))
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The cache with keys/values as tuples of L arrays [B, S, K, H] (as is if unstacked)."""
+    if not cache.stacked:
+        return cache
+    return cache.replace(keys=tuple(cache.keys), values=tuple(cache.values))
 
 
 def init_cache(config: TransformerConfig, batch: int, max_len: int) -> KVCache:
@@ -71,14 +94,23 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int) -> KVCache:
     only W slots and is used as a rolling buffer; memory is then O(W) whatever the generation
     length. A model mixing local and global layers (Gemma 2/3) keeps `max_len` slots in every
     layer and its local layers mask by position.
+
+    Keys and values are tuples of L arrays [B, S, K, H] in `config.dtype`, or, with
+    `config.scan_layers`, stacked arrays [L, B, S, K, H] (what the scanned layers read and write
+    without a copy at the scan boundary).
     """
     window = config.cache_window
     size = max_len if window is None else min(max_len, window)
     shape = (batch, size, config.kv_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers))
+    if config.scan_layers:
+        keys = jnp.zeros((config.n_layers, *shape), config.dtype)
+        values = jnp.zeros((config.n_layers, *shape), config.dtype)
+    else:
+        keys = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers))
+        values = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers))
     return KVCache(
-        keys=zeros,
-        values=tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers)),
+        keys=keys,
+        values=values,
         positions=jnp.full((batch, size), -1, jnp.int32),
         length=jnp.zeros((), jnp.int32),
     )
@@ -443,7 +475,8 @@ class Block(nn.Module):
         if cfg.sandwich_norms:
             mlp_out = _norm(cfg, "ln_post_mlp")(mlp_out)
         x = x + mlp_out
-        return x, new_cache  # [B,T,D]
+        # the residual stream's batch split, after every block (inside the scan too)
+        return _constrain_batch(x), new_cache  # [B,T,D]
 
 
 REMAT_POLICIES = {
@@ -452,7 +485,7 @@ REMAT_POLICIES = {
 }
 
 
-def _remat_block(remat: str):
+def _remat_block(remat: str, *, prevent_cse: bool = True):
     """`Block`, or `Block` under `nn.remat` with the config's policy (see `TransformerConfig.remat`).
 
     Under a gradient a rematerialised block keeps only what its policy saves and recomputes the
@@ -460,10 +493,93 @@ def _remat_block(remat: str):
     "dots" also keeps the outputs of the projections (matmuls without batch dimensions: q, k, v,
     wo, the MLP's), recomputing norms, RoPE, the attention softmax and the activations. Without a
     gradient (decoding) it is the plain block.
+
+    `prevent_cse=False` inside `nn.scan` (`jax.checkpoint`'s advice: the scan already stops XLA
+    from merging the recomputation into the forward pass, and the barrier would only cost time).
     """
     if remat == "none":
         return Block
-    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(5, 6))
+    return nn.remat(Block, policy=REMAT_POLICIES[remat], static_argnums=(5, 6), prevent_cse=prevent_cse)
+
+
+# Name of the stacked block subtree of a `scan_layers=True` model: params["layers"], every leaf
+# with a leading axis of size L (logical axis "layers"); the unrolled model has "layers_0", ...
+SCAN_NAME = "layers"
+
+
+def _scanned_blocks(config: TransformerConfig) -> nn.Module:
+    """All L blocks as one `nn.scan` over a (rematerialised) `Block`: the carry is the residual
+    stream [B, T, D], the scanned inputs and outputs the layer's cache (k, v) [L, B, S, K, H]
+    (None without a cache); positions, the cache plan, `padded` and `deterministic` are broadcast.
+    Parameters are created stacked (axis 0, logical name "layers"), with per-layer init and
+    dropout keys."""
+    scan = nn.scan(
+        _remat_block(config.remat, prevent_cse=False),
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=config.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scan(config, 0, name=SCAN_NAME)
+
+
+def _check_scan_layout(params: Params, config: TransformerConfig, *, stacked: bool) -> None:
+    names = [f"layers_{i}" for i in range(config.n_layers)]
+    if stacked:
+        if SCAN_NAME in params:
+            raise ValueError(f"stack_layers: params already hold a stacked {SCAN_NAME!r} subtree")
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"stack_layers: params lack {missing[:4]} (config.n_layers={config.n_layers})")
+        extra = [k for k in params if k.startswith("layers_") and k not in names]
+        if extra:
+            raise ValueError(f"stack_layers: params hold {extra[:4]} beyond config.n_layers={config.n_layers}")
+    else:
+        if SCAN_NAME not in params:
+            raise ValueError(f"unstack_layers: params have no stacked {SCAN_NAME!r} subtree")
+        for path, x in jax.tree_util.tree_leaves_with_path(params[SCAN_NAME]):
+            if x.ndim == 0 or x.shape[0] != config.n_layers:
+                raise ValueError(
+                    f"unstack_layers: {SCAN_NAME}{jax.tree_util.keystr(path)} has shape {x.shape}, "
+                    f"not a leading axis of config.n_layers={config.n_layers}"
+                )
+
+
+def stack_layers(params: Params, config: TransformerConfig) -> Params:
+    """The unrolled layout (`params["layers_0"]`, ..., `params["layers_{L-1}"]`) turned into the
+    scanned one (`params["layers"]`, every leaf stacked to [L, ...]), for `scan_layers=True`.
+
+    Works on any tree keyed like the params at its top level: a parameter tree, a LoRA adapter
+    tree whose adapters cover every layer (`init_lora` on the unrolled params), optimizer
+    moments. Other keys (embeddings, final norm, head) are kept as they are (the same arrays).
+    Stacking copies; `unstack_layers(stack_layers(p, c), c)` equals p exactly.
+
+    Raises:
+      ValueError: a layer i < config.n_layers is missing, a "layers_i" with i >= n_layers is
+        present, or the tree is already stacked; the layers' trees differ in structure or shape
+        (from `jax.tree.map`).
+    """
+    _check_scan_layout(params, config, stacked=True)
+    names = [f"layers_{i}" for i in range(config.n_layers)]
+    out = {k: v for k, v in params.items() if k not in names}
+    out[SCAN_NAME] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[n] for n in names))
+    return out
+
+
+def unstack_layers(params: Params, config: TransformerConfig) -> Params:
+    """The inverse of `stack_layers`: `params["layers"]` ([L, ...] leaves) split into
+    `params["layers_0"]`, ..., `params["layers_{L-1}"]` (the unrolled layout: `scan_layers=False`,
+    `export_hf`, per-layer LoRA patterns such as "layers_3/attn/wq").
+
+    Raises:
+      ValueError: no "layers" subtree, or a leaf of it without a leading axis of n_layers.
+    """
+    _check_scan_layout(params, config, stacked=False)
+    out = {k: v for k, v in params.items() if k != SCAN_NAME}
+    for i in range(config.n_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[SCAN_NAME])
+    return out
 
 
 class Transformer(nn.Module):
@@ -479,7 +595,12 @@ class Transformer(nn.Module):
       return_hidden: return the final normalised hidden states [B, T, D] instead of logits.
 
     Returns:
-      (logits [B, T, V] in `config.dtype` (or hidden states [B, T, D]), the updated cache or None).
+      (logits [B, T, V] in `config.dtype` (or hidden states [B, T, D]), the updated cache or None;
+      its keys/values stacked [L, B, S, K, H] with `config.scan_layers`, else tuples, whatever
+      layout came in).
+
+    With `config.scan_layers` the blocks run as one `nn.scan` (parameters under "layers", each
+    leaf [L, ...]; see `stack_layers`), `config.remat` applying inside the scanned body.
 
     Raises:
       ValueError: T > config.max_seq_len, or T > the cache size for a cache without a window.
@@ -504,8 +625,11 @@ class Transformer(nn.Module):
                 param_dtype=cfg.param_dtype,
                 embedding_init=_init(0.01, ("pos", "embed")),
             )
-        block = _remat_block(cfg.remat)
-        self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        if cfg.scan_layers:
+            self.layers = _scanned_blocks(cfg)
+        else:
+            block = _remat_block(cfg.remat)
+            self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.ln_f = _norm(cfg, "ln_f")
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
@@ -556,19 +680,25 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(jnp.maximum(positions, 0))
         x = self.drop(x, deterministic=deterministic)
         x = _constrain_batch(x)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, updated = layer(x, positions, layer_cache, plan, padded, deterministic)  # [B,T,D]
-            x = _constrain_batch(x)
-            if updated is not None:
-                new_keys.append(updated[0])
-                new_values.append(updated[1])
+        if cfg.scan_layers:
+            stacked = None if cache is None else stack_cache(cache)
+            layer_caches = None if cache is None else (stacked.keys, stacked.values)  # [L,B,S,K,H]
+            x, updated = self.layers(x, positions, layer_caches, plan, padded, deterministic)
+            new_keys, new_values = (None, None) if cache is None else updated
+        else:
+            new_keys, new_values = [], []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                x, updated = layer(x, positions, layer_cache, plan, padded, deterministic)  # [B,T,D]
+                if updated is not None:
+                    new_keys.append(updated[0])
+                    new_values.append(updated[1])
+            new_keys, new_values = tuple(new_keys), tuple(new_values)
         x = self.ln_f(x)  # [B,T,D]
         new_cache = None
         if cache is not None:
             new_cache = KVCache(
-                keys=tuple(new_keys), values=tuple(new_values), positions=plan.new_positions,
+                keys=new_keys, values=new_values, positions=plan.new_positions,
                 length=cache.length + t,
             )
         return (x if return_hidden else self.logits_from_hidden(x)), new_cache

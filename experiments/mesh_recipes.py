@@ -67,7 +67,7 @@ def main(args: Args) -> None:
         mesh = abstract_mesh(mesh_config, n)
         shards = mesh_config.axis_sizes(n)[0] * mesh_config.axis_sizes(n)[1]
         r = per_device_memory(config, mesh, batch=args.rows_per_shard * shards, seq_len=args.seq_len,
-                              attention=args.attention, remat=remat)
+                              attention=args.attention, remat="full" if remat else "none")
         state = (r["params"] + r["grads"] + r["optimizer_state"]) / GIB
         total = r["total"] / GIB
         print(f"| {name} | {num_params(config) / 1e9:.2f}B | {hardware} | {devices} "

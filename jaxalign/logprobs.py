@@ -217,17 +217,25 @@ class HeadStats(NamedTuple):
     argmax: jax.Array | None = None
 
 
-def head_chunk_positions(batch: int, seq: int, chunk_tokens: int) -> int:
+def head_chunk_positions(batch: int, seq: int, chunk_tokens: int, width: int = 0) -> int:
     """Positions per chunk that hold about `chunk_tokens` tokens of a [batch, seq] array:
     clip(⌈chunk_tokens / batch⌉, 1, seq). Chunks are whole-batch slices along the sequence, so a
     batch split over devices stays split the same way in every chunk.
+
+    With `width` = D (the head's input width) the whole sequence is one chunk unless chunking
+    saves memory: the scan over chunks accumulates the head weight's cotangent in two more [V, D]
+    buffers (8·V·D float32 bytes, what D tokens of logits work cost), so chunks pay only when
+    batch·seq > tokens per chunk + D.
 
     Raises:
       ValueError: chunk_tokens <= 0.
     """
     if chunk_tokens <= 0:
         raise ValueError(f"head chunk must be a positive number of tokens, got {chunk_tokens}")
-    return max(1, min(seq, -(-chunk_tokens // batch)))
+    chunk = max(1, min(seq, -(-chunk_tokens // batch)))
+    if batch * seq <= batch * chunk + width:
+        return seq
+    return chunk
 
 
 def _logits_stats(logits, labels, *, uniform_ce: bool, entropy: bool, argmax: bool) -> HeadStats:
@@ -271,7 +279,8 @@ def head_stats(
         finite and meaningless: mask them).
       head_fn: hidden [B, c, D] -> logits [B, c, V] (e.g. `jaxalign.models.logits_from_hidden`
         with the params bound).
-      chunk_tokens: about this many tokens per chunk (`head_chunk_positions`); None: unfused.
+      chunk_tokens: about this many tokens per chunk (`head_chunk_positions`: one chunk when
+        chunking would not save memory); None: unfused.
       uniform_ce, entropy, argmax: also compute these statistics (see `HeadStats`).
 
     Returns:
@@ -288,7 +297,7 @@ def head_stats(
     if chunk_tokens is None:
         return _logits_stats(head_fn(hidden), labels, **flags)
     b, t = labels.shape
-    chunk = head_chunk_positions(b, t, chunk_tokens)
+    chunk = head_chunk_positions(b, t, chunk_tokens, hidden.shape[-1])
 
     def chunk_stats(h, y):  # [B,c,D], [B,c] -> tuple of [B,c] (None fields dropped: no pytree holes)
         stats = _logits_stats(head_fn(h), y, **flags)

@@ -49,14 +49,24 @@ Llama blocks, each buffer attributed to the op that made it:
                  bits of `jax.random.bernoulli` (two uint32 words per element from threefry)
                  and recomputes the mask in the backward pass                   2·8·B·T·D
 
-With `remat=True` (one `jax.checkpoint` per block, which the current `Transformer` does not
-apply: an estimate for planning), a layer keeps only its input B·T·D·c and one layer's full set
-is live again during its backward pass.
+Rematerialisation (`TransformerConfig.remat`, one `nn.remat` per block): "full" keeps only each
+block's input B·T·D·c; "dots" keeps the input and the outputs of the projection matmuls, q, k, v
+(B·T·(N + 2K)·H·c), wo's and down's outputs (2·B·T·D·c) and the MLP's up (and gate) outputs
+(B·T·F·c each); with either, one layer's full set is live again during its backward pass. These
+are the counts remat is meant to give, as on GPU/TPU and inside `scan_layers`; on XLA:CPU with
+unrolled layers the compiler schedules the recomputation early and keeps the "none" set
+(measured: temp bytes equal for all three policies).
 
-Head and loss: the embedding output and the final norm (4·B·T·D·c), the logits [B,T,V] in c
-when c != 4 (in float32 they are consumed by the loss's fusion), and the loss's float32 work:
-`jaxalign.losses.sft_loss` keeps exp(z - max) [B,T,V] for the backward pass, which materialises
-the float32 gradient of the logits [B,T,V] next to it:  B·T·V·(8 + [c != 4]·c).
+Head and loss: the embedding output and the final norm (4·B·T·D·c), then the output head.
+Unfused (`head_chunk=None`): the logits [B,T,V] in c when c != 4 (in float32 they are consumed by
+the loss's fusion), and the loss's float32 work: the loss keeps exp(z - max) [B,T,V] for the
+backward pass, which materialises the float32 gradient of the logits [B,T,V] next to it:
+B·T·V·(8 + [c != 4]·c). Fused (`jaxalign.logprobs.head_stats`, the trainers' default: chunks of
+n = B·⌈head_chunk / B⌉ tokens, rematerialised in a scan): the same work for one chunk,
+n·V·(8 + [c != 4]·c), plus two more [V, D] buffers in the param dtype for the head weight's
+cotangent that the scan accumulates (measured on XLA:CPU, float32: the V-slope of the step's
+temp bytes is 8·n + 3·4·D per vocabulary entry, against 8·B·T + 4·D unfused). Where chunks would
+not save memory (B·T <= n + D, `head_chunk_positions`) the head is one chunk: the unfused count.
 
 Weight operands: a matmul saves its operands, so when the kernel is cast to a compute dtype other
 than its storage dtype, the cast copy lives until the backward pass (c bytes per matmul weight,
@@ -110,8 +120,9 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
+from jaxalign.logprobs import HEAD_CHUNK_TOKENS, head_chunk_positions
 from jaxalign.lora import LoraConfig, init_lora
-from jaxalign.models.config import TransformerConfig, num_params
+from jaxalign.models.config import Remat, TransformerConfig, num_params
 from jaxalign.models.transformer import init_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.sharding import (
@@ -181,6 +192,38 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
     }
 
 
+def remat_saved_bytes_per_layer(
+    config: TransformerConfig, *, batch: int, seq_len: int, compute_dtype, remat: Remat
+) -> int:
+    """Bytes a rematerialised block keeps between its forward and backward passes: its input for
+    "full"; the input and the projection outputs for "dots" (see the module docstring)."""
+    b, t, d, c = batch, seq_len, config.d_model, _itemsize(compute_dtype)
+    if remat == "full":
+        return b * t * d * c
+    if remat == "dots":
+        n, k, h, f = config.n_heads, config.kv_heads, config.head_dim, config.ff_dim
+        mlp_dots = 1 if config.mlp == "gelu" else 2  # up; gate and up
+        return b * t * (3 * d + (n + 2 * k) * h + mlp_dots * f) * c
+    raise ValueError(f"remat must be 'dots' or 'full' here, got {remat!r}")
+
+
+def head_bytes(
+    config: TransformerConfig, *, batch: int, seq_len: int, compute_dtype, param_dtype, head_chunk: int | None
+) -> int:
+    """Bytes the embedding output, the final norm and the output head with its loss keep for the
+    backward pass (see the module docstring's "Head and loss")."""
+    b, t, d, v, c = batch, seq_len, config.d_model, config.vocab_size, _itemsize(compute_dtype)
+    p = _itemsize(param_dtype)
+    per_token = v * (8 + (c if c != 4 else 0))  # float32 exp(z - max) and d(logits), logits in c
+    tokens = b * t
+    if head_chunk is not None:
+        tokens = b * head_chunk_positions(b, t, head_chunk, d)
+    head = 4 * b * t * d * c + tokens * per_token
+    if tokens < b * t:  # a scan over chunks: the head weight's cotangent accumulates in its carry
+        head += 2 * v * d * p
+    return head
+
+
 def activation_bytes_per_layer(
     config: TransformerConfig,
     *,
@@ -230,10 +273,11 @@ def estimate_memory(
     compute_dtype=jnp.float32,
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
     lora: LoraConfig | None = None,
-    remat: bool = False,
+    remat: Remat | None = None,
     grad_accum_steps: int = 1,
-    attention: Attention = "xla",
+    attention: Attention | None = None,
     skip_nonfinite: bool = True,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> dict[str, int]:
     """Bytes of one training step of `config` (see the module docstring for every formula).
 
@@ -247,11 +291,15 @@ def estimate_memory(
         "sgd" (no momentum).
       lora: train LoRA/DoRA adapters instead of the full model (base frozen, an argument);
         with `lora.dropout > 0` the activations of the unmerged adapter branch are counted.
-      remat: per-block rematerialisation (planning only; see the module docstring).
+      remat: per-block rematerialisation "none" / "dots" / "full" (default: `config.remat`;
+        see the module docstring for what XLA:CPU does with unrolled layers).
       grad_accum_steps: > 1 adds optax.MultiSteps' gradient accumulator.
-      attention: "xla" (what the model runs now) or "flash" (a fused kernel without [T, T]).
+      attention: "xla" (XLA's attention: [B, N, T, T] scores) or "flash" (a fused kernel without
+        them); default from `config.attention_impl` ("cudnn" is a flash kernel).
       skip_nonfinite: the optimizer is wrapped in optax.apply_if_finite (`OptimConfig`'s
         default): two int32 counters and a bool more state.
+      head_chunk: the trainers' fused output head, tokens per chunk (their default); None: the
+        unfused head with its [B, T, V] logits.
 
     Returns:
       dict of int bytes: `params` (all resident parameters), `trainable` (the subset that is
@@ -264,6 +312,11 @@ def estimate_memory(
     """
     if optimizer not in ("adamw", "adam", "sgd"):
         raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {optimizer!r}")
+    remat = config.remat if remat is None else remat
+    if remat not in ("none", "dots", "full"):
+        raise ValueError(f"remat must be 'none', 'dots' or 'full', got {remat!r}")
+    if attention is None:
+        attention = "flash" if config.attention_impl == "cudnn" else "xla"
     if batch < 1 or seq_len < 1 or grad_accum_steps < 1:
         raise ValueError("batch, seq_len and grad_accum_steps must be >= 1")
     p_size, c = _itemsize(param_dtype), _itemsize(compute_dtype)
@@ -288,18 +341,21 @@ def estimate_memory(
     if skip_nonfinite:
         opt += 4 + 1 + 4  # apply_if_finite: int32 notfinite_count, bool last_finite, int32 total
 
-    b, t, d, v = batch, seq_len, config.d_model, config.vocab_size
+    b, t, d = batch, seq_len, config.d_model
     per_layer = activation_bytes_per_layer(
         config, batch=b, seq_len=t, compute_dtype=compute_dtype, attention=attention
     )
-    if remat:
-        layers = config.n_layers * b * t * d * c + per_layer
+    if remat != "none":
+        saved = remat_saved_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, remat=remat)
+        layers = config.n_layers * saved + per_layer
     else:
         layers = config.n_layers * per_layer
-    head = 4 * b * t * d * c + b * t * v * (8 + (c if c != 4 else 0))
+    head = head_bytes(
+        config, batch=b, seq_len=t, compute_dtype=compute_dtype, param_dtype=param_dtype, head_chunk=head_chunk
+    )
     if lora is not None:
         layers_saved, head_saved = _frozen_base_savings(config, sizes, b, t, c)
-        layers -= layers_saved // config.n_layers if remat else layers_saved  # remat: one block's set
+        layers -= layers_saved // config.n_layers if remat != "none" else layers_saved  # remat: one block's set
         head -= head_saved
 
     # Matmul weight operands that are not the stored parameters themselves.
@@ -401,8 +457,9 @@ def per_device_memory(
     seq_len: int,
     tx: optax.GradientTransformation | None = None,
     rules: LogicalRules = DEFAULT_RULES,
-    attention: str = "xla",
-    remat: bool = False,
+    attention: Attention | None = None,
+    remat: Remat | None = None,
+    head_chunk: int | None = HEAD_CHUNK_TOKENS,
 ) -> dict[str, int]:
     """Bytes per device of one train step of `config` on `mesh`, from the shardings.
 
@@ -419,8 +476,8 @@ def per_device_memory(
       batch: global batch B; seq_len: T of the forward pass.
       tx: the optimizer (default: `make_optimizer(OptimConfig())`, clipped AdamW).
       rules: the logical-axis rules.
-      attention, remat: passed to `estimate_memory` ("flash" and remat=True are planning
-        figures: the model runs XLA attention and no rematerialisation today).
+      attention, remat, head_chunk: passed to `estimate_memory` (defaults from the config and
+        the trainers).
 
     Returns:
       dict of int bytes per device: params, grads, optimizer_state, activations, inputs,
@@ -450,7 +507,7 @@ def per_device_memory(
     )
     local = estimate_memory(
         config, batch=batch // shards, seq_len=seq_len, param_dtype=config.param_dtype,
-        compute_dtype=config.dtype, attention=attention, remat=remat,
+        compute_dtype=config.dtype, attention=attention, remat=remat, head_chunk=head_chunk,
     )
     out = {
         "params": params,

@@ -94,6 +94,9 @@ def test_chunk_positions():
     assert head_chunk_positions(3, 20, 1024) == 20  # never more than the sequence
     assert head_chunk_positions(2048, 20, 1024) == 1  # at least one position
     assert head_chunk_positions(3, 20, 7) == 3  # ⌈7 / 3⌉
+    # with the head's width: chunks only when they save more than the two [V, D] buffers cost
+    assert head_chunk_positions(8, 1024, 1024, 768) == 128  # 8192 tokens > 1024 + 768
+    assert head_chunk_positions(1, 2048, 1024, 4096) == 2048  # 2048 <= 1024 + 4096: one chunk
     with pytest.raises(ValueError, match="positive number of tokens"):
         head_chunk_positions(3, 20, 0)
 

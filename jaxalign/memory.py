@@ -278,6 +278,7 @@ def estimate_memory(
     attention: Attention | None = None,
     skip_nonfinite: bool = True,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    float32_state: bool = False,
 ) -> dict[str, int]:
     """Bytes of one training step of `config` (see the module docstring for every formula).
 
@@ -300,6 +301,8 @@ def estimate_memory(
         default): two int32 counters and a bool more state.
       head_chunk: the trainers' fused output head, tokens per chunk (their default); None: the
         unfused head with its [B, T, V] logits.
+      float32_state: the moments (and an accumulator) are float32 whatever the trainable dtype
+        (`OptimConfig.float32_state`).
 
     Returns:
       dict of int bytes: `params` (all resident parameters), `trainable` (the subset that is
@@ -332,10 +335,11 @@ def estimate_memory(
         trainable_size = _itemsize(lora.param_dtype)
         params_bytes = base_bytes + trainable_count * trainable_size
     trainable = trainable_count * trainable_size
+    moment_bytes = trainable_count * 4 if float32_state else trainable
     if optimizer == "sgd":
         opt = 4
     else:
-        opt = 2 * trainable + 2 * 4
+        opt = 2 * moment_bytes + 2 * 4
     if grad_accum_steps > 1:
         opt += trainable_count * 4 + 2 * 4  # MultiSteps: float32 accumulator + two int32 steps
     if skip_nonfinite:

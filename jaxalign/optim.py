@@ -43,6 +43,10 @@ class OptimConfig:
         hold a NaN or inf is dropped (parameters and optimizer state unchanged) and counted
         (`nonfinite_metrics`). It never gives up and applies one; the loops stop the run after
         `max_skipped_steps` consecutive skips instead (`jaxalign.trainers.loop`).
+      float32_state: keep the optimizer's state (Adam's two moments, the accumulator) in float32
+        whatever the parameters' dtype (`with_float32_state`): bfloat16 parameters then cost
+        2 + 2 + 8 bytes each (params, grads, moments) instead of 2 + 2 + 4, and the moments
+        keep float32 precision. Without it optax keeps them in the parameters' dtype.
     """
 
     learning_rate: float = 1e-4
@@ -57,6 +61,7 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     grad_accum_steps: int = 1
     skip_nonfinite: bool = True
+    float32_state: bool = False
 
     def __post_init__(self):
         if self.total_steps <= 0:
@@ -108,8 +113,9 @@ def make_optimizer(
     config: OptimConfig, decay_mask: Callable[[Any], Any] = weight_decay_mask
 ) -> tuple[optax.GradientTransformation, Callable]:
     """Builds `clip_by_global_norm -> adamw(schedule, mask)`, in `optax.MultiSteps` when
-    accumulating, in `optax.apply_if_finite` (outermost, so a non-finite micro-batch gradient never
-    reaches the accumulator) unless `config.skip_nonfinite` is False.
+    accumulating, in `with_float32_state` with `config.float32_state`, in `optax.apply_if_finite`
+    (outermost, so a non-finite micro-batch gradient never reaches the accumulator) unless
+    `config.skip_nonfinite` is False.
 
     Args:
       config: the optimiser hyperparameters.
@@ -137,9 +143,33 @@ def make_optimizer(
     tx = optax.chain(*parts)
     if config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    if config.float32_state:
+        tx = with_float32_state(tx)
     if config.skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_APPLY)
     return tx, schedule
+
+
+def with_float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` run on float32 copies of the gradients and parameters, so the state it builds (Adam's
+    moments, which optax creates like the parameters) is float32 whatever the parameters' dtype;
+    the updates are cast back to each parameter's dtype. For bfloat16 parameters with a float32
+    optimizer state (the update's arithmetic is float32; the parameters still round to bf16 when
+    the update is applied: keep float32 master parameters, `param_dtype=float32`, where that
+    rounding matters).
+    """
+
+    def to_f32(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return tx.init(to_f32(params))
+
+    def update(grads, state, params=None):
+        updates, state = tx.update(to_f32(grads), state, None if params is None else to_f32(params))
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def nonfinite_metrics(opt_state: Any) -> dict[str, jax.Array]:

@@ -335,15 +335,9 @@ def estimate_memory(
         trainable_size = _itemsize(lora.param_dtype)
         params_bytes = base_bytes + trainable_count * trainable_size
     trainable = trainable_count * trainable_size
-    moment_bytes = trainable_count * 4 if float32_state else trainable
-    if optimizer == "sgd":
-        opt = 4
-    else:
-        opt = 2 * moment_bytes + 2 * 4
-    if grad_accum_steps > 1:
-        opt += trainable_count * 4 + 2 * 4  # MultiSteps: float32 accumulator + two int32 steps
-    if skip_nonfinite:
-        opt += 4 + 1 + 4  # apply_if_finite: int32 notfinite_count, bool last_finite, int32 total
+    opt = _optimizer_state_bytes(
+        optimizer, trainable_count, trainable, grad_accum_steps, skip_nonfinite, float32_state
+    )
 
     b, t, d = batch, seq_len, config.d_model
     per_layer = activation_bytes_per_layer(
@@ -401,6 +395,19 @@ def estimate_memory(
         "temporaries": int(temporaries),
         "total": int(total),
     }
+
+
+def _optimizer_state_bytes(
+    optimizer: str, count: int, trainable: int, grad_accum_steps: int, skip_nonfinite: bool, float32_state: bool
+) -> int:
+    """Bytes of `make_optimizer`'s state over `count` trainable values of `trainable` bytes."""
+    moment_bytes = count * 4 if float32_state else trainable
+    opt = 4 if optimizer == "sgd" else 2 * moment_bytes + 2 * 4  # moments + Adam's and the schedule's counts
+    if grad_accum_steps > 1:
+        opt += count * 4 + 2 * 4  # MultiSteps: float32 accumulator + two int32 steps
+    if skip_nonfinite:
+        opt += 4 + 1 + 4  # apply_if_finite: int32 notfinite_count, bool last_finite, int32 total
+    return opt
 
 
 def _frozen_base_savings(

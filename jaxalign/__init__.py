@@ -28,7 +28,9 @@ from jaxalign.decoding import (
     sampling_logits,
 )
 from jaxalign.logprobs import (
+    HeadStats,
     entropy,
+    head_stats,
     sequence_logps,
     token_logps,
 )
@@ -46,16 +48,20 @@ from jaxalign.lora import (
 from jaxalign.losses import (
     bco_pair_loss,
     dpo_loss,
+    expert_bias_update,
     generalized_jsd_loss,
     grpo_denominator,
     grpo_loss,
     kd_loss,
     kto_loss,
+    load_balancing_loss,
     orpo_loss,
     pairwise_reward_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    router_z_loss,
     sft_loss,
+    sft_token_loss,
     simpo_loss,
 )
 from jaxalign.memory import (
@@ -71,6 +77,8 @@ from jaxalign.metrics import (
 )
 from jaxalign.models import (
     KVCache,
+    MLAConfig,
+    MoEConfig,
     RopeScaling,
     Transformer,
     TransformerConfig,
@@ -98,6 +106,7 @@ from jaxalign.ops import (
 from jaxalign.optim import (
     OptimConfig,
     make_optimizer,
+    with_float32_state,
 )
 from jaxalign.prefix import (
     PrefixConfig,
@@ -133,8 +142,11 @@ from jaxalign.scoring import (
     completion_logps,
     critic_kind,
     init_actor_critic,
+    label_stats,
+    next_token_stats,
     policy_and_values,
     reward_model_scorer,
+    row_logps,
     scalar_model_shardings,
 )
 from jaxalign.search import (
@@ -186,10 +198,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BeamSearchOutput",
     "Generation",
+    "HeadStats",
     "KVCache",
     "LoraConfig",
+    "MLAConfig",
     "MeshConfig",
     "MetricsWriter",
+    "MoEConfig",
     "NonFiniteError",
     "OptimConfig",
     "PPOPtxBatch",
@@ -227,6 +242,7 @@ __all__ = [
     "evaluate_policy",
     "evaluate_reward_model",
     "exact_match_reward",
+    "expert_bias_update",
     "explained_variance",
     "export_hf",
     "format_reward",
@@ -240,6 +256,7 @@ __all__ = [
     "grpo_loop",
     "grpo_loss",
     "grpo_rollout",
+    "head_stats",
     "init_actor_critic",
     "init_cache",
     "init_lora",
@@ -250,8 +267,10 @@ __all__ = [
     "keyword_reward",
     "kl_penalty",
     "kto_loss",
+    "label_stats",
     "language_consistency_reward",
     "last_token_index",
+    "load_balancing_loss",
     "load_hf_checkpoint",
     "load_llama2c",
     "load_pretrained",
@@ -278,6 +297,7 @@ __all__ = [
     "masked_whiten",
     "merge_lora",
     "merge_prefix",
+    "next_token_stats",
     "num_lora_params",
     "num_params",
     "num_prefix_params",
@@ -304,6 +324,8 @@ __all__ = [
     "restore_checkpoint",
     "reward_model_scorer",
     "rloo_advantages",
+    "router_z_loss",
+    "row_logps",
     "sample",
     "sampling_logits",
     "save_checkpoint",
@@ -312,6 +334,7 @@ __all__ = [
     "sequence_scores",
     "setup_logging",
     "sft_loss",
+    "sft_token_loss",
     "shard_batch",
     "simpo_loss",
     "step_shardings",
@@ -320,5 +343,6 @@ __all__ = [
     "train_loop",
     "unmerge_lora",
     "weighted_sum",
+    "with_float32_state",
     "write_json",
 ]

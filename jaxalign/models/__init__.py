@@ -19,6 +19,8 @@ from jaxalign.models.heads import (
 from jaxalign.models.hf import load_hf_checkpoint, load_state_dict
 from jaxalign.models.llama2c import load_llama2c
 from jaxalign.models.load import load_pretrained
+from jaxalign.models.mla import MLAConfig, MLAttention, YarnScaling, mla_cache_bytes_per_token
+from jaxalign.models.moe import MoE, MoEConfig, RouterStats
 from jaxalign.models.transformer import (
     KVCache,
     Transformer,
@@ -32,27 +34,34 @@ from jaxalign.models.transformer import (
 
 __all__ = [
     "KVCache",
+    "MLAConfig",
+    "MLAttention",
+    "MoE",
+    "MoEConfig",
     "PRESETS",
     "RopeScaling",
+    "RouterStats",
     "Transformer",
     "TransformerConfig",
+    "YarnScaling",
     "apply_scalar_head",
-    "init_scalar_head",
-    "init_scalar_model",
-    "pool_scores",
-    "sequence_scores",
-    "token_scores",
     "forward",
     "forward_with_cache",
     "get_config",
     "init_cache",
     "init_params",
+    "init_scalar_head",
+    "init_scalar_model",
     "load_hf_checkpoint",
     "load_llama2c",
     "load_pretrained",
     "load_state_dict",
     "logits_from_hidden",
+    "mla_cache_bytes_per_token",
     "num_params",
     "param_logical_axes",
+    "pool_scores",
+    "sequence_scores",
+    "token_scores",
     "train_flops_per_token",
 ]

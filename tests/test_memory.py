@@ -249,3 +249,21 @@ def test_fused_head_within_10_percent_of_xla(head_chunk):
     if head_chunk is not None:
         unfused = estimate_memory(config, batch=b, seq_len=t, head_chunk=None)
         assert unfused["head"] - est["head"] == (b * t - head_chunk) * 8192 * 8 - 2 * 8192 * 128 * 4
+
+
+def test_qwen_0_5b_step_temp_with_fused_head_and_full_remat():
+    """Issue 17's target: the `qwen2.5-0.5b` SFT step at B = 8, T = 1,024, float32, compiled on
+    CPU. XLA's temp: 73.6 GB unfused without remat; 5.84 GB with the fused head and full remat
+    over scanned layers (on XLA:CPU remat needs `scan_layers`: unrolled, the recomputation is
+    scheduled early and the temp stays 62 GB). The estimate follows: 5.66 GB (ratio 1.03; dots
+    0.94, none 0.92 under scan)."""
+    b, t = 8, 1024
+    config = get_config("qwen2.5-0.5b", remat="full", scan_layers=True)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    tx, schedule = make_optimizer(OptimConfig(total_steps=10))
+    state = jax.eval_shape(lambda p: create_train_state(p, tx, 0), params)
+    batch = {"tokens": jax.ShapeDtypeStruct((b, t + 1), jnp.int32), "mask": jax.ShapeDtypeStruct((b, t + 1), jnp.float32)}
+    temp = make_sft_step(config, tx, schedule).lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= 8e9
+    est = estimate_memory(config, batch=b, seq_len=t)
+    assert 0.9 < temp / est["temporaries"] < 1.1

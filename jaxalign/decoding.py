@@ -212,8 +212,21 @@ def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
 
 def repeat_rows(tree, n: int):
     """Every batch-major array of `tree` (a `KVCache`, logits, positions) with each row repeated
-    `n` times in place (`jnp.repeat(x, n, axis=0)`); scalars (the cache's `length`) as they are."""
-    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, tree)
+    `n` times in place (`jnp.repeat(x, n, axis=0)`); scalars (the cache's `length`) as they are.
+    A stacked cache's keys/values [L, B, S, K, H] repeat along their batch axis 1."""
+
+    def rows(x, axis=0):
+        return jnp.repeat(x, n, axis=axis) if x.ndim else x
+
+    def repeat(node):
+        if isinstance(node, KVCache) and node.stacked:
+            return node.replace(
+                keys=rows(node.keys, 1), values=rows(node.values, 1),
+                positions=rows(node.positions), length=node.length,
+            )
+        return jax.tree.map(rows, node)
+
+    return jax.tree.map(repeat, tree, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "num_samples"))

@@ -32,6 +32,16 @@ leading axis, except the attention output `wo` [N, H, D], which contracts (heads
 wq [D, N, H] -> [D, N·H] and wo [N, H, D] -> [N·H, D]; `apply_lora` infers the split from
 lora_a's first dimension. Biases, norms and embeddings are never adapted.
 
+Stacked layers (`TransformerConfig.scan_layers`). A kernel under a "layers" subtree (the scanned
+blocks, e.g. "layers/attn/wq/kernel" [L, D, N, H]) is L kernels: its adapter is stacked too,
+"lora_a" [L, in, r], "lora_b" [L, r, out] (+ "magnitude" [L, out]), one independent adapter per
+layer, and every function here works on either layout. The presets match both; a per-layer
+pattern ("layers_3/attn/wq") needs the unrolled layout. `stack_layers` / `unstack_layers`
+(`jaxalign.models.transformer`) convert an adapter tree covering every layer like params, with
+`apply_lora(stack_layers(base), stack_layers(adapters))` = `stack_layers(apply_lora(base,
+adapters))`. Under adapter dropout each scanned layer draws its masks from the model's own
+"dropout" stream (`make_rng` inside the scan gives each layer its key).
+
 Fully trained leaves (PEFT's `modules_to_save`). Some parameters cannot be trained through a
 low-rank update: the freshly initialised scalar head of a reward model (`{"backbone", "head":
 {"kernel": [D], "bias": []}}`, `jaxalign.models.heads`) or a PPO critic. As PEFT's
@@ -102,6 +112,9 @@ Params = Any
 Adapters = dict
 
 LORA_A, LORA_B, MAGNITUDE = "lora_a", "lora_b", "magnitude"
+# The subtree name of stacked (scanned) blocks, `jaxalign.models.transformer.SCAN_NAME`: a
+# kernel below it has a leading layer axis (not imported: this module sits below the models).
+STACKED_LAYERS = "layers"
 _LORA_KEYS = (LORA_A, LORA_B, MAGNITUDE)  # an adapter tree's other leaf names are full copies
 
 # Presets of `LoraConfig.targets`, as regular expressions over '/'-joined kernel paths such as
@@ -214,6 +227,19 @@ def _n_in_axes(module_path: tuple[str, ...], ndim: int) -> int:
     return 1
 
 
+def _n_stack_axes(module_path: tuple[str, ...]) -> int:
+    """1 for a kernel of stacked layers (below a "layers" subtree: [L, ...]), else 0."""
+    return int(STACKED_LAYERS in module_path)
+
+
+def _matrix_shape(module_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The kernel's shape as (stack..., in, out): [D, N, H] -> (D, N·H), wo [N, H, D] -> (N·H, D),
+    a stacked wq [L, D, N, H] -> (L, D, N·H)."""
+    s = _n_stack_axes(module_path)
+    n_in = _n_in_axes(module_path, len(shape) - s)
+    return (*shape[:s], math.prod(shape[s : s + n_in]), math.prod(shape[s + n_in :]))
+
+
 def lora_targets(params: Params, config: LoraConfig) -> list[str]:
     """'/'-joined module paths (without "/kernel") of the kernels `config` targets, sorted.
 
@@ -311,7 +337,8 @@ def init_lora(params: Params, config: LoraConfig, rng: jax.Array) -> Adapters:
 
     Returns:
       Nested dict mirroring the targeted module paths, leaves "lora_a" [in, r], "lora_b" [r, out]
-      and (DoRA) "magnitude" [out], all in `config.param_dtype`; plus, at its own path, a copy of
+      and (DoRA) "magnitude" [out] ([L, in, r], [L, r, out], [L, out] for stacked layers), all
+      in `config.param_dtype`; plus, at its own path, a copy of
       each fully trained leaf in its shape and `jnp.promote_types(its dtype, param_dtype)` (e.g.
       `adapters["head"] = {"kernel": [D], "bias": []}`). The copies are new buffers, never the
       base's arrays, so donating the adapters (the train step does) leaves the base intact.
@@ -327,16 +354,14 @@ def init_lora(params: Params, config: LoraConfig, rng: jax.Array) -> Adapters:
     for key, module in zip(keys, modules):
         path = tuple(module.split("/"))
         w = flat[path + ("kernel",)]
-        n_in = _n_in_axes(path, w.ndim)
-        d_in = math.prod(w.shape[:n_in])
-        d_out = math.prod(w.shape[n_in:])
+        *stack, d_in, d_out = _matrix_shape(path, w.shape)
         bound = 1.0 / math.sqrt(d_in)
         adapters[path + (LORA_A,)] = jax.random.uniform(
-            key, (d_in, config.rank), config.param_dtype, -bound, bound
+            key, (*stack, d_in, config.rank), config.param_dtype, -bound, bound
         )
-        adapters[path + (LORA_B,)] = jnp.zeros((config.rank, d_out), config.param_dtype)
+        adapters[path + (LORA_B,)] = jnp.zeros((*stack, config.rank, d_out), config.param_dtype)
         if config.dora:
-            norm = _column_norm(jnp.reshape(w, (d_in, d_out)))
+            norm = _column_norm(jnp.reshape(w, (*stack, d_in, d_out)))
             adapters[path + (MAGNITUDE,)] = norm.astype(config.param_dtype)
     for path in full:
         leaf = flat[path]
@@ -346,22 +371,23 @@ def init_lora(params: Params, config: LoraConfig, rng: jax.Array) -> Adapters:
 
 
 def _column_norm(v: jax.Array) -> jax.Array:
-    """‖v‖_c: L2 norm of each output column of v [in, out] over the input axis, float32 [out]."""
+    """‖v‖_c: L2 norm of each output column of v [..., in, out] over the input axis, float32
+    [..., out]."""
     v = v.astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(v * v, axis=0))
+    return jnp.sqrt(jnp.sum(v * v, axis=-2))
 
 
 def _merged_matrix(w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig) -> jax.Array:
-    """V = W + s·A·B as a matrix [in, out] in the promoted dtype of (W, A)."""
-    a, b = adapter[LORA_A], adapter[LORA_B]  # [in, r], [r, out]
+    """V = W + s·A·B as a matrix [in, out] ([L, in, out] stacked) in the promoted dtype of (W, A)."""
+    a, b = adapter[LORA_A], adapter[LORA_B]  # [(L,) in, r], [(L,) r, out]
     dtype = jnp.result_type(w.dtype, a.dtype)
-    v = jnp.reshape(w, (a.shape[0], b.shape[1])).astype(dtype)  # [in, out]
-    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [in, out]
+    v = jnp.reshape(w, (*a.shape[:-1], b.shape[-1])).astype(dtype)  # [(L,) in, out]
+    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)  # [(L,) in, out]
     return v + (config.scaling * delta).astype(dtype)
 
 
 def _dora_scale(v: jax.Array, magnitude: jax.Array, config: LoraConfig) -> jax.Array:
-    """m / ‖V‖_c, float32 [out] (the norm detached if `config.dora_detach_norm`)."""
+    """m / ‖V‖_c, float32 [(L,) out] (the norm detached if `config.dora_detach_norm`)."""
     norm = _column_norm(v)  # [out]
     if config.dora_detach_norm:
         norm = jax.lax.stop_gradient(norm)
@@ -370,9 +396,9 @@ def _dora_scale(v: jax.Array, magnitude: jax.Array, config: LoraConfig) -> jax.A
 
 def _effective_kernel(w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig) -> jax.Array:
     """W + s·A·B (or DoRA's m·V/‖V‖_c) in W's shape and the promoted dtype of (W, A)."""
-    v = _merged_matrix(w, adapter, config)  # [in, out]
+    v = _merged_matrix(w, adapter, config)  # [(L,) in, out]
     if config.dora:
-        v = v * _dora_scale(v, adapter[MAGNITUDE], config).astype(v.dtype)  # [in, out]
+        v = v * _dora_scale(v, adapter[MAGNITUDE], config).astype(v.dtype)[..., None, :]
     return jnp.reshape(v, w.shape)
 
 
@@ -531,7 +557,17 @@ def _dropout_interceptor(config: LoraConfig, rng: jax.Array) -> Callable:
         if LORA_A not in params:
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)  # x·W + b with the frozen kernel
-        key = jax.random.fold_in(rng, next(calls))
+        if STACKED_LAYERS in module.path:
+            # a scanned body is traced once for all L layers: a key from the counter would give
+            # every layer the same masks; the module's "dropout" stream is split per layer
+            if not module.has_rng("dropout"):
+                raise ValueError(
+                    f"LoRA dropout in the stacked layers ({'/'.join(module.path)}) needs the model "
+                    "applied with a dropout rng (forward(..., dropout_rng=key))"
+                )
+            key = jax.random.fold_in(module.make_rng("dropout"), 1)
+        else:
+            key = jax.random.fold_in(rng, next(calls))
         return y + _unmerged_delta(args[0], params, tuple(module.path), config, key).astype(y.dtype)
 
     return interceptor
@@ -599,7 +635,7 @@ def unmerge_lora(
         w = flat[key]
         a, b = adapter[LORA_A], adapter[LORA_B]
         dtype = jnp.result_type(w.dtype, a.dtype)
-        v = jnp.reshape(w, (a.shape[0], b.shape[1])).astype(dtype)
+        v = jnp.reshape(w, (*a.shape[:-1], b.shape[-1])).astype(dtype)
         v = v - (config.scaling * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)).astype(dtype)
         flat[key] = jnp.reshape(v, w.shape).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)

@@ -24,6 +24,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxalign.models.config import RopeScaling, TransformerConfig
+from jaxalign.models.transformer import stack_layers
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -533,7 +534,11 @@ def load_hf_checkpoint(
 
     Args:
       path_or_hub_id: a local directory with config.json + weights, or (online) a hub id.
-      **config_overrides: e.g. `dtype=jnp.bfloat16`, `dropout=0.1`.
+      **config_overrides: e.g. `dtype=jnp.bfloat16`, `dropout=0.1`, `scan_layers=True`.
+
+    Returns:
+      params in the layout the returned config asks for: per layer ("layers_0", ...), or with
+      `scan_layers=True` stacked (params["layers"], leaves [L, ...]; `stack_layers`).
 
     Raises:
       FileNotFoundError: missing directory, config.json or weights.
@@ -548,15 +553,20 @@ def load_hf_checkpoint(
     model_type = hf.get("model_type", "gpt2")
     if model_type == "gpt2":
         config = _config_from_hf(gpt2_config_from_hf, hf, directory, config_overrides)
-        return config, gpt2_params_from_state_dict(load_state_dict(directory), config)
+        return config, _layout(gpt2_params_from_state_dict(load_state_dict(directory), config), config)
     if model_type in _LLAMA_TYPES + _GEMMA_TYPES:
         mapping = llama_config_from_hf if model_type in _LLAMA_TYPES else gemma_config_from_hf
         config = _config_from_hf(mapping, hf, directory, config_overrides)
-        return config, llama_params_from_state_dict(load_state_dict(directory), config)
+        return config, _layout(llama_params_from_state_dict(load_state_dict(directory), config), config)
     raise ValueError(
         f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
         f"(gpt2, {', '.join(_LLAMA_TYPES + _GEMMA_TYPES)})"
     )
+
+
+def _layout(params: dict[str, Any], config: TransformerConfig) -> dict[str, Any]:
+    """Per-layer params as they are, or stacked for a `scan_layers=True` config."""
+    return stack_layers(params, config) if config.scan_layers else params
 
 
 def _config_from_hf(

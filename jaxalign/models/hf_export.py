@@ -33,6 +33,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxalign.models.config import TransformerConfig
+from jaxalign.models.transformer import unstack_layers
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -293,7 +294,8 @@ def export_hf(
     """Writes `config.json` and `model.safetensors` for `transformers.AutoModelForCausalLM`.
 
     Args:
-      params: a plain jaxalign parameter tree (merge LoRA adapters first with `merge_lora`).
+      params: a plain jaxalign parameter tree (merge LoRA adapters first with `merge_lora`), in
+        the layout of `config` (stacked "layers" when `config.scan_layers`).
       config: the model's `TransformerConfig`.
       directory: created if missing; existing files of the same names are overwritten.
       dtype: "float32" or "float16" (safetensors' NumPy writer has no bfloat16; bfloat16 params
@@ -310,6 +312,8 @@ def export_hf(
     if dtype not in _DTYPES:
         raise ValueError(f"export_hf: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     np_dtype = _DTYPES[dtype]
+    if config.scan_layers:  # Hugging Face's layout is per layer
+        params = unstack_layers(params, config)
     if config.family == "gpt2":
         state, hf = gpt2_state_dict(params, config, np_dtype), gpt2_hf_config(config, dtype)
     else:

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.hf import check_finite
+from jaxalign.models.transformer import stack_layers
 
 _HEADER = 7
 
@@ -37,7 +38,8 @@ def load_llama2c(path: str | os.PathLike, **config_overrides: Any) -> tuple[Tran
 
     Args:
       path: the `.bin` file.
-      **config_overrides: e.g. `dtype=jnp.bfloat16`.
+      **config_overrides: e.g. `dtype=jnp.bfloat16`; `scan_layers=True` returns the params
+        stacked (params["layers"], leaves [L, ...]), as that config asks.
 
     Raises:
       FileNotFoundError: no such file.
@@ -107,7 +109,8 @@ def load_llama2c(path: str | os.PathLike, **config_overrides: Any) -> tuple[Tran
         tensors[name] = floats[offset : offset + size].reshape(shape)
         offset += size
     check_finite({k: v for k, v in tensors.items() if not k.startswith("freq_cis")}, path)
-    return config, _params_from_tensors(tensors, config)
+    params = _params_from_tensors(tensors, config)
+    return config, stack_layers(params, config) if config.scan_layers else params
 
 
 def _params_from_tensors(t: dict[str, np.ndarray], config: TransformerConfig) -> dict:

@@ -30,6 +30,10 @@ from jaxalign.models.transformer import (
     init_params,
     logits_from_hidden,
     param_logical_axes,
+    stack_cache,
+    stack_layers,
+    unstack_cache,
+    unstack_layers,
 )
 
 __all__ = [
@@ -62,6 +66,10 @@ __all__ = [
     "param_logical_axes",
     "pool_scores",
     "sequence_scores",
+    "stack_cache",
+    "stack_layers",
     "token_scores",
     "train_flops_per_token",
+    "unstack_cache",
+    "unstack_layers",
 ]

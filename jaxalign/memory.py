@@ -156,7 +156,11 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
       the layers whose MLP down projection (`frozen_down`) / attention output projection
       (`frozen_wo`) has no adapter, and `norms_feeding_frozen`: the block norms whose output
       only frozen kernels read (the final norm always feeds the frozen output head).
+
+    Counted on the unrolled layout (`layers_{i}` modules): a `scan_layers` model's stacked
+    adapters ([L, in, r], `jaxalign.lora`) hold the same values.
     """
+    config = config.replace(scan_layers=False)
     params = _abstract_params(config, param_dtype)
     adapters = jax.eval_shape(lambda p: init_lora(p, lora, jax.random.key(0)), params)
     targeted = targeted_in = targeted_out = rank_sum = 0

@@ -267,3 +267,13 @@ def test_qwen_0_5b_step_temp_with_fused_head_and_full_remat():
     assert temp <= 8e9
     est = estimate_memory(config, batch=b, seq_len=t)
     assert 0.9 < temp / est["temporaries"] < 1.1
+
+
+def test_lora_sizes_of_a_scanned_model_count_its_stacked_adapters():
+    config = get_config("llama-tiny", vocab_size=256, scan_layers=True)
+    lora = LoraConfig(rank=4, targets=("all",), dora=True)
+    adapters = jax.eval_shape(lambda: init_lora(init_params(config, jax.random.key(0)), lora, jax.random.key(1)))
+    assert "layers" in adapters  # stacked [L, ...] adapters
+    sizes = lora_sizes(config, lora)
+    assert sizes["adapters"] == sum(x.size for x in jax.tree.leaves(adapters))
+    assert sizes == lora_sizes(config.replace(scan_layers=False), lora)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jaxalign.models.moe import MoEConfig
+
 Family = Literal["gpt2", "llama", "gemma"]
 LayerType = Literal["full", "sliding"]
 Remat = Literal["none", "dots", "full"]
@@ -118,7 +120,17 @@ class TransformerConfig:
         hardly grows with L, and `remat` acts inside the scanned body, where XLA keeps only the
         saved residuals per layer (on XLA:CPU, remat of unrolled blocks saves no memory).
         Convert parameters with `stack_layers` / `unstack_layers`. Needs identical layers:
-        refused with `layer_types` mixing "full" and "sliding" (Gemma 2/3).
+        refused with `layer_types` mixing "full" and "sliding" (Gemma 2/3), and with MoE and
+        dense layers mixed (`moe_layers`).
+      moe: the Mixture-of-Experts FFN of the MoE layers (`jaxalign.models.moe.MoEConfig`: experts,
+        k, routing family); None = every layer has the dense MLP. An MoE layer's FFN is the
+        `MoE` module mounted as "moe" (params["layers_i"]["moe"], no "mlp"), with no biases,
+        so the "llama" family only (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3's FFN).
+      moe_layers: indices of the MoE layers (sorted, distinct, in [0, n_layers)); the others keep
+        the dense MLP of width `d_ff`. None = every layer is MoE when `moe` is set. The HF forms
+        map onto it: DeepSeek's `first_k_dense_replace` = k gives (k, ..., L-1); Qwen2-MoE's
+        layer l is sparse iff l not in `mlp_only_layers` and (l + 1) % `decoder_sparse_step` == 0
+        (`moe_layers_from_hf`).
     """
 
     family: Family = "gpt2"
@@ -149,6 +161,8 @@ class TransformerConfig:
     remat: Remat = "none"
     attention_impl: AttentionImpl = "xla"
     scan_layers: bool = False
+    moe: MoEConfig | None = None
+    moe_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama", "gemma"):
@@ -189,6 +203,31 @@ class TransformerConfig:
             raise ValueError(
                 "TransformerConfig.scan_layers needs identical layers, but layer_types mixes "
                 f"{sorted(set(self.layer_types))} (per-layer window and RoPE); use scan_layers=False"
+            )
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.moe is None:
+            if self.moe_layers is not None:
+                raise ValueError("TransformerConfig.moe_layers is set but moe is None")
+            return
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"TransformerConfig.moe must be a MoEConfig, got {type(self.moe).__name__}")
+        if self.family != "llama":
+            raise ValueError(f"TransformerConfig.moe needs family 'llama' (SwiGLU experts), got {self.family!r}")
+        if self.moe_layers is not None:
+            layers = self.moe_layers
+            if not isinstance(layers, tuple):
+                raise ValueError("TransformerConfig.moe_layers must be a tuple (the config is hashed)")
+            if not layers or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.n_layers:
+                raise ValueError(
+                    f"TransformerConfig.moe_layers={layers} must be non-empty, sorted, distinct and "
+                    f"in [0, n_layers={self.n_layers})"
+                )
+        if self.scan_layers and len(self.moe_layer_indices) != self.n_layers:
+            raise ValueError(
+                "TransformerConfig.scan_layers needs identical layers, but moe_layers="
+                f"{self.moe_layers} mixes MoE and dense layers; use scan_layers=False"
             )
 
     def _check_layer_types(self) -> None:
@@ -292,6 +331,15 @@ class TransformerConfig:
         """Biases on the attention output and MLP projections (GPT-2 only)."""
         return self.family == "gpt2"
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer`'s FFN is the MoE (else the dense MLP)."""
+        return self.moe is not None and (self.moe_layers is None or layer in self.moe_layers)
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        """The MoE layers in order (() without `moe`): the order of `Transformer`'s router stats."""
+        return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
+
     def replace(self, **changes) -> "TransformerConfig":
         """Returns a copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -376,24 +424,63 @@ def get_config(name: str, **overrides: Any) -> TransformerConfig:
     return TransformerConfig(**{**_PRESETS[name], **overrides})
 
 
-def num_params(config: TransformerConfig, *, embeddings: bool = True) -> int:
+def moe_layers_from_hf(n_layers: int, *, first_k_dense: int = 0, sparse_step: int = 1,
+                       mlp_only_layers: tuple[int, ...] = ()) -> tuple[int, ...] | None:
+    """`TransformerConfig.moe_layers` from the HF forms: DeepSeek's `first_k_dense_replace`
+    (layers < k dense) and Qwen2/3-MoE's `decoder_sparse_step` / `mlp_only_layers` (layer l is
+    sparse iff l not in mlp_only_layers and (l + 1) % step == 0; `Qwen2MoeDecoderLayer`,
+    transformers 5.25). Returns None when every layer is MoE.
+
+    Raises:
+      ValueError: sparse_step < 1, or no layer left sparse.
+    """
+    if sparse_step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {sparse_step}")
+    layers = tuple(
+        i for i in range(n_layers)
+        if i >= first_k_dense and i not in mlp_only_layers and (i + 1) % sparse_step == 0
+    )
+    if not layers:
+        raise ValueError(f"no MoE layer among {n_layers} (first_k_dense={first_k_dense}, "
+                         f"sparse_step={sparse_step}, mlp_only_layers={mlp_only_layers})")
+    return None if len(layers) == n_layers else layers
+
+
+def _ffn_params(config: TransformerConfig, layer: int, active: bool) -> int:
+    """Parameters of `layer`'s FFN: the dense MLP, or the MoE's router [D, E], experts 3·E·D·F
+    (k of them when `active`), shared expert 3·D·Fs, shared gate D and selection bias E (the bias
+    is not a matmul weight: left out of the active count)."""
+    d = config.d_model
+    if not config.is_moe_layer(layer):
+        f = config.ff_dim
+        mlp = (2 if config.mlp == "gelu" else 3) * d * f  # up, down (+ gate for SwiGLU / GeGLU)
+        return mlp + ((f + d) if config.output_biases else 0)
+    m = config.moe
+    experts = m.experts_per_token if active else m.num_experts
+    total = d * m.num_experts + 3 * experts * d * m.moe_d_ff + 3 * d * m.shared_d_ff
+    total += d if m.shared_gate else 0
+    total += m.num_experts if (m.router_bias and not active) else 0
+    return total
+
+
+def num_params(config: TransformerConfig, *, embeddings: bool = True, active: bool = False) -> int:
     """Parameter count of the model `config` describes (tied head counted once).
 
     Args:
       embeddings: include token and position embeddings (set False for the "non-embedding"
         count that Kaplan et al. 2020 use in the 6N FLOPs rule).
+      active: count, in MoE layers, only the parameters one token uses: the router, k of the E
+        routed experts and the shared expert (what its FLOPs scale with); False counts all E.
     """
-    d, f, l = config.d_model, config.ff_dim, config.n_layers
+    d, l = config.d_model, config.n_layers
     h, n, k = config.head_dim, config.n_heads, config.kv_heads
     attn = d * n * h + 2 * d * k * h + n * h * d
     attn += (n * h + 2 * k * h) if config.qkv_biases else 0
     attn += d if config.output_biases else 0  # the attention output's bias
-    mlp = (2 if config.mlp == "gelu" else 3) * d * f  # up, down (+ gate for SwiGLU / GeGLU)
-    mlp += (f + d) if config.output_biases else 0
     per_norm = 2 * d if config.norm == "layernorm" else d  # LayerNorm: scale and bias
     norms, final = (4 if config.sandwich_norms else 2) * per_norm, per_norm  # per block, final
     norms += 2 * h if config.qk_norm else 0
-    total = l * (attn + mlp + norms) + final
+    total = l * (attn + norms) + final + sum(_ffn_params(config, i, active) for i in range(l))
     if embeddings:
         total += config.vocab_size * d
         if config.learned_positions:
@@ -406,10 +493,12 @@ def num_params(config: TransformerConfig, *, embeddings: bool = True) -> int:
 def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6·N + 12·L·T·D (forward + backward), in FLOPs.
 
-    N counts every matmul weight including the output head (V·D); the second term is the attention
-    scores and weighted sum (4·L·T·D forward, times 3 for forward + backward, causal masking not
-    discounted), as in the PaLM paper's MFU definition (Chowdhery et al. 2022, arXiv 2204.02311,
-    App. B: 6N + 12·L·H·Q·T).
+    N counts every matmul weight a token passes through, including the output head (V·D); in MoE
+    layers only the router, the k routed experts a token is sent to and the shared expert
+    (`num_params(active=True)`: counting all E experts would overstate MFU by ~E/k on the FFN).
+    The second term is the attention scores and weighted sum (4·L·T·D forward, times 3 for
+    forward + backward, causal masking not discounted), as in the PaLM paper's MFU definition
+    (Chowdhery et al. 2022, arXiv 2204.02311, App. B: 6N + 12·L·H·Q·T).
     """
-    n_matmul = num_params(config, embeddings=False) + config.vocab_size * config.d_model
+    n_matmul = num_params(config, embeddings=False, active=True) + config.vocab_size * config.d_model
     return 6.0 * n_matmul + 12.0 * config.n_layers * seq_len * config.d_model

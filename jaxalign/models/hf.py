@@ -1,8 +1,8 @@
 """Import Hugging Face `transformers` checkpoints into jaxalign parameter pytrees.
 
 Supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
-`MistralForCausalLM`, `Gemma2ForCausalLM` and `Gemma3ForCausalLM` (model_type "gemma3_text")
-directories holding `config.json` and either `model.safetensors` (possibly sharded with
+`MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` (model_type "gemma3_text"),
+`MixtralForCausalLM`, `Qwen2MoeForCausalLM` and `Qwen3MoeForCausalLM` directories holding `config.json` and either `model.safetensors` (possibly sharded with
 `model.safetensors.index.json`) or `pytorch_model.bin`.
 The `.bin` reader unpickles only tensor storage records (no torch import, no arbitrary code).
 Online users may pass a hub id ("gpt2", "openai-community/gpt2-medium"); it is fetched with
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jaxalign.models.config import RopeScaling, TransformerConfig
+from jaxalign.models.config import RopeScaling, TransformerConfig, moe_layers_from_hf
+from jaxalign.models.moe import MoEConfig
 from jaxalign.models.transformer import stack_layers
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -303,6 +304,7 @@ def gpt2_params_from_state_dict(
 
 _LLAMA_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _GEMMA_TYPES = ("gemma2", "gemma3_text")
+_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 _HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
@@ -505,13 +507,16 @@ def llama_params_from_state_dict(
                 "wv": proj(p + "self_attn.v_proj", k),
                 "wo": {"kernel": get(p + "self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d)},
             },
-            "mlp": {
+        }
+        layer = params[f"layers_{i}"]
+        if config.is_moe_layer(i):
+            layer["moe"] = moe_params_from_state_dict(state, get, p, config)
+        else:
+            layer["mlp"] = {
                 "gate": {"kernel": get(p + "mlp.gate_proj.weight", (f, d)).T},
                 "up": {"kernel": get(p + "mlp.up_proj.weight", (f, d)).T},
                 "down": {"kernel": get(p + "mlp.down_proj.weight", (d, f)).T},
-            },
-        }
-        layer = params[f"layers_{i}"]
+            }
         if config.sandwich_norms:
             layer["ln_2"] = {"scale": get(p + "pre_feedforward_layernorm.weight", (d,))}
             layer["ln_post_attn"] = {"scale": get(p + "post_attention_layernorm.weight", (d,))}
@@ -526,11 +531,112 @@ def llama_params_from_state_dict(
     return params
 
 
+def _moe_prefix(state: Mapping[str, np.ndarray], model_prefix: str, layer_prefix: str) -> str:
+    """The MoE block's name in a layer: Mixtral's on-disk "block_sparse_moe." if present, else
+    "mlp." (v5's in-memory name and Qwen-MoE's; a missing router then raises naming it)."""
+    if f"{model_prefix}{layer_prefix}block_sparse_moe.gate.weight" in state:
+        return layer_prefix + "block_sparse_moe."
+    return layer_prefix + "mlp."
+
+
+def moe_params_from_state_dict(
+    state: Mapping[str, np.ndarray], get, layer_prefix: str, config: TransformerConfig
+) -> dict[str, Any]:
+    """One layer's MoE tensors (HF names) as the `MoE` module's params (see jaxalign/models/moe.py).
+
+    Accepts both expert layouts of transformers 5.25: per expert, as `save_pretrained` writes
+    them (Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2.weight` [F, D], [F, D], [D, F]; Qwen-MoE
+    `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`), and fused, as the v5 modules hold them
+    (`mlp.experts.gate_up_proj` [E, 2F, D] = cat(W1, W3) on dim 1, `mlp.experts.down_proj`
+    [E, D, F]). Router `gate.weight` [E, D]; Qwen2-MoE's `shared_expert.{gate,up,down}_proj` and
+    `shared_expert_gate.weight` [1, D]; DeepSeek's `shared_experts.*` and
+    `gate.e_score_correction_bias` [E].
+
+    Raises:
+      KeyError: a tensor is missing (named); ValueError: a shape disagrees with `config.moe`.
+    """
+    m, d = config.moe, config.d_model
+    e, f = m.num_experts, m.moe_d_ff
+    prefix = "model." if "model.embed_tokens.weight" in state else ""
+    p = _moe_prefix(state, prefix, layer_prefix)
+    full = lambda name, shape: get(p + name, shape)  # noqa: E731
+    out: dict[str, Any] = {"router": {"kernel": full("gate.weight", (e, d)).T.astype(jnp.float32)}}
+    if prefix + p + "experts.gate_up_proj" in state:
+        gate_up = full("experts.gate_up_proj", (e, 2 * f, d))
+        out["gate"] = {"kernel": gate_up[:, :f].transpose(0, 2, 1)}
+        out["up"] = {"kernel": gate_up[:, f:].transpose(0, 2, 1)}
+        out["down"] = {"kernel": full("experts.down_proj", (e, d, f)).transpose(0, 2, 1)}
+    else:
+        names = ("w1", "w3", "w2") if prefix + p + "experts.0.w1.weight" in state else (
+            "gate_proj", "up_proj", "down_proj")
+        stack = lambda n, shape: jnp.stack(  # noqa: E731
+            [full(f"experts.{i}.{n}.weight", shape).T for i in range(e)])
+        out["gate"] = {"kernel": stack(names[0], (f, d))}  # [E,D,F]
+        out["up"] = {"kernel": stack(names[1], (f, d))}
+        out["down"] = {"kernel": stack(names[2], (d, f))}  # [E,F,D]
+    if m.shared_d_ff:
+        fs = m.shared_d_ff
+        sh = "shared_expert." if prefix + p + "shared_expert.gate_proj.weight" in state else "shared_experts."
+        out["shared"] = {
+            "gate": {"kernel": full(sh + "gate_proj.weight", (fs, d)).T},
+            "up": {"kernel": full(sh + "up_proj.weight", (fs, d)).T},
+            "down": {"kernel": full(sh + "down_proj.weight", (d, fs)).T},
+        }
+    if m.shared_gate:
+        out["shared_gate"] = {"kernel": full("shared_expert_gate.weight", (1, d)).T}
+    if m.router_bias:
+        out["bias"] = full("gate.e_score_correction_bias", (e,)).astype(jnp.float32)
+    return out
+
+
+def moe_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
+    """Maps a Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE config dict to a `TransformerConfig`
+    with `moe` set (transformers 5.25 `MixtralConfig`, `Qwen2MoeConfig`, `Qwen3MoeConfig`).
+
+    Mixtral: every layer MoE, E = `num_local_experts`, F = `intermediate_size`, renormalised
+    top-k. Qwen-MoE: F = `moe_intermediate_size`, `norm_topk_prob`, dense layers of width
+    `intermediate_size` where `mlp_only_layers` / `decoder_sparse_step` say (`moe_layers_from_hf`);
+    Qwen2-MoE: q/k/v biases and a sigmoid-gated shared expert; Qwen3-MoE: per-head q/k norms.
+
+    Raises:
+      ValueError: another model_type, activation or RoPE scaling, Qwen's per-layer sliding
+        windows, or a non-zero `router_jitter_noise` (training-time noise not implemented).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in _MOE_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not one of {_MOE_TYPES}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
+    if hf.get("router_jitter_noise") or hf.get("use_sliding_window"):
+        raise ValueError("config.json: router_jitter_noise / use_sliding_window are not supported")
+    theta, scaling = _rope_settings(hf)
+    shape = _decoder_shape(hf, max_positions=4096, tied=False)
+    e, k = hf.get("num_local_experts", hf.get("num_experts")), hf["num_experts_per_tok"]
+    if model_type == "mixtral":
+        moe, layers = MoEConfig.mixtral(num_experts=e, experts_per_token=k, moe_d_ff=hf["intermediate_size"]), None
+    else:
+        shared = hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
+        moe = MoEConfig(num_experts=e, experts_per_token=k, moe_d_ff=hf["moe_intermediate_size"],
+                        shared_d_ff=shared, shared_gate=shared > 0,
+                        norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+        layers = moe_layers_from_hf(shape["n_layers"], sparse_step=hf.get("decoder_sparse_step", 1),
+                                    mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()))
+    return TransformerConfig(
+        family="llama", **shape,
+        qkv_bias=model_type == "qwen2_moe" or bool(hf.get("attention_bias", False)),
+        rope_theta=theta, rope_interleaved=False, rope_scaling=scaling,
+        sliding_window=hf.get("sliding_window") if model_type == "mixtral" else None,
+        head_size=_head_size(hf), qk_norm=model_type == "qwen3_moe",
+        moe=moe, moe_layers=layers, **overrides,
+    )
+
+
 def load_hf_checkpoint(
     path_or_hub_id: str | os.PathLike, **config_overrides: Any
 ) -> tuple[TransformerConfig, dict[str, Any]]:
-    """Loads a Hugging Face GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2 or Gemma 3 (text)
-    checkpoint: returns `(config, params)`.
+    """Loads a Hugging Face GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 (text), Mixtral,
+    Qwen2-MoE or Qwen3-MoE checkpoint: returns `(config, params)` (MoE experts in either the
+    per-expert or the fused layout, `moe_params_from_state_dict`).
 
     Args:
       path_or_hub_id: a local directory with config.json + weights, or (online) a hub id.
@@ -554,13 +660,14 @@ def load_hf_checkpoint(
     if model_type == "gpt2":
         config = _config_from_hf(gpt2_config_from_hf, hf, directory, config_overrides)
         return config, _layout(gpt2_params_from_state_dict(load_state_dict(directory), config), config)
-    if model_type in _LLAMA_TYPES + _GEMMA_TYPES:
-        mapping = llama_config_from_hf if model_type in _LLAMA_TYPES else gemma_config_from_hf
+    if model_type in _LLAMA_TYPES + _GEMMA_TYPES + _MOE_TYPES:
+        mapping = {**dict.fromkeys(_LLAMA_TYPES, llama_config_from_hf), **dict.fromkeys(
+            _GEMMA_TYPES, gemma_config_from_hf), **dict.fromkeys(_MOE_TYPES, moe_config_from_hf)}[model_type]
         config = _config_from_hf(mapping, hf, directory, config_overrides)
         return config, _layout(llama_params_from_state_dict(load_state_dict(directory), config), config)
     raise ValueError(
         f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
-        f"(gpt2, {', '.join(_LLAMA_TYPES + _GEMMA_TYPES)})"
+        f"(gpt2, {', '.join(_LLAMA_TYPES + _GEMMA_TYPES + _MOE_TYPES)})"
     )
 
 

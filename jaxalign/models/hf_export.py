@@ -14,6 +14,9 @@ exporting): writes `config.json` and `model.safetensors` that
   `w.reshape(heads, H/2, 2, in).transpose(0, 2, 1, 3)`, the permutation of Meta's
   `convert_llama_weights_to_hf.py`; attention scores are unchanged because q and k get the same
   permutation. `Qwen3ForCausalLM` when `qk_norm` (per-head q/k norms, no q/k/v biases);
+* `MixtralForCausalLM` / `Qwen2MoeForCausalLM` / `Qwen3MoeForCausalLM` for a config with `moe`
+  (chosen by `qkv_bias` / `qk_norm`; `moe_layers` as Qwen's `mlp_only_layers`), the experts in
+  the per-expert layout `save_pretrained` writes (`moe_state_dict`);
 * `Gemma2ForCausalLM` / `Gemma3ForCausalLM` (model_type "gemma3_text", chosen by `qk_norm`) for
   `family="gemma"`: norm weights as stored (w of x̂·(1 + w)); `ln_post_attn` is HF's
   `post_attention_layernorm`, `ln_2` its `pre_feedforward_layernorm`.
@@ -115,6 +118,8 @@ def _llama_model_type(config: TransformerConfig) -> str:
     Raises:
       ValueError: a combination no HF class of these families has (the message says which).
     """
+    if config.moe is not None:
+        return _moe_model_type(config)
     if config.family == "gemma":
         if config.qkv_bias:
             raise ValueError("export: HF Gemma's attention_bias also biases o_proj; qkv_bias has no class")
@@ -153,7 +158,7 @@ def llama_state_dict(
     }
     for i in range(config.n_layers):
         layer, p = params[f"layers_{i}"], f"model.layers.{i}."
-        attn, mlp = layer["attn"], layer["mlp"]
+        attn = layer["attn"]
         state[p + "input_layernorm.weight"] = _np(layer["ln_1"]["scale"], dtype)
         if config.sandwich_norms:  # Gemma's names: see the module docstring
             state[p + "post_attention_layernorm.weight"] = _np(layer["ln_post_attn"]["scale"], dtype)
@@ -175,11 +180,78 @@ def llama_state_dict(
             if b is not None:
                 state[p + f"self_attn.{name}_proj.bias"] = _np(b, dtype)
         state[p + "self_attn.o_proj.weight"] = _np(linear(attn["wo"]["kernel"], n * h), dtype)  # [D, N·H]
-        for name in ("gate", "up", "down"):
-            state[p + f"mlp.{name}_proj.weight"] = _np(np.asarray(mlp[name]["kernel"]).T, dtype)
+        if config.is_moe_layer(i):
+            state.update(moe_state_dict(layer["moe"], config, p, dtype))
+        else:
+            for name in ("gate", "up", "down"):
+                state[p + f"mlp.{name}_proj.weight"] = _np(np.asarray(layer["mlp"][name]["kernel"]).T, dtype)
     if not config.tie_embeddings:
         state["lm_head.weight"] = _np(np.asarray(params["lm_head"]["kernel"]).T, dtype)  # [V, D]
     return state
+
+
+def moe_state_dict(moe: dict[str, Any], config: TransformerConfig, layer_prefix: str,
+                   dtype=np.float32) -> dict[str, np.ndarray]:
+    """One MoE layer's HF tensors in the per-expert layout `save_pretrained` writes (transformers
+    5.25; `from_pretrained` fuses them): Mixtral `block_sparse_moe.gate.weight` [E, D] and
+    `block_sparse_moe.experts.{e}.w1/w3/w2.weight` [F, D], [F, D], [D, F]; Qwen2/3-MoE
+    `mlp.gate.weight`, `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, Qwen2-MoE's
+    `mlp.shared_expert.{gate,up,down}_proj.weight` and `mlp.shared_expert_gate.weight` [1, D]."""
+    mixtral = _llama_model_type(config) == "mixtral"
+    p = layer_prefix + ("block_sparse_moe." if mixtral else "mlp.")
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    state = {p + "gate.weight": _np(np.asarray(moe["router"]["kernel"]).T, dtype)}
+    for ours, theirs in zip(("gate", "up", "down"), names):
+        kernel = np.asarray(moe[ours]["kernel"])  # [E, in, out]
+        for e in range(kernel.shape[0]):
+            state[p + f"experts.{e}.{theirs}.weight"] = _np(kernel[e].T, dtype)
+    if "shared" in moe:
+        for name in ("gate", "up", "down"):
+            state[p + f"shared_expert.{name}_proj.weight"] = _np(np.asarray(moe["shared"][name]["kernel"]).T, dtype)
+        state[p + "shared_expert_gate.weight"] = _np(np.asarray(moe["shared_gate"]["kernel"]).T, dtype)
+    return state
+
+
+def _moe_model_type(config: TransformerConfig) -> str:
+    """"mixtral", "qwen2_moe" or "qwen3_moe": the HF class that holds an MoE `config` exactly.
+
+    Raises:
+      ValueError: routing or a layer mix none of them has (sigmoid / grouped / biased / scaled
+        routing, a shared expert outside Qwen2-MoE, dense layers in Mixtral, ...).
+    """
+    m = config.moe
+    if m.router != "softmax" or m.n_group > 1 or m.router_bias or m.routed_scale != 1.0:
+        raise ValueError("export: only softmax top-k routing (Mixtral / Qwen-MoE) is exported, "
+                         "not DeepSeek's sigmoid / grouped / biased / scaled routing")
+    if config.qk_norm:
+        if config.qkv_bias or m.shared_d_ff or config.sliding_window is not None:
+            raise ValueError("export: Qwen3-MoE (qk_norm) has no q/k/v biases, shared expert or sliding window")
+        return "qwen3_moe"
+    if config.head_size is not None and config.qkv_bias:
+        raise ValueError("export: Qwen2-MoE needs head_dim = d_model / n_heads")
+    if config.qkv_bias:
+        if not (m.shared_d_ff and m.shared_gate) or config.sliding_window is not None:
+            raise ValueError("export: Qwen2-MoE (qkv_bias) needs a gated shared expert and no sliding window")
+        return "qwen2_moe"
+    if m.shared_d_ff or config.moe_layers is not None or not m.norm_topk_prob:
+        raise ValueError("export: Mixtral has no shared expert, no dense layers and renormalised top-k")
+    return "mixtral"
+
+
+def _moe_fields(config: TransformerConfig, model_type: str) -> dict[str, Any]:
+    """The Mixtral / Qwen2-MoE / Qwen3-MoE config.json fields beyond the Llama ones."""
+    m = config.moe
+    out: dict[str, Any] = {"num_experts_per_tok": m.experts_per_token, "router_jitter_noise": 0.0,
+                           "output_router_logits": False, "router_aux_loss_coef": 0.001}
+    if model_type == "mixtral":
+        return {**out, "num_local_experts": m.num_experts, "intermediate_size": m.moe_d_ff,
+                "sliding_window": config.sliding_window}
+    out.update(num_experts=m.num_experts, moe_intermediate_size=m.moe_d_ff, norm_topk_prob=m.norm_topk_prob,
+               decoder_sparse_step=1, use_sliding_window=False, sliding_window=None,
+               mlp_only_layers=[i for i in range(config.n_layers) if not config.is_moe_layer(i)])
+    if model_type == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=m.shared_d_ff, qkv_bias=True)
+    return out
 
 
 def _rope_dicts(theta: float, scaling) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -202,7 +274,8 @@ def _rope_dicts(theta: float, scaling) -> tuple[dict[str, Any], dict[str, Any] |
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -281,6 +354,8 @@ def llama_hf_config(config: TransformerConfig, torch_dtype: str = "float32") -> 
         out["max_window_layers"] = config.n_layers
     if model_type in ("gemma2", "gemma3_text"):
         out.update(_gemma_fields(config, model_type))
+    if config.moe is not None:
+        out.update(_moe_fields(config, model_type))
     return out
 
 

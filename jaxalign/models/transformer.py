@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.models.config import TransformerConfig
+from jaxalign.models.moe import MoE, RouterStats
 
 Params = dict
 
@@ -450,8 +451,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); Gemma's sandwich
-    norms make these x + ln_post_attn(attn(ln_1(x))) and x + ln_post_mlp(mlp(ln_2(x)))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + ffn(ln_2(x)); Gemma's sandwich
+    norms make these x + ln_post_attn(attn(ln_1(x))) and x + ln_post_mlp(mlp(ln_2(x))).
+
+    The FFN is the dense `MLP` ("mlp"), or in the layers `config.is_moe_layer` marks the routed
+    `MoE` ("moe": a name LoRA's "mlp" preset does not match, so its 3-D expert kernels are never
+    LoRA targets), followed by the same dropout. MoE routing is per token, so cached decoding
+    needs nothing cached for it.
+
+    Returns (x [B, T, D], (the layer's updated (k, v) cache or None, `RouterStats` of an MoE
+    layer or None)); the stats' `expert_load` counts real tokens only (positions >= 0).
+    """
 
     config: TransformerConfig
     layer: int = 0
@@ -471,12 +481,20 @@ class Block(nn.Module):
         if cfg.sandwich_norms:
             attn_out = _norm(cfg, "ln_post_attn")(attn_out)
         x = x + attn_out
-        mlp_out = MLP(cfg, name="mlp")(_norm(cfg, "ln_2")(x), deterministic=deterministic)
+        h = _norm(cfg, "ln_2")(x)  # [B,T,D]
+        stats = None
+        if cfg.is_moe_layer(self.layer):
+            moe = MoE(cfg.moe, dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=0.02,
+                      out_init_std=_residual_std(cfg), name="moe")
+            mlp_out, stats = moe(h, mask=positions >= 0)  # [B,T,D]
+            mlp_out = nn.Dropout(cfg.dropout)(mlp_out, deterministic=deterministic)
+        else:
+            mlp_out = MLP(cfg, name="mlp")(h, deterministic=deterministic)
         if cfg.sandwich_norms:
             mlp_out = _norm(cfg, "ln_post_mlp")(mlp_out)
         x = x + mlp_out
         # the residual stream's batch split, after every block (inside the scan too)
-        return _constrain_batch(x), new_cache  # [B,T,D]
+        return _constrain_batch(x), (new_cache, stats)  # [B,T,D]
 
 
 REMAT_POLICIES = {
@@ -510,7 +528,8 @@ SCAN_NAME = "layers"
 def _scanned_blocks(config: TransformerConfig) -> nn.Module:
     """All L blocks as one `nn.scan` over a (rematerialised) `Block`: the carry is the residual
     stream [B, T, D], the scanned inputs and outputs the layer's cache (k, v) [L, B, S, K, H]
-    (None without a cache); positions, the cache plan, `padded` and `deterministic` are broadcast.
+    (None without a cache), the scanned outputs also the router stats (leaves [L, ...]; None
+    without MoE); positions, the cache plan, `padded` and `deterministic` are broadcast.
     Parameters are created stacked (axis 0, logical name "layers"), with per-layer init and
     dropout keys."""
     scan = nn.scan(
@@ -593,11 +612,15 @@ class Transformer(nn.Module):
         the new tokens' keys and values are written to it.
       deterministic: False enables dropout; `apply` then needs `rngs={"dropout": key}`.
       return_hidden: return the final normalised hidden states [B, T, D] instead of logits.
+      return_router_stats: also return the router statistics of the MoE layers.
 
     Returns:
       (logits [B, T, V] in `config.dtype` (or hidden states [B, T, D]), the updated cache or None;
       its keys/values stacked [L, B, S, K, H] with `config.scan_layers`, else tuples, whatever
-      layout came in).
+      layout came in), and with `return_router_stats` a third element: a tuple of
+      `jaxalign.models.moe.RouterStats`, one per MoE layer in `config.moe_layer_indices` order
+      (router_logits float32 [B, T, E], expert_ids int32 [B, T, k], weights float32 [B, T, k],
+      expert_load int32 [E] over real tokens); () for a dense model.
 
     With `config.scan_layers` the blocks run as one `nn.scan` (parameters under "layers", each
     leaf [L, ...]; see `stack_layers`), `config.remat` applying inside the scanned body.
@@ -649,7 +672,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
-    ) -> tuple[jax.Array, KVCache | None]:
+        return_router_stats: bool = False,
+    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, tuple[RouterStats, ...]]:
         cfg = self.config
         chex.assert_rank(tokens, 2)
         b, t = tokens.shape
@@ -680,20 +704,7 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(jnp.maximum(positions, 0))
         x = self.drop(x, deterministic=deterministic)
         x = _constrain_batch(x)
-        if cfg.scan_layers:
-            stacked = None if cache is None else stack_cache(cache)
-            layer_caches = None if cache is None else (stacked.keys, stacked.values)  # [L,B,S,K,H]
-            x, updated = self.layers(x, positions, layer_caches, plan, padded, deterministic)
-            new_keys, new_values = (None, None) if cache is None else updated
-        else:
-            new_keys, new_values = [], []
-            for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-                x, updated = layer(x, positions, layer_cache, plan, padded, deterministic)  # [B,T,D]
-                if updated is not None:
-                    new_keys.append(updated[0])
-                    new_values.append(updated[1])
-            new_keys, new_values = tuple(new_keys), tuple(new_values)
+        x, new_keys, new_values, stats = self._run_layers(x, positions, cache, plan, padded, deterministic)
         x = self.ln_f(x)  # [B,T,D]
         new_cache = None
         if cache is not None:
@@ -701,7 +712,32 @@ class Transformer(nn.Module):
                 keys=new_keys, values=new_values, positions=plan.new_positions,
                 length=cache.length + t,
             )
-        return (x if return_hidden else self.logits_from_hidden(x)), new_cache
+        out = x if return_hidden else self.logits_from_hidden(x)
+        return (out, new_cache, stats) if return_router_stats else (out, new_cache)
+
+    def _run_layers(self, x, positions, cache, plan, padded, deterministic):
+        """The L blocks: (x [B,T,D], new keys, new values (None without a cache), tuple of the
+        MoE layers' `RouterStats` in layer order)."""
+        cfg = self.config
+        if cfg.scan_layers:
+            stacked = None if cache is None else stack_cache(cache)
+            layer_caches = None if cache is None else (stacked.keys, stacked.values)  # [L,B,S,K,H]
+            x, (updated, stacked_stats) = self.layers(x, positions, layer_caches, plan, padded, deterministic)
+            new_keys, new_values = (None, None) if cache is None else updated
+            stats = () if stacked_stats is None else tuple(
+                jax.tree.map(lambda a, i=i: a[i], stacked_stats) for i in range(cfg.n_layers)
+            )
+            return x, new_keys, new_values, stats
+        new_keys, new_values, stats = [], [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (updated, layer_stats) = layer(x, positions, layer_cache, plan, padded, deterministic)
+            if updated is not None:
+                new_keys.append(updated[0])
+                new_values.append(updated[1])
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return x, tuple(new_keys), tuple(new_values), tuple(stats)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """Output head: hidden [..., D] -> logits [..., V] (tied: hidden @ embeddingᵀ), soft-capped
@@ -747,7 +783,8 @@ def forward(
     *,
     dropout_rng: jax.Array | None = None,
     return_hidden: bool = False,
-) -> jax.Array:
+    return_router_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, tuple[RouterStats, ...]]:
     """Pure forward pass without a cache: logits [B, T, V] (in `config.dtype`) for tokens [B, T].
 
     Args:
@@ -757,20 +794,24 @@ def forward(
       positions: optional int32 [B, T] absolute positions, -1 on (left) padding.
       dropout_rng: a key enables dropout (training); None runs deterministically.
       return_hidden: return final hidden states [B, T, D] instead of logits.
+      return_router_stats: return (logits, router stats): a tuple of `RouterStats`, one per MoE
+        layer in order (() for a dense model; see `Transformer`), e.g. for
+        `jaxalign.losses.moe.load_balancing_loss(tuple(s.router_logits for s in stats), ...)`.
 
     Raises:
       ValueError: T exceeds `config.max_seq_len`.
     """
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    out, _ = Transformer(config).apply(
+    out = Transformer(config).apply(
         {"params": params},
         tokens,
         positions,
         deterministic=dropout_rng is None,
         return_hidden=return_hidden,
+        return_router_stats=return_router_stats,
         rngs=rngs,
     )
-    return out
+    return (out[0], out[2]) if return_router_stats else out[0]
 
 
 def forward_with_cache(

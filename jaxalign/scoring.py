@@ -104,7 +104,8 @@ def next_token_stats(
     uniform_ce: bool = False,
     entropy: bool = False,
     argmax: bool = False,
-) -> HeadStats:
+    return_router_stats: bool = False,
+) -> HeadStats | tuple[HeadStats, tuple]:
     """Teacher-forced statistics of tokens[:, 1:] given tokens[:, :-1] (the SFT, DPO and KTO
     objective's pass over right-padded [B, T] rows): one forward pass to hidden states, then
     `label_stats`.
@@ -114,15 +115,21 @@ def next_token_stats(
       tokens: int32 [B, T].
       dropout_rng: enables dropout.
       head_chunk, uniform_ce, entropy, argmax: as in `label_stats`.
+      return_router_stats: also return the MoE layers' router statistics of the same pass (a
+        tuple of `jaxalign.models.moe.RouterStats` over [B, T-1], one per MoE layer; () for a
+        dense model), for the auxiliary losses.
 
     Returns:
-      `HeadStats` of [B, T-1]: entry t is about token t+1.
+      `HeadStats` of [B, T-1]: entry t is about token t+1; with `return_router_stats`,
+      (HeadStats, router stats).
     """
-    hidden = forward(params, config, tokens[:, :-1], dropout_rng=dropout_rng, return_hidden=True)  # [B,T-1,D]
-    return label_stats(
+    hidden, router = forward(params, config, tokens[:, :-1], dropout_rng=dropout_rng, return_hidden=True,
+                             return_router_stats=True)  # [B,T-1,D]
+    stats = label_stats(
         params, config, hidden, tokens[:, 1:], head_chunk=head_chunk, uniform_ce=uniform_ce,
         entropy=entropy, argmax=argmax,
     )
+    return (stats, router) if return_router_stats else stats
 
 
 def row_logps(

@@ -5,15 +5,43 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxalign.logprobs import HEAD_CHUNK_TOKENS
 from jaxalign.lora import LoraConfig
+from jaxalign.losses.moe import load_balancing_loss
 from jaxalign.losses.sft import sft_token_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.prefix import PrefixConfig
 from jaxalign.scoring import next_token_stats
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
+
+# Mixtral's and Qwen-MoE's `router_aux_loss_coef` (transformers 5.25 MixtralConfig / Qwen2MoeConfig).
+ROUTER_AUX_LOSS_COEF = 0.001
+
+
+def router_aux_loss(router_stats, target_mask: jax.Array) -> jax.Array:
+    """The load-balancing loss (`jaxalign.losses.moe.load_balancing_loss`, HF's Mixtral form,
+    pooled over the MoE layers) of one teacher-forced pass over right-padded rows.
+
+    The tokens that count are those HF's `attention_mask` would mark real: every input position up
+    to the row's last counted target, prompt included (position t counts iff some
+    target_mask[:, s] with s >= t is nonzero); trailing padding and filler rows do not. The
+    experts are the ones each token was actually routed to (`RouterStats.expert_ids`; for a
+    softmax router without a selection bias these are HF's top-k of the probabilities).
+
+    Args:
+      router_stats: non-empty tuple of `RouterStats` over [B, T-1] (`next_token_stats`).
+      target_mask: [B, T-1], nonzero where the target token tokens[:, t+1] counts.
+
+    Returns:
+      float32 scalar (k at perfectly uniform routing); 0 when no token counts.
+    """
+    real = jnp.cumsum((target_mask != 0)[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1] > 0  # [B,T-1]
+    logits = tuple(s.router_logits for s in router_stats)  # L × [B,T-1,E]
+    ids = jnp.stack([s.expert_ids for s in router_stats])  # [L,B,T-1,k]
+    return load_balancing_loss(logits, expert_ids=ids, mask=real)[0]
 
 
 def sft_batch_loss(
@@ -24,6 +52,7 @@ def sft_batch_loss(
     *,
     label_smoothing: float = 0.0,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
 ) -> tuple[jax.Array, Metrics]:
     """Next-token loss of the model on a collated SFT batch.
 
@@ -31,6 +60,12 @@ def sft_batch_loss(
     label smoothing's uniform term and the argmax for `token_accuracy` come out of one chunked
     pass, and no [B, T, V] logits are held; `head_chunk=None` runs the unfused reference
     (the full logits, then the same statistics), equal in value and gradient.
+
+    For an MoE model (`config.moe`) the loss is CE + `router_aux_loss_coef`·L_aux, L_aux the
+    load-balancing loss of the same pass (`router_aux_loss`; transformers' MixtralForCausalLM:
+    `loss + router_aux_loss_coef * aux_loss`); metrics["aux_loss"] logs L_aux whatever the
+    coefficient, and metrics["loss"] / "loss_sum" stay the CE. L_aux is a batch statistic, not a
+    token sum: under gradient accumulation each micro-batch contributes its own.
 
     Args:
       params: model parameters.
@@ -40,19 +75,32 @@ def sft_batch_loss(
       dropout_rng: key enabling dropout, or None.
       label_smoothing: ε of `sft_loss`.
       head_chunk: tokens per chunk of the fused head (`jaxalign.logprobs.head_stats`).
+      router_aux_loss_coef: weight of L_aux (Mixtral / Qwen-MoE default 0.001); 0 disables the
+        term (still logged). Ignored for dense models.
 
     Returns:
-      `sft_loss`'s (loss, metrics).
+      `sft_loss`'s (loss, metrics), plus `aux_loss` for an MoE model.
+
+    Raises:
+      ValueError: router_aux_loss_coef < 0.
     """
+    if router_aux_loss_coef < 0:
+        raise ValueError(f"router_aux_loss_coef must be >= 0, got {router_aux_loss_coef}")
     tokens = batch["tokens"]
-    stats = next_token_stats(
+    stats, router = next_token_stats(
         params, config, tokens, dropout_rng=dropout_rng, head_chunk=head_chunk,
-        uniform_ce=bool(label_smoothing), argmax=True,
+        uniform_ce=bool(label_smoothing), argmax=True, return_router_stats=True,
     )  # [B,T-1] each
-    return sft_token_loss(
+    loss, metrics = sft_token_loss(
         stats.logps, batch["mask"][:, 1:], label_smoothing=label_smoothing,
         uniform_ce=stats.uniform_ce, correct=stats.argmax == tokens[:, 1:],
     )
+    if router:
+        aux = router_aux_loss(router, batch["mask"][:, 1:])
+        metrics = {**metrics, "aux_loss": aux}
+        if router_aux_loss_coef:
+            loss = loss + router_aux_loss_coef * aux
+    return loss, metrics
 
 
 def make_sft_step(
@@ -62,6 +110,7 @@ def make_sft_step(
     *,
     label_smoothing: float = 0.0,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
     dropout: bool = True,
     lora: LoraConfig | None = None,
     prefix: PrefixConfig | None = None,
@@ -77,11 +126,19 @@ def make_sft_step(
     accumulation is the optimizer's (`OptimConfig.grad_accum_steps`).
     `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
     instead, the way `lora` trains adapters (`make_train_step`).
+    For an MoE config the loss adds `router_aux_loss_coef`·L_aux (0.001, Mixtral's default; 0
+    disables) and the metrics add `aux_loss` (`sft_batch_loss`).
+
+    Raises:
+      ValueError: router_aux_loss_coef < 0.
     """
+    if router_aux_loss_coef < 0:
+        raise ValueError(f"router_aux_loss_coef must be >= 0, got {router_aux_loss_coef}")
 
     def loss_fn(params, batch, dropout_rng):
         return sft_batch_loss(
-            params, config, batch, dropout_rng, label_smoothing=label_smoothing, head_chunk=head_chunk
+            params, config, batch, dropout_rng, label_smoothing=label_smoothing, head_chunk=head_chunk,
+            router_aux_loss_coef=router_aux_loss_coef,
         )
 
     return make_train_step(

@@ -22,6 +22,9 @@ from jaxalign.models.hf import load_hf_checkpoint
 from jaxalign.models.hf_export import export_hf
 from jaxalign.models.moe import MoEConfig
 from jaxalign.models.transformer import forward, init_params, stack_layers
+from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.trainers.sft import make_sft_step, sft_batch_loss
+from jaxalign.trainers.step import create_train_state
 from tests._tolerance import ulps
 
 V = 97
@@ -318,3 +321,50 @@ def test_export_refuses_what_no_hf_moe_class_holds(tmp_path):
                 base.replace(moe=dataclasses.replace(MOE, norm_topk_prob=False))):
         with pytest.raises(ValueError, match="export"):
             export_hf(init_params(bad, jax.random.key(0)), bad, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT with the router's auxiliary loss
+
+
+def sft_batch():
+    rng = np.random.RandomState(7)
+    tokens = jnp.asarray(rng.randint(0, V, (3, 10)), jnp.int32)
+    mask = np.zeros((3, 10), np.float32)
+    mask[0, 4:] = 1  # prompt 0..3, completion to the end
+    mask[1, 3:7] = 1  # then 3 padding tokens
+    return {"tokens": tokens, "mask": jnp.asarray(mask)}  # row 2: a filler row
+
+
+def test_sft_loss_adds_router_aux_loss(model):
+    config, params = model
+    batch = sft_batch()
+    ce, m0 = sft_batch_loss(params, config, batch, router_aux_loss_coef=0.0)
+    total, m = sft_batch_loss(params, config, batch, router_aux_loss_coef=0.5)
+    assert float(m0["loss"]) == float(ce) == float(m["loss"])  # "loss" stays the CE
+    # independently: HF's attention mask of these rows (real up to the last completion token)
+    real = np.zeros((3, 9), bool)
+    real[0, :] = True
+    real[1, :6] = True  # inputs 0..5 predict tokens 1..6; token 6 is the last completion token
+    _, stats = forward(params, config, batch["tokens"][:, :-1], return_router_stats=True)
+    aux, _ = load_balancing_loss(tuple(s.router_logits for s in stats), top_k=2, mask=jnp.asarray(real))
+    assert float(m["aux_loss"]) == float(m0["aux_loss"])
+    np.testing.assert_allclose(float(m["aux_loss"]), float(aux), rtol=ulps(16))  # the same sums, another jit
+    np.testing.assert_allclose(float(total), float(ce) + 0.5 * float(aux), rtol=ulps(16))
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        sft_batch_loss(params, config, batch, router_aux_loss_coef=-1.0)
+    dense = get_config("llama-tiny", vocab_size=V)
+    assert "aux_loss" not in sft_batch_loss(init_params(dense, jax.random.key(0)), dense, batch)[1]
+
+
+def test_router_gets_gradient_from_aux_loss_and_sft_step_logs_it(model):
+    config, params = model
+    batch = sft_batch()
+    grad = lambda c: jax.grad(lambda p: sft_batch_loss(p, config, batch, router_aux_loss_coef=c)[0])(params)  # noqa: E731
+    g0, g1 = grad(0.0), grad(1.0)
+    router = lambda g: np.asarray(g["layers_1"]["moe"]["router"]["kernel"])  # noqa: E731
+    assert np.abs(router(g1) - router(g0)).max() > 1e-4
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=4))
+    step = make_sft_step(config, tx, schedule)
+    state, metrics = step(create_train_state(jax.tree.map(jnp.copy, params), tx, 0), batch)
+    assert np.isfinite(float(metrics["aux_loss"])) and float(metrics["aux_loss"]) >= 2.0 - 1e-5  # >= k

@@ -403,6 +403,31 @@ _PRESETS: dict[str, dict[str, Any]] = {
         sliding_window=4, rope_theta=1000000.0, rope_local_theta=10000.0,
         layer_types=("sliding", "sliding", "full"),
     ),
+    # MoE: Mixtral-8x7B and Qwen1.5-MoE-A2.7B at the transformers 5.25 `MixtralConfig` /
+    # `Qwen2MoeConfig` class defaults (Qwen's released config.json sets rope_theta 1e6: load the
+    # checkpoint for that), and CPU test shapes of the three MoE families (Qwen: layer 1 dense).
+    "mixtral-8x7b": dict(
+        family="llama", vocab_size=32000, max_seq_len=131072, d_model=4096, n_layers=32, n_heads=32,
+        n_kv_heads=8, d_ff=14336, rope_theta=1000000.0, tie_embeddings=False, moe=MoEConfig.mixtral(),
+    ),
+    "qwen1.5-moe-a2.7b": dict(
+        family="llama", vocab_size=151936, max_seq_len=32768, d_model=2048, n_layers=24, n_heads=16,
+        d_ff=5632, norm_eps=1e-6, qkv_bias=True, tie_embeddings=False, moe=MoEConfig.qwen2_moe(),
+    ),
+    "mixtral-tiny": dict(
+        family="llama", max_seq_len=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+        rope_theta=1000000.0, moe=MoEConfig.mixtral(num_experts=4, moe_d_ff=64),
+    ),
+    "qwen2-moe-tiny": dict(
+        family="llama", max_seq_len=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=128,
+        norm_eps=1e-6, qkv_bias=True, moe_layers=(0, 2),
+        moe=MoEConfig.qwen2_moe(num_experts=8, experts_per_token=2, moe_d_ff=32, shared_d_ff=64),
+    ),
+    "qwen3-moe-tiny": dict(
+        family="llama", max_seq_len=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_size=32,
+        d_ff=128, norm_eps=1e-6, qk_norm=True, rope_theta=1000000.0, moe_layers=(0, 2),
+        moe=MoEConfig.qwen3_moe(num_experts=8, experts_per_token=2, moe_d_ff=32),
+    ),
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
@@ -412,9 +437,10 @@ def get_config(name: str, **overrides: Any) -> TransformerConfig:
     """Returns the named preset, with `overrides` (e.g. vocab_size=257, dtype=jnp.bfloat16).
 
     Presets: gpt2 (124M), gpt2-medium (355M), gpt2-large (774M), gpt2-xl (1.5B); the CPU-sized
-    gpt2-tiny, gpt2-mini, gpt2-small-cpu, llama-tiny, qwen3-tiny, gemma2-tiny, gemma3-tiny;
-    stories260K (llama2.c TinyStories); and the shapes of llama-3.2-1b, qwen2.5-0.5b, qwen3-0.6b
-    and gemma-3-1b.
+    gpt2-tiny, gpt2-mini, gpt2-small-cpu, llama-tiny, qwen3-tiny, gemma2-tiny, gemma3-tiny and
+    the MoE mixtral-tiny, qwen2-moe-tiny, qwen3-moe-tiny; stories260K (llama2.c TinyStories); and
+    the shapes of llama-3.2-1b, qwen2.5-0.5b, qwen3-0.6b, gemma-3-1b, mixtral-8x7b and
+    qwen1.5-moe-a2.7b.
 
     Raises:
       ValueError: unknown preset name (the message lists the known ones).

@@ -467,8 +467,9 @@ class Block(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, plan, padded: bool, deterministic: bool):
-        # positional, so that nn.remat can mark `padded` and `deterministic` static (argnums 5, 6)
+    def __call__(self, x, positions, layer_cache, plan, padded: bool, deterministic: bool, routing=None):
+        # positional, so that nn.remat can mark `padded` and `deterministic` static (argnums 5, 6);
+        # `routing`: int [B, T, k] expert ids to replay in an MoE layer (None: the router's choice)
         cfg = self.config
         attn_out, new_cache = Attention(cfg, self.layer, name="attn")(
             _norm(cfg, "ln_1")(x),
@@ -486,7 +487,7 @@ class Block(nn.Module):
         if cfg.is_moe_layer(self.layer):
             moe = MoE(cfg.moe, dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=0.02,
                       out_init_std=_residual_std(cfg), name="moe")
-            mlp_out, stats = moe(h, mask=positions >= 0)  # [B,T,D]
+            mlp_out, stats = moe(h, routing=routing, mask=positions >= 0)  # [B,T,D]
             mlp_out = nn.Dropout(cfg.dropout)(mlp_out, deterministic=deterministic)
         else:
             mlp_out = MLP(cfg, name="mlp")(h, deterministic=deterministic)
@@ -536,7 +537,7 @@ def _scanned_blocks(config: TransformerConfig) -> nn.Module:
         _remat_block(config.remat, prevent_cse=False),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=config.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -613,6 +614,11 @@ class Transformer(nn.Module):
       deterministic: False enables dropout; `apply` then needs `rngs={"dropout": key}`.
       return_hidden: return the final normalised hidden states [B, T, D] instead of logits.
       return_router_stats: also return the router statistics of the MoE layers.
+      routing: Routing Replay (R3, arXiv 2510.11370): a tuple of int [B, T, k] expert ids, one per
+        MoE layer in `config.moe_layer_indices` order (e.g. a rollout's `RouterStats.expert_ids`),
+        used instead of the routers' own choice; the gate weights are recomputed from the live
+        router logits at those ids (`jaxalign.models.moe.gate_weights`), so the routers still get
+        gradients. None: every MoE layer routes itself.
 
     Returns:
       (logits [B, T, V] in `config.dtype` (or hidden states [B, T, D]), the updated cache or None;
@@ -626,7 +632,9 @@ class Transformer(nn.Module):
     leaf [L, ...]; see `stack_layers`), `config.remat` applying inside the scanned body.
 
     Raises:
-      ValueError: T > config.max_seq_len, or T > the cache size for a cache without a window.
+      ValueError: T > config.max_seq_len, T > the cache size for a cache without a window, or
+        `routing` not one array per MoE layer.
+      AssertionError: (chex) a routing array not [B, T, k].
     """
 
     config: TransformerConfig
@@ -673,6 +681,7 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         return_hidden: bool = False,
         return_router_stats: bool = False,
+        routing: tuple[jax.Array, ...] | None = None,
     ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, tuple[RouterStats, ...]]:
         cfg = self.config
         chex.assert_rank(tokens, 2)
@@ -704,7 +713,8 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(jnp.maximum(positions, 0))
         x = self.drop(x, deterministic=deterministic)
         x = _constrain_batch(x)
-        x, new_keys, new_values, stats = self._run_layers(x, positions, cache, plan, padded, deterministic)
+        x, new_keys, new_values, stats = self._run_layers(x, positions, cache, plan, padded, deterministic,
+                                                          self._check_routing(routing, b, t))
         x = self.ln_f(x)  # [B,T,D]
         new_cache = None
         if cache is not None:
@@ -715,14 +725,33 @@ class Transformer(nn.Module):
         out = x if return_hidden else self.logits_from_hidden(x)
         return (out, new_cache, stats) if return_router_stats else (out, new_cache)
 
-    def _run_layers(self, x, positions, cache, plan, padded, deterministic):
+    def _check_routing(self, routing, b: int, t: int):
+        """`routing` as a tuple with one int32 [B, T, k] per layer (None on dense layers), or None.
+
+        Raises:
+          ValueError: routing for a model without MoE layers, or not one array per MoE layer.
+        """
+        if routing is None:
+            return None
+        cfg = self.config
+        moe_layers = cfg.moe_layer_indices
+        if not moe_layers or len(routing) != len(moe_layers):
+            raise ValueError(f"routing: {len(routing)} arrays for the {len(moe_layers)} MoE layers {moe_layers}")
+        for r in routing:
+            chex.assert_shape(r, (b, t, cfg.moe.experts_per_token))
+        per_layer = dict(zip(moe_layers, routing))
+        return tuple(per_layer.get(i) for i in range(cfg.n_layers))
+
+    def _run_layers(self, x, positions, cache, plan, padded, deterministic, routing):
         """The L blocks: (x [B,T,D], new keys, new values (None without a cache), tuple of the
         MoE layers' `RouterStats` in layer order)."""
         cfg = self.config
         if cfg.scan_layers:
             stacked = None if cache is None else stack_cache(cache)
             layer_caches = None if cache is None else (stacked.keys, stacked.values)  # [L,B,S,K,H]
-            x, (updated, stacked_stats) = self.layers(x, positions, layer_caches, plan, padded, deterministic)
+            routes = None if routing is None else jnp.stack(routing)  # [L,B,T,k] (every layer MoE)
+            x, (updated, stacked_stats) = self.layers(x, positions, layer_caches, plan, padded, deterministic,
+                                                      routes)
             new_keys, new_values = (None, None) if cache is None else updated
             stats = () if stacked_stats is None else tuple(
                 jax.tree.map(lambda a, i=i: a[i], stacked_stats) for i in range(cfg.n_layers)
@@ -731,7 +760,8 @@ class Transformer(nn.Module):
         new_keys, new_values, stats = [], [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (updated, layer_stats) = layer(x, positions, layer_cache, plan, padded, deterministic)
+            route = None if routing is None else routing[i]
+            x, (updated, layer_stats) = layer(x, positions, layer_cache, plan, padded, deterministic, route)
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])
@@ -784,6 +814,7 @@ def forward(
     dropout_rng: jax.Array | None = None,
     return_hidden: bool = False,
     return_router_stats: bool = False,
+    routing: tuple[jax.Array, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[RouterStats, ...]]:
     """Pure forward pass without a cache: logits [B, T, V] (in `config.dtype`) for tokens [B, T].
 
@@ -797,9 +828,10 @@ def forward(
       return_router_stats: return (logits, router stats): a tuple of `RouterStats`, one per MoE
         layer in order (() for a dense model; see `Transformer`), e.g. for
         `jaxalign.losses.moe.load_balancing_loss(tuple(s.router_logits for s in stats), ...)`.
+      routing: expert ids to replay, one int [B, T, k] per MoE layer (see `Transformer`).
 
     Raises:
-      ValueError: T exceeds `config.max_seq_len`.
+      ValueError: T exceeds `config.max_seq_len`; routing not one array per MoE layer.
     """
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     out = Transformer(config).apply(
@@ -809,6 +841,7 @@ def forward(
         deterministic=dropout_rng is None,
         return_hidden=return_hidden,
         return_router_stats=return_router_stats,
+        routing=routing,
         rngs=rngs,
     )
     return (out[0], out[2]) if return_router_stats else out[0]

@@ -368,3 +368,47 @@ def test_router_gets_gradient_from_aux_loss_and_sft_step_logs_it(model):
     step = make_sft_step(config, tx, schedule)
     state, metrics = step(create_train_state(jax.tree.map(jnp.copy, params), tx, 0), batch)
     assert np.isfinite(float(metrics["aux_loss"])) and float(metrics["aux_loss"]) >= 2.0 - 1e-5  # >= k
+
+
+# ---------------------------------------------------------------------------------------------
+# routing replay through the model
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_routing_replay(scan):
+    config = get_config("llama-tiny", vocab_size=V, max_seq_len=64, moe=MOE, scan_layers=scan, remat="full")
+    unrolled = config.replace(scan_layers=False, remat="none")
+    params = jax.tree.map(lambda x: x * 4, init_params(unrolled, jax.random.key(4)))
+    if scan:
+        params = stack_layers(params, unrolled)
+    tokens = jnp.asarray(np.random.RandomState(6).randint(0, V, (2, 8)))
+    logits, stats = forward(params, config, tokens, return_router_stats=True)
+    own = tuple(s.expert_ids for s in stats)
+    replayed, rstats = forward(params, config, tokens, return_router_stats=True, routing=own)
+    np.testing.assert_array_equal(replayed, logits)  # the same ids and weights: the same program values
+    other = tuple((ids + 1) % MOE.num_experts for ids in own)  # every token sent elsewhere
+    moved, mstats = forward(params, config, tokens, return_router_stats=True, routing=other)
+    for s, ids in zip(mstats, other):
+        np.testing.assert_array_equal(s.expert_ids, ids)
+    assert np.all(np.any(np.asarray(moved) != np.asarray(logits), axis=-1))
+    # the routers still get gradients under replay (weights from the live logits)
+    g = jax.grad(lambda p: jnp.sum(forward(p, config, tokens, routing=other) ** 2))(params)
+    kernel = g["layers"]["moe"]["router"]["kernel"] if scan else g["layers_1"]["moe"]["router"]["kernel"]
+    assert np.abs(np.asarray(kernel)).max() > 0
+    with pytest.raises(ValueError, match="routing"):
+        forward(params, config, tokens, routing=own[:1])
+
+
+def test_moe_presets():
+    # Mixtral-8x7B: 46,702,792,704 parameters (the HF checkpoint's count; the paper's "47B total,
+    # 13B active"); Qwen1.5-MoE-A2.7B: "14.3B total, 2.7B activated" (Qwen's release notes)
+    mixtral = get_config("mixtral-8x7b")
+    assert num_params(mixtral) == 46_702_792_704
+    assert round(num_params(mixtral, active=True) / 1e9, 1) == 12.9
+    qwen = get_config("qwen1.5-moe-a2.7b")
+    assert round(num_params(qwen) / 1e9, 1) == 14.3 and round(num_params(qwen, active=True) / 1e9, 1) == 2.7
+    for name in ("mixtral-tiny", "qwen2-moe-tiny", "qwen3-moe-tiny"):
+        config = get_config(name, vocab_size=V)
+        params = init_params(config, jax.random.key(0))
+        assert num_params(config) == sum(x.size for x in jax.tree.leaves(params)), name
+        assert np.all(np.isfinite(forward(params, config, jnp.ones((1, 4), jnp.int32))))

@@ -32,7 +32,7 @@ Every figure is measured in this run and every ratio is against a baseline measu
 One line per figure with its target from issue 17 and PASS/BELOW. `--quick` runs the same code on
 tiny shapes in seconds (the targets then mean nothing; the test suite uses it).
 
-    python -m benchmarks.speed_cpu            # about 5 minutes on 2 idle CPU cores
+    python -m benchmarks.speed_cpu            # about 2.5-3 minutes on 2 CPU cores (lightly loaded)
     python -m benchmarks.speed_cpu --quick    # smoke run, seconds
 """
 

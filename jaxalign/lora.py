@@ -139,7 +139,8 @@ class LoraConfig:
       targets: presets ("attention" = wq/wk/wv/wo, "mlp" = up/gate/down, "all" = both, "qv")
         and/or regular expressions, each `re.search`ed in the '/'-joined path of every leaf named
         "kernel" (e.g. "attn/wq" matches "layers_0/attn/wq/kernel"). Each must match at least one
-        kernel of the params it is applied to.
+        kernel of the params it is applied to. The routed experts of an MoE layer
+        ("moe/gate|up|down/kernel", [E, D, F]) are never targets; its router and shared expert are.
       dropout: rate of dropout on the adapter input while training (PEFT's `lora_dropout`; the
         LoRA paper's GPT-2 runs use 0.1, Table 11). 0 keeps the weight-space path; see the module
         docstring for how a rate > 0 is applied.
@@ -249,10 +250,18 @@ def lora_targets(params: Params, config: LoraConfig) -> list[str]:
     return sorted(_path_str(path[:-1]) for path in _target_kernels(params, config))
 
 
+# The routed experts of an MoE layer (`jaxalign.models.moe.MoE`): kernels [E, D, F] / [E, F, D]
+# ([L, E, ...] stacked) that are E matrices, not one; LoRA's matrix view does not fit them, so
+# no pattern selects them (the router and the shared expert, 2-D, stay targetable).
+_EXPERT_KERNEL = re.compile(r"(^|/)moe/(gate|up|down)/kernel$")
+
+
 def _target_kernels(params: Params, config: LoraConfig) -> set[tuple[str, ...]]:
-    """Paths (ending in "kernel") of the kernels `config.targets` matches; see `lora_targets`."""
+    """Paths (ending in "kernel") of the kernels `config.targets` matches; see `lora_targets`.
+    MoE expert kernels (`_EXPERT_KERNEL`) are never matched."""
     kernels = [
-        path for path in traverse_util.flatten_dict(params) if path and path[-1] == "kernel"
+        path for path in traverse_util.flatten_dict(params)
+        if path and path[-1] == "kernel" and not _EXPERT_KERNEL.search(_path_str(path))
     ]
     names = {path: _path_str(path) for path in kernels}
     chosen = set()

@@ -412,3 +412,14 @@ def test_moe_presets():
         params = init_params(config, jax.random.key(0))
         assert num_params(config) == sum(x.size for x in jax.tree.leaves(params)), name
         assert np.all(np.isfinite(forward(params, config, jnp.ones((1, 4), jnp.int32))))
+
+
+def test_lora_patterns_never_select_expert_kernels(model):
+    config, params = model
+    targets = lora_targets(params, LoraConfig(rank=2, targets=("gate",)))
+    # "gate" would also hit the experts layers_{1,2}/moe/gate/kernel [E, D, F]: skipped
+    assert targets == ["layers_0/mlp/gate"]
+    assert lora_targets(params, LoraConfig(rank=2, targets=("moe/router",))) == [
+        "layers_1/moe/router", "layers_2/moe/router"]
+    with pytest.raises(ValueError, match="matches no kernel"):
+        lora_targets(params, LoraConfig(rank=2, targets=("moe/down",)))

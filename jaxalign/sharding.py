@@ -85,6 +85,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("pos", None),
     ("length", None),
     ("layers", None),  # the stacked layer axis of `scan_layers=True` params: never split
+    ("expert", None),  # MoE experts replicated (D over fsdp, F over tensor as in dense MLPs); no EP yet
+    ("q_lora", None),  # MLA's compressed query and key/value widths
+    ("kv_lora", None),
 )
 
 

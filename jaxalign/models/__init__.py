@@ -5,6 +5,7 @@ from jaxalign.models.config import (
     RopeScaling,
     TransformerConfig,
     get_config,
+    moe_layers_from_hf,
     num_params,
     train_flops_per_token,
 )
@@ -16,7 +17,7 @@ from jaxalign.models.heads import (
     sequence_scores,
     token_scores,
 )
-from jaxalign.models.hf import load_hf_checkpoint, load_state_dict
+from jaxalign.models.hf import load_hf_checkpoint, load_state_dict, moe_config_from_hf, moe_params_from_state_dict
 from jaxalign.models.llama2c import load_llama2c
 from jaxalign.models.load import load_pretrained
 from jaxalign.models.mla import MLAConfig, MLAttention, YarnScaling, mla_cache_bytes_per_token
@@ -62,6 +63,9 @@ __all__ = [
     "load_state_dict",
     "logits_from_hidden",
     "mla_cache_bytes_per_token",
+    "moe_config_from_hf",
+    "moe_layers_from_hf",
+    "moe_params_from_state_dict",
     "num_params",
     "param_logical_axes",
     "pool_scores",

@@ -38,7 +38,13 @@ from jaxalign.trainers.reward import (
     reward_batch_loss,
 )
 from jaxalign.trainers.rl_loop import PolicyFn, PPOState, PromptsAt, grpo_loop, ppo_loop
-from jaxalign.trainers.sft import make_sft_eval_step, make_sft_step, sft_batch_loss
+from jaxalign.trainers.sft import (
+    ROUTER_AUX_LOSS_COEF,
+    make_sft_eval_step,
+    make_sft_step,
+    router_aux_loss,
+    sft_batch_loss,
+)
 from jaxalign.trainers.step import (
     StepShardings,
     TrainState,
@@ -56,6 +62,7 @@ __all__ = [
     "PolicyFn",
     "PromptsAt",
     "REFERENCE_FREE_LOSSES",
+    "ROUTER_AUX_LOSS_COEF",
     "StepShardings",
     "TrainState",
     "adaptive_kl_coef",
@@ -91,6 +98,7 @@ __all__ = [
     "preference_loss_fn",
     "reference_logps",
     "reward_batch_loss",
+    "router_aux_loss",
     "sft_batch_loss",
     "simpo_batch_loss",
     "step_shardings",

@@ -318,7 +318,7 @@ def prefix_positions(positions: jax.Array, prefix_config: PrefixConfig) -> jax.A
 
 def _cached_call(module, next_fun, args, kwargs, prefix, prefix_config):
     """`Transformer.__call__(tokens, positions, ...)` run over the prefix cache (see
-    `make_prefix_loss_fn`); returns (output, None) as a cache-less call does."""
+    `make_prefix_loss_fn`); returns (output, None[, router stats]) as a cache-less call does."""
     tokens, *rest = args
     positions = rest[0] if rest else kwargs.pop("positions", None)
     if kwargs.pop("cache", None) is not None:
@@ -330,8 +330,8 @@ def _cached_call(module, next_fun, args, kwargs, prefix, prefix_config):
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = prefix_cache(prefix, module.config, prefix_config, b, t)
-    out, _ = next_fun(tokens, prefix_positions(positions, prefix_config), cache=cache, **kwargs)
-    return out, None
+    out, _, *router_stats = next_fun(tokens, prefix_positions(positions, prefix_config), cache=cache, **kwargs)
+    return (out, None, *router_stats)
 
 
 def _prefix_interceptor(prefix_config: PrefixConfig) -> Callable:

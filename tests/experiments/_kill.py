@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _DRIVER = """
 import os, signal, sys, importlib
+# A SIGINT that the parent blocks or ignores (a pytest worker's state) would be inherited and the
+# injected interrupt never delivered: restore Python's own handling first.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from jaxalign import metrics
 module, at_stage, at_step, how, args = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
 original = metrics.MetricsWriter.write

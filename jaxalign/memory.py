@@ -49,6 +49,17 @@ Llama blocks, each buffer attributed to the op that made it:
                  bits of `jax.random.bernoulli` (two uint32 words per element from threefry)
                  and recomputes the mask in the backward pass                   2·8·B·T·D
 
+MoE layers (`TransformerConfig.moe`; `ffn_activation_bytes`) replace the MLP term by the
+router's float32 logits, scores and gate matrix (8·N·E·4 with N = B·T, plus the tokens N·D·c) and
+the experts': on the dense all-experts path 6·N·E·F·c + 4·N·E·F (gate and up outputs, sigmoid,
+silu, product, and the float32 gate-weighted product, every expert on every token) plus two
+expert-weight-sized buffers 2·E·D·F·c of the backward einsums; on the grouped ("ragged") path
+N·k·(5·F·c + D·(2·c + 4)). A shared expert adds a SwiGLU's 5·N·Fs·c and its gate N·D·c. Read off
+XLA:CPU's one-layer increments like the dense blocks: the dense path within 2% at k = 2..4
+(E = 4..32), 14% high at k = 1. The grouped count is what a grouped-matmul kernel keeps; XLA:CPU
+expands `jax.lax.ragged_dot` over all E groups and keeps about 2.4·N·k·E·F·c instead (measured:
+2.9× the count at E = 8, k = 2, F = 128), so on CPU the "ragged" figures are not a measurement.
+
 Rematerialisation (`TransformerConfig.remat`, one `nn.remat` per block): "full" keeps only each
 block's input B·T·D·c; "dots" keeps the input and the outputs of the projection matmuls, q, k, v
 (B·T·(N + 2K)·H·c), wo's and down's outputs (2·B·T·D·c) and the MLP's up (and gate) outputs
@@ -181,7 +192,7 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
     frozen_down = frozen_wo = norms_feeding_frozen = 0
     for layer in range(config.n_layers):
         hit = lambda *names: any(f"layers_{layer}/{name}" in targeted_modules for name in names)  # noqa: B023 - called within this iteration
-        frozen_down += not hit("mlp/down")
+        frozen_down += not config.is_moe_layer(layer) and not hit("mlp/down")  # MoE experts: never LoRA targets
         frozen_wo += not hit("attn/wo")
         norms_feeding_frozen += (not hit("attn/wq", "attn/wk", "attn/wv")) + (not hit("mlp/up", "mlp/gate"))
     return {
@@ -197,18 +208,68 @@ def lora_sizes(config: TransformerConfig, lora: LoraConfig, param_dtype=jnp.floa
 
 
 def remat_saved_bytes_per_layer(
-    config: TransformerConfig, *, batch: int, seq_len: int, compute_dtype, remat: Remat
+    config: TransformerConfig, *, batch: int, seq_len: int, compute_dtype, remat: Remat, layer: int = 0
 ) -> int:
-    """Bytes a rematerialised block keeps between its forward and backward passes: its input for
-    "full"; the input and the projection outputs for "dots" (see the module docstring)."""
+    """Bytes a rematerialised block (`layer`: its FFN is dense or MoE) keeps between its forward
+    and backward passes: its input for "full"; the input and the projection outputs for "dots"
+    (see the module docstring)."""
     b, t, d, c = batch, seq_len, config.d_model, _itemsize(compute_dtype)
     if remat == "full":
         return b * t * d * c
     if remat == "dots":
-        n, k, h, f = config.n_heads, config.kv_heads, config.head_dim, config.ff_dim
-        mlp_dots = 1 if config.mlp == "gelu" else 2  # up; gate and up
-        return b * t * (3 * d + (n + 2 * k) * h + mlp_dots * f) * c
+        n, k, h = config.n_heads, config.kv_heads, config.head_dim
+        attn = b * t * (2 * d + (n + 2 * k) * h) * c  # input, wo's output; q, k, v
+        return attn + _ffn_dot_bytes(config, layer, b * t, c)
     raise ValueError(f"remat must be 'dots' or 'full' here, got {remat!r}")
+
+
+def _ffn_dot_bytes(config: TransformerConfig, layer: int, n: int, c: int) -> int:
+    """What "dots" remat keeps of `layer`'s FFN for N = B·T tokens: the matmul outputs (dense
+    MLP: up (and gate) [N, F] and down [N, D]; MoE: the router logits [N, E] in float32, the
+    experts' gate and up outputs ([N, E, F] each on the dense path, [N·k, F] on the grouped one),
+    their down output ([N, D] / [N·k, D]), and the shared expert's three)."""
+    d = config.d_model
+    if not config.is_moe_layer(layer):
+        return n * ((1 if config.mlp == "gelu" else 2) * config.ff_dim + d) * c  # up (gate); down
+    m = config.moe
+    e, k, f = m.num_experts, m.experts_per_token, m.moe_d_ff
+    rows = n * e if m.impl == "dense" else n * k  # rows the expert matmuls produce
+    total = n * e * 4 + rows * 2 * f * c + (n if m.impl == "dense" else rows) * d * c
+    if m.shared_d_ff:
+        total += n * (2 * m.shared_d_ff + d) * c
+    return total
+
+
+def ffn_activation_bytes(config: TransformerConfig, layer: int, *, batch: int, seq_len: int, compute_dtype) -> int:
+    """Bytes `layer`'s FFN saves for its backward pass (see the module docstring's "MoE").
+
+    Dense MLP: GPT-2 3·N·F·c (up, tanh, GELU product), SwiGLU 5·N·F·c (gate, up, sigmoid,
+    silu(gate), product), N = B·T. MoE layer (`config.is_moe_layer`), E experts of width F, k per
+    token:
+      router        float32 logits, scores, top-k and gate matrix [N, E], the tokens [N, D]
+                                                                            8·N·E·4 + N·D·c
+      dense path    ("dense", every expert on every token) the gate and up outputs, sigmoid,
+                    silu(gate), product [N, E, F] in c, the float32 gate-weighted product, plus two
+                    expert-weight-sized buffers of the backward einsums
+                                                                  6·N·E·F·c + 4·N·E·F + 2·E·D·F·c
+      grouped path  ("ragged": only the N·k assignments) the same five [N·k, F] tensors, the
+                    gathered rows and the down output [N·k, D] in c, and the float32 weighted
+                    rows                                            N·k·(5·F·c + D·(2·c + 4))
+      shared expert a SwiGLU of width Fs (5·N·Fs·c), its sigmoid gate's output N·D·c.
+    """
+    n, d, c = batch * seq_len, config.d_model, _itemsize(compute_dtype)
+    if not config.is_moe_layer(layer):
+        return (3 if config.mlp == "gelu" else 5) * n * config.ff_dim * c
+    m = config.moe
+    e, k, f = m.num_experts, m.experts_per_token, m.moe_d_ff
+    total = 8 * n * e * 4 + n * d * c
+    if m.impl == "dense":
+        total += 6 * n * e * f * c + 4 * n * e * f + 2 * e * d * f * c
+    else:
+        total += n * k * (5 * f * c + d * (2 * c + 4))
+    if m.shared_d_ff:
+        total += 5 * n * m.shared_d_ff * c + (n * d * c if m.shared_gate else 0)
+    return total
 
 
 def head_bytes(
@@ -235,9 +296,11 @@ def activation_bytes_per_layer(
     seq_len: int,
     compute_dtype,
     attention: Attention = "xla",
+    layer: int = 0,
 ) -> int:
-    """Bytes one transformer block saves for its backward pass (see the module docstring)."""
-    b, t, d, f = batch, seq_len, config.d_model, config.ff_dim
+    """Bytes transformer block `layer` saves for its backward pass (see the module docstring; the
+    layer index matters only where dense and MoE FFNs mix, `ffn_activation_bytes`)."""
+    b, t, d = batch, seq_len, config.d_model
     n, k, h = config.n_heads, config.kv_heads, config.head_dim
     c = _itemsize(compute_dtype)
     btd = b * t * d
@@ -249,7 +312,7 @@ def activation_bytes_per_layer(
     total += 2 * btd * c  # the two residual sums
     total += b * t * (n + 2 * k) * h * c  # q, k, v
     total += b * t * n * h * c  # attention output (input of wo)
-    total += (3 if config.mlp == "gelu" else 5) * b * t * f * c  # GELU: up, gelu(up); SwiGLU: gate, up, silu, product
+    total += ffn_activation_bytes(config, layer, batch=b, seq_len=t, compute_dtype=compute_dtype)
     if attention == "xla":
         total += b * n * t * t * (12 + (c if c != 4 else 0))
     elif attention == "flash":
@@ -344,14 +407,17 @@ def estimate_memory(
     )
 
     b, t, d = batch, seq_len, config.d_model
-    per_layer = activation_bytes_per_layer(
-        config, batch=b, seq_len=t, compute_dtype=compute_dtype, attention=attention
-    )
-    if remat != "none":
-        saved = remat_saved_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, remat=remat)
-        layers = config.n_layers * saved + per_layer
+    per_layer = [
+        activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, attention=attention, layer=i)
+        for i in range(config.n_layers)
+    ]
+    if remat != "none":  # every block's saved set, plus the largest block's full set in its backward pass
+        layers = max(per_layer) + sum(
+            remat_saved_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, remat=remat, layer=i)
+            for i in range(config.n_layers)
+        )
     else:
-        layers = config.n_layers * per_layer
+        layers = sum(per_layer)
     head = head_bytes(
         config, batch=b, seq_len=t, compute_dtype=compute_dtype, param_dtype=param_dtype, head_chunk=head_chunk
     )

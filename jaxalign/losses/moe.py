@@ -25,6 +25,7 @@ __all__ = [
     "expert_load",
     "load_balancing_loss",
     "router_z_loss",
+    "routing_change_fraction",
     "sequence_balance_loss",
 ]
 
@@ -233,3 +234,36 @@ def expert_bias_update(bias: jax.Array, counts: jax.Array, *, gamma: float) -> j
     c = counts.astype(jnp.float32)
     step = jnp.sign(jnp.mean(c, axis=-1, keepdims=True) - c)
     return (bias.astype(jnp.float32) + gamma * step).astype(bias.dtype)
+
+
+def routing_change_fraction(expert_ids: jax.Array, recorded_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Fraction of (real token, MoE layer) pairs whose top-k expert *set* differs from a recorded
+    one: float32 scalar in [0, 1].
+
+      frac = Σ_{t,l} m_t · [set(I_{t,l}) ≠ set(R_{t,l})] / (L · Σ_t m_t)
+
+    The comparison is order-insensitive (ids are compared as sets, so a route whose k experts
+    are merely re-ranked has not changed: the k contributions are summed). An RL trainer
+    compares the routes the params being updated choose with those recorded under the sampling
+    policy (Routing Replay, "Stabilizing MoE RL by aligning training and inference routers",
+    arXiv 2510.11370, measures the same train/inference router disagreement). Ids are assumed
+    distinct within a row (as top-k makes them). Select semantics: masked tokens count nothing
+    whatever their ids; 0 when no token is real.
+
+    Args:
+      expert_ids: int [*tokens, L, k] (e.g. [B, N, L, k]), the experts now chosen.
+      recorded_ids: int [*tokens, L, k], the recorded ones.
+      mask: [*tokens]; nonzero = real token.
+
+    Returns:
+      float32 scalar.
+
+    Raises:
+      AssertionError: (chex) ids of different shapes, or a mask that is not their token shape.
+    """
+    chex.assert_equal_shape((expert_ids, recorded_ids))
+    chex.assert_shape(mask, expert_ids.shape[:-2])
+    same = jnp.all(jnp.any(expert_ids[..., :, None] == recorded_ids[..., None, :], axis=-1), axis=-1)  # [*tok,L]
+    real = jnp.broadcast_to((mask != 0)[..., None], same.shape)  # [*tok,L]
+    changed = jnp.sum(jnp.where(real, (~same).astype(jnp.float32), 0.0))
+    return changed / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)

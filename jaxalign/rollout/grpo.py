@@ -20,6 +20,7 @@ from jaxalign.decoding import SamplingConfig
 from jaxalign.models.config import TransformerConfig
 from jaxalign.rewards import RewardFn
 from jaxalign.rollout.sample import RolloutOutput, rule_rewards, sample
+from jaxalign.scoring import completion_routes_fn
 
 
 @flax.struct.dataclass
@@ -35,6 +36,12 @@ class Rollout:
       rewards: float32 [B·G]; advantages: float32 [B·G] group-relative.
       where: float32 [B·G], 0 on samples excluded from the loss (DAPO dynamic sampling drops
         groups whose rewards are all equal: they carry no gradient signal).
+      routes: MoE policies: int32 [B·G, P+N-1, L, k], the experts each input token of
+        [prompt; completion] was routed to under the sampling params, by one teacher-forced
+        forward pass (`jaxalign.scoring.completion_routes`, veRL's "R2" routing replay; L = the
+        MoE layers in `config.moe_layer_indices` order). What `make_grpo_step(...,
+        routing_replay=True)` replays and `routing_change_fraction` compares with. None for a
+        dense policy (a pytree without the leaf, so jit signatures are unchanged).
     """
 
     prompt_tokens: jax.Array
@@ -46,6 +53,7 @@ class Rollout:
     rewards: jax.Array
     advantages: jax.Array
     where: jax.Array
+    routes: jax.Array | None = None
 
 
 def grpo_rollout(
@@ -82,8 +90,9 @@ def grpo_rollout(
         arXiv 2503.14476 §3.2, as a mask instead of resampling so shapes stay static).
 
     Returns:
-      `RolloutOutput`: batch the `Rollout`, rewards [B·G], metrics `reward_mean`, `reward_std`,
-      `zero_variance_fraction`, `completion_length`, and the decoded completions.
+      `RolloutOutput`: batch the `Rollout` (with `routes` for an MoE policy), rewards [B·G],
+      metrics `reward_mean`, `reward_std`, `zero_variance_fraction`, `completion_length`, and
+      the decoded completions.
 
     Raises:
       ValueError: a reward of the wrong shape (and what `generate` raises).
@@ -111,6 +120,9 @@ def grpo_rollout(
         rewards=jnp.asarray(rewards),
         advantages=advantages,
         where=jnp.asarray(where),
+        routes=completion_routes_fn(config)(
+            params, samples.prompt_tokens, samples.prompt_mask, samples.completion_tokens
+        ) if config.moe is not None else None,
     )
     metrics = {
         "reward_mean": float(rewards.mean()),

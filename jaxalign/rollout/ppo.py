@@ -19,7 +19,7 @@ from jaxalign.decoding import SamplingConfig
 from jaxalign.models.config import TransformerConfig
 from jaxalign.ops import masked_whiten, select
 from jaxalign.rollout.sample import RolloutOutput, sample
-from jaxalign.scoring import critic_kind, policy_and_values
+from jaxalign.scoring import completion_routes_fn, critic_kind, policy_and_values
 
 # score_fn(prompt_tokens [B,P], prompt_mask [B,P], completion_tokens [B,N], completion_mask [B,N]) -> [B]
 ScoreFn = Callable[..., jax.Array | np.ndarray]
@@ -40,6 +40,10 @@ class PPORollout:
       rewards: float32 [B, N] per-token −β·KL + score at the last token.
       advantages: float32 [B, N] GAE advantages (whitened over the batch when asked).
       returns: float32 [B, N] GAE returns (value targets; never whitened).
+      routes: MoE policies: int32 [B, P+N-1, L, k], the experts each input token was routed to
+        under the sampling policy (teacher-forced, `jaxalign.scoring.completion_routes`; see
+        `jaxalign.rollout.Rollout.routes`), replayed by `make_ppo_step(...,
+        routing_replay=True)`. None for a dense policy.
     """
 
     prompt_tokens: jax.Array
@@ -53,6 +57,7 @@ class PPORollout:
     rewards: jax.Array
     advantages: jax.Array
     returns: jax.Array
+    routes: jax.Array | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("config", "value_config"))
@@ -115,7 +120,8 @@ def ppo_rollout(
       value_config: a separate critic's config (default: config).
 
     Returns:
-      `RolloutOutput`: batch the `PPORollout`, rewards the scores [B], metrics `score` (mean),
+      `RolloutOutput`: batch the `PPORollout` (with `routes` for an MoE policy), rewards the
+      scores [B], metrics `score` (mean),
       `kl` (mean over responses of the summed per-token KL), `non_score_reward` (mean summed
       −β·KL), `completion_length`, `eos_fraction`, `kl_coef`, and the completions.
 
@@ -158,6 +164,8 @@ def ppo_rollout(
         rewards=rewards,
         advantages=advantages,
         returns=returns,
+        routes=completion_routes_fn(config)(params["policy"], prompts, masks, tokens)
+        if config.moe is not None else None,
     )
     kl_seq = jnp.sum(kl, axis=1)
     metrics = jax.device_get({

@@ -26,6 +26,13 @@ from jaxalign.models.config import TransformerConfig
 from jaxalign.ops import masked_count, masked_mean
 from jaxalign.prefix import PrefixConfig
 from jaxalign.scoring import row_logps
+from jaxalign.trainers.sft import (
+    ROUTER_AUX_LOSS_COEF,
+    ROUTER_Z_LOSS_COEF,
+    check_router_loss_coefs,
+    right_padded_real,
+    with_router_losses,
+)
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
@@ -49,7 +56,8 @@ def pair_logps(
     *,
     average: bool = False,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array]:
+    return_router_stats: bool = False,
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, tuple]:
     """Completion log-probs of both sides of a preference batch, in one forward pass of [2B, T].
 
     Args:
@@ -60,15 +68,28 @@ def pair_logps(
       average: length-normalised log-probs (IPO) instead of sums.
       head_chunk: tokens per chunk of the fused output head (`jaxalign.scoring.row_logps`: no
         [2B, T, V] logits are held); None: the unfused reference.
+      return_router_stats: also return the pass's MoE `RouterStats` over [2B, T-1] (chosen rows
+        first; () for a dense model).
 
     Returns:
-      (chosen_logps [B], rejected_logps [B]) float32, nats.
+      (chosen_logps [B], rejected_logps [B]) float32, nats; with `return_router_stats`, a third
+      element, the router stats.
     """
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])  # [2B,T]
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])  # [2B,T]
-    seq = row_logps(params, config, tokens, mask, average=average, dropout_rng=dropout_rng, head_chunk=head_chunk)  # [2B]
+    seq, router = row_logps(
+        params, config, tokens, mask, average=average, dropout_rng=dropout_rng, head_chunk=head_chunk,
+        return_router_stats=True,
+    )  # [2B]
     b = batch["chosen_tokens"].shape[0]
-    return seq[:b], seq[b:]
+    return (seq[:b], seq[b:], router) if return_router_stats else (seq[:b], seq[b:])
+
+
+def pair_real_tokens(batch: Batch) -> jax.Array:
+    """bool [2B, T-1]: the real input tokens of `pair_logps`'s pass (each row up to its last
+    completion target, prompt included; `right_padded_real`), for the MoE router losses."""
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])  # [2B,T]
+    return right_padded_real(mask[:, 1:])
 
 
 def _real_pairs(batch: Batch) -> jax.Array:
@@ -103,6 +124,8 @@ def dpo_batch_loss(
     label_smoothing: float | None = None,
     discopop_tau: float = 0.05,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
 ) -> tuple[jax.Array, Metrics]:
     """DPO-family loss (`jaxalign.losses.dpo.dpo_loss`, any key of `DPO_LOSSES`) on a batch.
 
@@ -111,19 +134,23 @@ def dpo_batch_loss(
     are length-averaged for `LENGTH_NORMALISED_LOSSES` (ipo, sigmoid_norm), else summed;
     precomputed ones must be the same kind (`reference_logps(..., average=...)`). bco_pair runs
     with δ = 0 (TRL 1.16); the running-mean δ of TRL 0.19 is `jaxalign.losses.dpo.bco_pair_loss`.
+    For an MoE policy the loss adds `router_aux_loss_coef`·L_aux + `router_z_loss_coef`·L_z of
+    the policy's [2B, T] pass (`jaxalign.trainers.sft.with_router_losses`; the reference adds
+    none) and the metrics `aux_loss`, `z_loss`.
 
     Raises:
       ValueError: neither precomputed reference log-probs nor `ref_params` are given; a bad
-        loss_type or hyperparameter (`dpo_loss`).
+        loss_type or hyperparameter (`dpo_loss`); a negative router loss coefficient.
     """
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
     if "ref_chosen_logps" not in batch and ref_params is None:
         raise ValueError(
             "DPO needs reference log-probs: batch keys 'ref_chosen_logps'/'ref_rejected_logps' "
             "or ref_params"
         )
     average = loss_type in LENGTH_NORMALISED_LOSSES
-    chosen, rejected = pair_logps(
-        params, config, batch, dropout_rng, average=average, head_chunk=head_chunk
+    chosen, rejected, router = pair_logps(
+        params, config, batch, dropout_rng, average=average, head_chunk=head_chunk, return_router_stats=True
     )
     if "ref_chosen_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -136,6 +163,10 @@ def dpo_batch_loss(
         chosen, rejected, ref_chosen, ref_rejected,
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         discopop_tau=discopop_tau, where=real,
+    )
+    loss, metrics = with_router_losses(
+        loss, metrics, router, pair_real_tokens(batch), router_aux_loss_coef=router_aux_loss_coef,
+        router_z_loss_coef=router_z_loss_coef,
     )
     return _with_logps(loss, metrics, chosen, rejected, real)
 
@@ -150,13 +181,23 @@ def simpo_batch_loss(
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
 ) -> tuple[jax.Array, Metrics]:
     """SimPO (`jaxalign.losses.preference.simpo_loss`) on a preference batch: no reference;
-    length-averaged policy log-probs. Metrics: simpo_loss's plus chosen/rejected_logps."""
-    chosen, rejected = pair_logps(params, config, batch, dropout_rng, average=True, head_chunk=head_chunk)
+    length-averaged policy log-probs. Metrics: simpo_loss's plus chosen/rejected_logps (and for
+    an MoE policy the router losses, as `dpo_batch_loss`)."""
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
+    chosen, rejected, router = pair_logps(
+        params, config, batch, dropout_rng, average=True, head_chunk=head_chunk, return_router_stats=True
+    )
     real = _real_pairs(batch)
     loss, metrics = simpo_loss(
         chosen, rejected, beta=beta, gamma=gamma, label_smoothing=label_smoothing, where=real
+    )
+    loss, metrics = with_router_losses(
+        loss, metrics, router, pair_real_tokens(batch), router_aux_loss_coef=router_aux_loss_coef,
+        router_z_loss_coef=router_z_loss_coef,
     )
     return _with_logps(loss, metrics, chosen, rejected, real)
 
@@ -169,14 +210,24 @@ def orpo_batch_loss(
     *,
     beta: float = 0.1,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
 ) -> tuple[jax.Array, Metrics]:
     """ORPO (`jaxalign.losses.preference.orpo_loss`) on a preference batch: no reference; the
     NLL of the chosen completion tokens plus λ = `beta` times the odds-ratio term. Metrics:
-    orpo_loss's plus chosen/rejected_logps (length-averaged, as the odds use them)."""
-    chosen, rejected = pair_logps(params, config, batch, dropout_rng, head_chunk=head_chunk)  # sums
+    orpo_loss's plus chosen/rejected_logps (length-averaged, as the odds use them), and for an
+    MoE policy the router losses (as `dpo_batch_loss`)."""
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
+    chosen, rejected, router = pair_logps(
+        params, config, batch, dropout_rng, head_chunk=head_chunk, return_router_stats=True
+    )  # sums
     chosen_len, rejected_len = completion_lengths(batch)
     real = _real_pairs(batch)
     loss, metrics = orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=beta, where=real)
+    loss, metrics = with_router_losses(
+        loss, metrics, router, pair_real_tokens(batch), router_aux_loss_coef=router_aux_loss_coef,
+        router_z_loss_coef=router_z_loss_coef,
+    )
     average = lambda x, n: x / jnp.maximum(n, 1.0)  # noqa: E731 - orpo_loss's own averages
     return _with_logps(loss, metrics, average(chosen, chosen_len), average(rejected, rejected_len), real)
 
@@ -190,22 +241,28 @@ def preference_loss_fn(
     simpo_gamma: float = 0.5,
     discopop_tau: float = 0.05,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
 ) -> Callable:
     """`loss_fn(params, batch, dropout_rng, ref_params=None) -> (loss, metrics)` of `loss_type`
-    (any of `PREFERENCE_LOSS_TYPES`), for `make_train_step`.
+    (any of `PREFERENCE_LOSS_TYPES`), for `make_train_step`. The router loss coefficients apply
+    to MoE policies (`dpo_batch_loss`).
 
     Raises:
-      ValueError: unknown loss_type (eagerly); at trace time, `ref_params` passed to a
-        reference-free loss (a misconfigured step, not silently ignored).
+      ValueError: unknown loss_type or a negative router loss coefficient (eagerly); at trace
+        time, `ref_params` passed to a reference-free loss (a misconfigured step, not silently
+        ignored).
     """
     if loss_type not in PREFERENCE_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(PREFERENCE_LOSS_TYPES)}, got {loss_type!r}")
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
+    router = dict(router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef)
     if loss_type in DPO_LOSSES:
 
         def with_reference(params, batch, dropout_rng, ref_params=None):
             return dpo_batch_loss(
                 params, config, batch, dropout_rng, ref_params, beta=beta, loss_type=loss_type,
-                label_smoothing=label_smoothing, discopop_tau=discopop_tau, head_chunk=head_chunk,
+                label_smoothing=label_smoothing, discopop_tau=discopop_tau, head_chunk=head_chunk, **router,
             )
 
         return with_reference
@@ -218,7 +275,7 @@ def preference_loss_fn(
     def reference_free(params, batch, dropout_rng, ref_params=None):
         if ref_params is not None:
             raise ValueError(f"loss_type {loss_type!r} is reference-free: pass no ref_params")
-        return batch_loss(params, config, batch, dropout_rng, head_chunk=head_chunk, **kw)
+        return batch_loss(params, config, batch, dropout_rng, head_chunk=head_chunk, **kw, **router)
 
     return reference_free
 
@@ -234,6 +291,8 @@ def make_dpo_step(
     simpo_gamma: float = 0.5,
     discopop_tau: float = 0.05,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
     dropout: bool = True,
     lora: LoraConfig | None = None,
     prefix: PrefixConfig | None = None,
@@ -258,13 +317,17 @@ def make_dpo_step(
     `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
     instead, the way `lora` trains adapters (`make_train_step`). `head_chunk` (tokens per chunk of
     the fused output head; None: the unfused reference) as in `pair_logps`.
+    For an MoE policy the loss adds `router_aux_loss_coef` (0.001, Mixtral's default; 0 disables)
+    × L_aux + `router_z_loss_coef` (default 0) × L_z of the policy's pass and the metrics
+    `aux_loss`, `z_loss` (`jaxalign.trainers.sft.with_router_losses`).
 
     Raises:
-      ValueError: unknown loss_type.
+      ValueError: unknown loss_type; a negative router loss coefficient.
     """
     loss_fn = preference_loss_fn(
         config, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
         simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, head_chunk=head_chunk,
+        router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef,
     )
     return make_train_step(
         loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings

@@ -15,6 +15,13 @@ from jaxalign.losses.kto import kto_loss
 from jaxalign.models.config import TransformerConfig
 from jaxalign.prefix import PrefixConfig
 from jaxalign.scoring import row_logps
+from jaxalign.trainers.sft import (
+    ROUTER_AUX_LOSS_COEF,
+    ROUTER_Z_LOSS_COEF,
+    check_router_loss_coefs,
+    right_padded_real,
+    with_router_losses,
+)
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 _SIDES = ("chosen", "rejected", "kl")
@@ -27,7 +34,8 @@ def kto_logps(
     dropout_rng: jax.Array | None = None,
     *,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return_router_stats: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array, tuple]:
     """Summed completion log-probs of the three sides of a `collate_kto` batch, in one [3B, L]
     forward pass.
 
@@ -38,14 +46,20 @@ def kto_logps(
       dropout_rng: key enabling dropout, or None.
       head_chunk: tokens per chunk of the fused output head (`jaxalign.scoring.row_logps`);
         None: the unfused reference.
+      return_router_stats: also return the pass's MoE `RouterStats` over [3B, L-1] (sides in
+        the order chosen, rejected, kl; () for a dense model).
 
     Returns:
-      (chosen, rejected, kl) float32 [B] each, nats.
+      (chosen, rejected, kl) float32 [B] each, nats; with `return_router_stats`, a fourth
+      element, the router stats.
     """
     tokens = jnp.concatenate([batch[f"{s}_tokens"] for s in _SIDES])  # [3B,L]
     mask = jnp.concatenate([batch[f"{s}_mask"] for s in _SIDES])  # [3B,L]
-    seq = row_logps(params, config, tokens, mask, dropout_rng=dropout_rng, head_chunk=head_chunk)  # [3B]
-    return tuple(jnp.split(seq, 3))
+    seq, router = row_logps(
+        params, config, tokens, mask, dropout_rng=dropout_rng, head_chunk=head_chunk, return_router_stats=True
+    )  # [3B]
+    sides = tuple(jnp.split(seq, 3))
+    return (*sides, router) if return_router_stats else sides
 
 
 def kto_batch_loss(
@@ -59,6 +73,8 @@ def kto_batch_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
 ) -> tuple[jax.Array, Metrics]:
     """KTO loss of the policy on a `collate_kto` batch, the reference under `stop_gradient`.
 
@@ -66,18 +82,31 @@ def kto_batch_loss(
     desirable and one undesirable example (TRL's `unpair_preference_dataset` view of paired
     data), so λ_D = λ_U = 1 meets TRL's balance rule.
 
-    `head_chunk` as in `kto_logps`.
+    `head_chunk` as in `kto_logps`. For an MoE policy the loss adds `router_aux_loss_coef`·L_aux +
+    `router_z_loss_coef`·L_z over the real tokens of all three sides' [3B, L] pass
+    (`jaxalign.trainers.sft.with_router_losses`; the reference adds none).
 
     Returns:
-      `kto_loss`'s (loss, metrics).
+      `kto_loss`'s (loss, metrics), plus `aux_loss` and `z_loss` for an MoE policy.
+
+    Raises:
+      ValueError: a negative router loss coefficient.
     """
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
     real = jnp.sum(batch["chosen_mask"], axis=-1) > 0  # [B]
-    chosen, rejected, kl = kto_logps(params, config, batch, dropout_rng, head_chunk=head_chunk)
+    chosen, rejected, kl, router = kto_logps(
+        params, config, batch, dropout_rng, head_chunk=head_chunk, return_router_stats=True
+    )
     ref_chosen, ref_rejected, ref_kl = jax.lax.stop_gradient(kto_logps(ref_params, config, batch, head_chunk=head_chunk))
-    return kto_loss(
+    loss, metrics = kto_loss(
         chosen, rejected, kl, ref_chosen, ref_rejected, ref_kl,
         beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
         chosen_where=real, rejected_where=real, kl_where=real,
+    )
+    mask = jnp.concatenate([batch[f"{s}_mask"] for s in _SIDES])  # [3B,L]
+    return with_router_losses(
+        loss, metrics, router, right_padded_real(mask[:, 1:]), router_aux_loss_coef=router_aux_loss_coef,
+        router_z_loss_coef=router_z_loss_coef,
     )
 
 
@@ -90,6 +119,8 @@ def make_kto_step(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
     dropout: bool = True,
     lora: LoraConfig | None = None,
     prefix: PrefixConfig | None = None,
@@ -103,13 +134,20 @@ def make_kto_step(
     `step(state, batch, base_params, ref_params)` (the base itself can be the reference).
     `prefix` (`jaxalign.prefix.PrefixConfig`) trains a prefix-tuning prefix of the frozen params
     instead, the way `lora` trains adapters (`make_train_step`). `head_chunk`: tokens per chunk
-    of the fused output head (None: the unfused reference).
+    of the fused output head (None: the unfused reference). MoE policies: the loss adds
+    `router_aux_loss_coef` (0.001) × L_aux + `router_z_loss_coef` (0) × L_z, metrics `aux_loss`,
+    `z_loss` (`kto_batch_loss`).
+
+    Raises:
+      ValueError: a negative router loss coefficient.
     """
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
 
     def loss_fn(params, batch, dropout_rng, ref_params):
         return kto_batch_loss(
             params, config, batch, dropout_rng, ref_params, beta=beta,
             desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, head_chunk=head_chunk,
+            router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef,
         )
 
     return make_train_step(loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, prefix=prefix, shardings=shardings)

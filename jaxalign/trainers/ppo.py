@@ -27,7 +27,8 @@ from jaxalign.models.config import TransformerConfig
 from jaxalign.ops import masked_mean
 from jaxalign.rollout.ppo import PPORollout
 from jaxalign.scoring import policy_and_values
-from jaxalign.trainers.sft import sft_batch_loss
+from jaxalign.trainers.grpo import check_routing_replay, policy_router_terms, replay_routes
+from jaxalign.trainers.sft import ROUTER_AUX_LOSS_COEF, ROUTER_Z_LOSS_COEF, check_router_loss_coefs, sft_batch_loss
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, TrainState, make_train_step
 
 # ptx_batch_at(n) -> the SFT batch of the run's n-th optimizer step (n = state.step before it)
@@ -64,6 +65,9 @@ def ppo_batch_loss(
     sft_batch: Batch | None = None,
     ptx_coef: float = 0.0,
     head_chunk: int | None = HEAD_CHUNK_TOKENS,
+    routing_replay: bool = False,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
 ) -> tuple[jax.Array, Metrics]:
     """L = L_clip(policy) + c_v · L_value − c_ent · entropy [+ γ · L_ptx], token means over response
     tokens (PPO paper Eq. 9 with the signs of a loss to minimise; TRL defaults c_v = 0.1,
@@ -91,24 +95,36 @@ def ppo_batch_loss(
       ptx_coef: γ ≥ 0.
       head_chunk: tokens per chunk of the fused output head (log-probs and entropy in one
         chunked pass, `jaxalign.scoring.policy_and_values`; None: the unfused reference).
+      routing_replay: MoE policies: score the policy with `rollout.routes` (int32 [B, P+N-1,
+        L, k], recorded under the sampling policy; Routing Replay, arXiv 2510.11370); the gate
+        weights still come from the live router. A shared critic reads the same replayed pass.
+      router_aux_loss_coef, router_z_loss_coef: MoE policies: the loss adds
+        `router_aux_loss_coef`·L_aux + `router_z_loss_coef`·L_z of the policy's pass
+        (`jaxalign.trainers.sft.router_losses`; a separate MoE critic's routers get no
+        auxiliary loss). The ptx term's SFT pass adds its own (`sft_batch_loss`, same weights).
 
     Returns:
       (loss, metrics): `policy_loss`, `value_loss`, `entropy`, `clip_fraction`,
       `value_clip_fraction`, `approx_kl`, `ratio`, `explained_variance`, `values`, `returns`
-      (means), `dual_clip_fraction` with dual_clip, `ptx_loss` (L_ptx) with an SFT batch.
+      (means), `dual_clip_fraction` with dual_clip, `ptx_loss` (L_ptx) with an SFT batch; for
+      an MoE policy `aux_loss`, `z_loss` and `routing_change_fraction`
+      (`jaxalign.trainers.grpo.policy_router_terms`).
 
     Raises:
-      ValueError: an SFT batch without ptx_coef > 0, or ptx_coef > 0 (or < 0) without one.
+      ValueError: an SFT batch without ptx_coef > 0, or ptx_coef > 0 (or < 0) without one;
+        routing_replay with a rollout without routes; a negative router loss coefficient.
     """
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
     if ptx_coef < 0 or (sft_batch is None) != (ptx_coef == 0):
         raise ValueError(
             f"PPO-ptx takes an SFT batch exactly when ptx_coef > 0; got ptx_coef={ptx_coef} and "
             f"{'no' if sft_batch is None else 'an'} SFT batch"
         )
     mask = rollout.completion_mask
-    stats, values = policy_and_values(
+    stats, values, router = policy_and_values(
         params, config, rollout.prompt_tokens, rollout.prompt_mask, rollout.completion_tokens,
         value_config=value_config, dropout_rng=dropout_rng, head_chunk=head_chunk,
+        routes=replay_routes(rollout, routing_replay), return_router_stats=True,
     )  # [B,N] each
     logps = stats.logps  # [B,N]
     pg_loss, pg = ppo_policy_loss(
@@ -132,9 +148,19 @@ def ppo_batch_loss(
     }
     if dual_clip is not None:
         metrics["dual_clip_fraction"] = pg["dual_clip_fraction"]
+    if router:
+        penalty, moe_metrics = policy_router_terms(
+            params["policy"], config, router, rollout, routing_replay=routing_replay,
+            router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef,
+        )
+        loss = loss + penalty
+        metrics.update(moe_metrics)
     if sft_batch is not None:
         ptx_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 2)
-        ptx_loss, _ = sft_batch_loss(params["policy"], config, sft_batch, ptx_rng, head_chunk=head_chunk)
+        ptx_loss, _ = sft_batch_loss(
+            params["policy"], config, sft_batch, ptx_rng, head_chunk=head_chunk,
+            router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef,
+        )
         loss = loss + ptx_coef * ptx_loss
         metrics["ptx_loss"] = ptx_loss
     return loss, metrics
@@ -148,9 +174,18 @@ def make_ppo_step(
     dropout: bool = False,
     lora: LoraConfig | None = None,
     shardings: StepShardings | None = None,
+    routing_replay: bool = False,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
     **loss_kwargs,
 ) -> Callable:
     """jit-compiled `step(state, rollout) -> (state, metrics)` minimising `ppo_batch_loss`.
+
+    MoE policies: `routing_replay=True` scores the policy with `PPORollout.routes` (the
+    experts of the sampling policy, arXiv 2510.11370); `router_aux_loss_coef` (0.001) and
+    `router_z_loss_coef` (0) weigh the router losses; metrics add `aux_loss`, `z_loss`,
+    `routing_change_fraction` (`ppo_batch_loss`). Replay changes neither the signature nor the
+    jit cache (routes are a fixed-shape leaf of the rollout, minibatched with it).
 
     `loss_kwargs` are `ppo_batch_loss`'s options (value_config, clip_eps, value_clip_eps,
     vf_coef, ent_coef, dual_clip, log_ratio_clip, ptx_coef, head_chunk). With ptx_coef > 0 (PPO-ptx) the
@@ -161,7 +196,14 @@ def make_ppo_step(
     base_params)`; train the critic in full with e.g. `LoraConfig(trainable=("value",))`, and
     sample with `merge_lora(base_params, adapters, lora)` (`ppo_loop`'s `policy_fn`).
     `shardings`: `params_step_shardings(..., jaxalign.scoring.actor_critic_shardings(...))`.
+
+    Raises:
+      ValueError: routing_replay for a dense config; a negative router loss coefficient.
     """
+    check_routing_replay(config, routing_replay)
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
+    loss_kwargs = dict(loss_kwargs, routing_replay=routing_replay, router_aux_loss_coef=router_aux_loss_coef,
+                       router_z_loss_coef=router_z_loss_coef)
 
     def loss_fn(params, batch, dropout_rng):
         if isinstance(batch, PPOPtxBatch):

@@ -19,8 +19,16 @@ import optax
 from jaxalign.lora import LoraConfig
 from jaxalign.losses.reward import pairwise_reward_loss
 from jaxalign.models.config import TransformerConfig
-from jaxalign.models.heads import sequence_scores
+from jaxalign.models.heads import apply_scalar_head, pool_scores
+from jaxalign.models.transformer import forward
 from jaxalign.ops import masked_count, masked_sum, select
+from jaxalign.trainers.sft import (
+    ROUTER_AUX_LOSS_COEF,
+    ROUTER_Z_LOSS_COEF,
+    check_router_loss_coefs,
+    right_padded_real,
+    with_router_losses,
+)
 from jaxalign.trainers.step import Batch, Metrics, StepShardings, make_train_step
 
 
@@ -31,13 +39,20 @@ def pair_scores(
     dropout_rng: jax.Array | None = None,
     *,
     pool: Literal["last", "mean"] = "last",
-) -> tuple[jax.Array, jax.Array]:
-    """(chosen_rewards [B], rejected_rewards [B]) float32 from one [2B, T] forward pass."""
+    return_router_stats: bool = False,
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, tuple]:
+    """(chosen_rewards [B], rejected_rewards [B]) float32 from one [2B, T] forward pass
+    (`jaxalign.models.heads.sequence_scores`, written out to keep the trunk's router stats);
+    with `return_router_stats`, a third element: the trunk's MoE `RouterStats` over [2B, T]
+    (chosen rows first; () for a dense trunk)."""
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])  # [2B,T]
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])  # [2B,T]
-    scores = sequence_scores(params, config, tokens, mask, pool=pool, dropout_rng=dropout_rng)  # [2B]
+    hidden, router = forward(
+        params["backbone"], config, tokens, dropout_rng=dropout_rng, return_hidden=True, return_router_stats=True
+    )  # [2B,T,D]
+    scores = pool_scores(apply_scalar_head(params["head"], hidden), mask, pool=pool)  # [2B]
     b = batch["chosen_tokens"].shape[0]
-    return scores[:b], scores[b:]
+    return (scores[:b], scores[b:], router) if return_router_stats else (scores[:b], scores[b:])
 
 
 def reward_batch_loss(
@@ -48,19 +63,33 @@ def reward_batch_loss(
     *,
     pool: Literal["last", "mean"] = "last",
     center_coef: float = 0.0,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
 ) -> tuple[jax.Array, Metrics]:
     """`pairwise_reward_loss` of the reward model on a preference batch.
 
     Filler rows of a static-shape batch (all-zero `chosen_mask`) are excluded; a `margin` [B] key
-    in the batch is passed on as Llama 2's margin.
+    in the batch is passed on as Llama 2's margin. For an MoE trunk the loss adds
+    `router_aux_loss_coef`·L_aux + `router_z_loss_coef`·L_z over the real tokens of the [2B, T]
+    pass (each row up to its last response token; `jaxalign.trainers.sft.with_router_losses`)
+    and the metrics `aux_loss`, `z_loss`.
+
+    Raises:
+      ValueError: a negative router loss coefficient.
     """
-    chosen, rejected = pair_scores(params, config, batch, dropout_rng, pool=pool)
-    return pairwise_reward_loss(
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
+    chosen, rejected, router = pair_scores(params, config, batch, dropout_rng, pool=pool, return_router_stats=True)
+    loss, metrics = pairwise_reward_loss(
         chosen,
         rejected,
         margin=batch.get("margin"),
         center_coef=center_coef,
         where=jnp.sum(batch["chosen_mask"], axis=-1) > 0,
+    )
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])  # [2B,T]
+    return with_router_losses(
+        loss, metrics, router, right_padded_real(mask), router_aux_loss_coef=router_aux_loss_coef,
+        router_z_loss_coef=router_z_loss_coef,
     )
 
 
@@ -71,6 +100,8 @@ def make_reward_step(
     *,
     pool: Literal["last", "mean"] = "last",
     center_coef: float = 0.0,
+    router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF,
+    router_z_loss_coef: float = ROUTER_Z_LOSS_COEF,
     dropout: bool = True,
     lora: LoraConfig | None = None,
     shardings: StepShardings | None = None,
@@ -82,11 +113,20 @@ def make_reward_step(
     `step(state, batch, base_params)`; train the fresh head in full with
     `LoraConfig(trainable=("head",))` (PEFT's `modules_to_save`, as TRL's reward trainer does
     with a peft config). `shardings`: `params_step_shardings(...,
-    jaxalign.scoring.scalar_model_shardings(config, mesh), ...)`.
+    jaxalign.scoring.scalar_model_shardings(config, mesh), ...)`. For an MoE trunk the loss adds
+    `router_aux_loss_coef` (0.001) × L_aux + `router_z_loss_coef` (0) × L_z and the metrics
+    `aux_loss`, `z_loss` (`reward_batch_loss`).
+
+    Raises:
+      ValueError: a negative router loss coefficient.
     """
+    check_router_loss_coefs(router_aux_loss_coef, router_z_loss_coef)
 
     def loss_fn(params, batch, dropout_rng):
-        return reward_batch_loss(params, config, batch, dropout_rng, pool=pool, center_coef=center_coef)
+        return reward_batch_loss(
+            params, config, batch, dropout_rng, pool=pool, center_coef=center_coef,
+            router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef,
+        )
 
     return make_train_step(
         loss_fn, tx, schedule, config=config, dropout=dropout, lora=lora, shardings=shardings

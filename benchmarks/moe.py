@@ -17,8 +17,16 @@ Counting (per step, forward + backward = 3 × the forward's matmul FLOPs):
             program (it also counts the router, softmax, sort and elementwise work).
 The router's 3·2·N·D·E FLOPs are left out of useful/dense (< 1% at these sizes).
 
-    python benchmarks/moe.py                         # default: E=8 k=2 and E=64 k=8, < 2 minutes
-    python benchmarks/moe.py --cases 8:2 --steps 3   # smoke test
+Whole step (`--step-cases`, default the same two cases): a `make_sft_step` train step (clip +
+AdamW, fused head) of a `--step-layers`-layer Llama-family model whose every FFN is the MoE layer
+(Mixtral routing, D = --d-model, F = --d-ff, vocab --step-vocab, B = --step-batch rows of
+T = --step-seq tokens), dense vs ragged, and beside them the dense-FFN model with the same active
+FFN FLOPs (d_ff = k·F, `moe=None`): what the MoE's routing, dispatch and aux loss cost on top of
+the FLOPs it uses. Model FLOPs per step = positions × `train_flops_per_token` (active parameters
+only, the convention of `train_step.py`); one compilation per step is asserted.
+
+    python benchmarks/moe.py                         # default: E=8 k=2 and E=64 k=8, < 3 minutes
+    python benchmarks/moe.py --cases 8:2 --step-cases 8:2 --steps 3   # smoke test
 
 On CPU (jax 0.10.2) `ragged_dot` lowers to a dense masked expansion (`_ragged_dot_general_impl`:
 every group's matmul over all N·k rows, masked), so `ragged` executes about E × its useful FLOPs,
@@ -39,12 +47,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.models.config import get_config, num_params
 from jaxalign.models.moe import MoE, MoEConfig
+from jaxalign.models.transformer import init_params
 
 try:  # run as a script (`python benchmarks/moe.py`): benchmarks/ itself is on sys.path
     from _common import RunClock, config_record, environment_lines, run_cli, time_call
+    from speed_cpu import time_jax_step
+    from train_step import Case
 except ImportError:  # imported as `benchmarks.moe`
     from benchmarks._common import RunClock, config_record, environment_lines, run_cli, time_call
+    from benchmarks.speed_cpu import time_jax_step
+    from benchmarks.train_step import Case
 
 IMPLS = ("dense", "ragged")
 
@@ -65,6 +79,16 @@ class Config:
     """Timed calls per implementation; the median is reported."""
     warmup: int = 1
     """Untimed calls after compilation."""
+    step_cases: tuple[str, ...] = ("8:2", "64:8")
+    """Whole-SFT-step cases as E:K (empty: skip the whole-step part)."""
+    step_layers: int = 2
+    """Layers of the whole-step model (every FFN an MoE)."""
+    step_batch: int = 4
+    """Rows B of the whole-step batch."""
+    step_seq: int = 129
+    """Tokens per row of the whole-step batch (T − 1 = 128 trained positions)."""
+    step_vocab: int = 512
+    """Vocabulary of the whole-step model."""
     seed: int = 0
     json: Path | None = None
     """Write the environment and per-case results here as JSON."""
@@ -148,7 +172,51 @@ def check_agreement(e: int, k: int, params, x, cfg: Config) -> float:
     return rel
 
 
-def format_report(env: dict[str, Any], cfg: Config, results: list[Result], agreement: dict, seconds: float) -> str:
+def step_config(cfg: Config, e: int, k: int, impl: str):
+    """The whole-step model: "dense"/"ragged" MoE in every layer, or "dense-ffn" (the dense
+    SwiGLU of width k·F: the same active FFN FLOPs, no routing)."""
+    base = dict(vocab_size=cfg.step_vocab, n_layers=cfg.step_layers, d_model=cfg.d_model, max_seq_len=cfg.step_seq)
+    if impl == "dense-ffn":
+        return get_config("mixtral-tiny", d_ff=k * cfg.d_ff, moe=None, **base)
+    moe = MoEConfig.mixtral(num_experts=e, experts_per_token=k, moe_d_ff=cfg.d_ff, impl=impl)
+    return get_config("mixtral-tiny", moe=moe, **base)
+
+
+def benchmark_step(e: int, k: int, cfg: Config) -> list[dict[str, Any]]:
+    """Times the whole SFT step of `step_config` for dense, ragged and the dense-FFN model."""
+    case = Case("mixtral-tiny", cfg.step_vocab, cfg.step_batch, cfg.step_seq)
+    out = []
+    for impl in (*IMPLS, "dense-ffn"):
+        config = step_config(cfg, e, k, impl)
+        params = init_params(config, jax.random.key(cfg.seed))
+        print(f"timing SFT step E={e} k={k} {impl} ...", file=sys.stderr, flush=True)
+        r = time_jax_step("sft", config, params, case, cfg.steps, cfg.warmup, seed=cfg.seed)
+        assert r["recompiles"] == 0 and r["cache_size"] <= 1, f"{impl} SFT step recompiled: {r}"
+        out.append({"experts": e, "k": k, "impl": impl, "params": num_params(config),
+                    "active_params": num_params(config, active=True), **r})
+    return out
+
+
+def format_step_report(cfg: Config, steps: list[dict[str, Any]]) -> list[str]:
+    """One line per whole-step run, with its time against dense experts and the dense-FFN model."""
+    lines = [f"whole SFT step (clip + AdamW, fused head), {cfg.step_layers} layers, D={cfg.d_model}, "
+             f"F={cfg.d_ff}, V={cfg.step_vocab}, B={cfg.step_batch}, T={cfg.step_seq}, float32; "
+             f"median of {cfg.steps} steps"]
+    by = {(r["experts"], r["k"], r["impl"]): r for r in steps}
+    for r in steps:
+        dense, ffn = by[(r["experts"], r["k"], "dense")], by[(r["experts"], r["k"], "dense-ffn")]
+        lines.append(
+            f"E={r['experts']:<3d} k={r['k']}  {r['impl']:<9s}  {r['step_s'] * 1e3:8.2f} ms  "
+            f"{r['tokens_per_s']:9,.0f} tok/s  params {r['params'] / 1e6:.2f}M (active {r['active_params'] / 1e6:.2f}M)  "
+            f"model GFLOP/s {r['model_flops_per_step'] / r['step_s'] / 1e9:6.2f}  "
+            f"compiled {r['compiled_bytes'] / 2**20:.0f} MB  compile {r['compile_s']:.1f} s  "
+            f"time x dense {r['step_s'] / dense['step_s']:.2f}  x dense-ffn {r['step_s'] / ffn['step_s']:.2f}"
+        )
+    return lines
+
+
+def format_report(env: dict[str, Any], cfg: Config, results: list[Result], agreement: dict, seconds: float,
+                  steps: list[dict[str, Any]] = ()) -> str:
     """The printed report: environment, one line per implementation, the ratio to dense."""
     lines = environment_lines(env, seconds)
     lines.append(f"MoE layer fwd+bwd, N={cfg.tokens} tokens, D={cfg.d_model}, F={cfg.d_ff}, float32; "
@@ -166,6 +234,8 @@ def format_report(env: dict[str, Any], cfg: Config, results: list[Result], agree
     for (e, k), rel in agreement.items():
         lines.append(f"E={e} k={k}: max|y_ragged - y_dense| / max|y_dense| = {rel:.1e} (<= 64 ulps, asserted); "
                      f"each step compiled once (asserted)")
+    if steps:
+        lines.extend(format_step_report(cfg, steps))
     lines.append(f"total wall time: {seconds:.0f} s")
     return "\n".join(lines)
 
@@ -175,6 +245,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.steps < 1 or cfg.warmup < 0 or min(cfg.tokens, cfg.d_model, cfg.d_ff) < 1:
         raise ValueError("--steps, --tokens, --d-model, --d-ff must be >= 1 and --warmup >= 0")
     cases = [parse_case(spec) for spec in cfg.cases]
+    step_cases = [parse_case(spec) for spec in cfg.step_cases]
     clock = RunClock()
     results, agreement = [], {}
     for e, k in cases:
@@ -189,13 +260,15 @@ def run(cfg: Config) -> dict[str, Any]:
         for impl in IMPLS:
             print(f"timing E={e} k={k} {impl} ...", file=sys.stderr, flush=True)
             results.append(benchmark(e, k, impl, params, x, r, cfg))
+    steps = [r for e, k in step_cases for r in benchmark_step(e, k, cfg)]
     seconds, env = clock.stop(), clock.env
-    print(format_report(env, cfg, results, agreement, seconds))
+    print(format_report(env, cfg, results, agreement, seconds, steps))
     return {
         "config": config_record(cfg),
         "environment": env,
         "results": [dataclasses.asdict(r) for r in results],
         "agreement": {f"{e}:{k}": rel for (e, k), rel in agreement.items()},
+        "steps": steps,
         "wall_time_s": seconds,
     }
 

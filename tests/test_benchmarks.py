@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks import device_suite, speed_cpu
+from benchmarks import device_suite, moe, speed_cpu
 from tests.test_memory import CASES
 
 STEP = ("preset", "batch", "seq_len", "tokens_per_s", "step_s", "mfu", "compile_s", "compiled_bytes",
@@ -81,3 +81,21 @@ def test_speed_cpu_quick_reports_every_figure(capsys):
         assert math.isfinite(value), path
     assert 0 < figures["decode_b1"]["roofline_fraction"]
     assert 0 < figures["decode_b32"]["allowed_ratio"] <= 1
+
+
+def test_moe_layer_and_whole_step_report(capsys):
+    """benchmarks/moe.py on tiny shapes: both expert paths agree (asserted inside), the whole SFT
+    step runs for dense, ragged and the dense-FFN model of equal active FLOPs, each compiled once,
+    and the active parameter count is the dense-FFN model's (same attention, FFN k·F wide)."""
+    out = moe.main(["--cases", "4:2", "--step-cases", "4:2", "--steps", "1", "--warmup", "0", "--tokens", "64",
+                    "--step-layers", "1", "--step-batch", "2", "--step-seq", "17"])
+    report = capsys.readouterr().out
+    assert [r["impl"] for r in out["steps"]] == ["dense", "ragged", "dense-ffn"]
+    dense, ragged, ffn = out["steps"]
+    assert dense["active_params"] == ragged["active_params"]
+    # the router's D·E weights are the only active parameters the dense-FFN model lacks
+    assert dense["active_params"] - ffn["active_params"] == 64 * 4
+    for r in out["steps"]:
+        assert r["recompiles"] == 0 and math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+    assert out["agreement"]["4:2"] <= 64 * 2.0**-23
+    assert "whole SFT step" in report and "x dense-ffn" in report

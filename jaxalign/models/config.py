@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jaxalign.models.mla import MLAConfig, YarnScaling
 from jaxalign.models.moe import MoEConfig
 
 Family = Literal["gpt2", "llama", "gemma"]
@@ -131,6 +132,15 @@ class TransformerConfig:
         map onto it: DeepSeek's `first_k_dense_replace` = k gives (k, ..., L-1); Qwen2-MoE's
         layer l is sparse iff l not in `mlp_only_layers` and (l + 1) % `decoder_sparse_step` == 0
         (`moe_layers_from_hf`).
+      mla: Multi-head Latent Attention (DeepSeek-V2/V3, `jaxalign.models.mla.MLAConfig`) in every
+        layer instead of q/k/v attention: the block's "attn" is an `MLAttention` (params
+        q_a/q_a_norm/q_b or q, kv_a, kv_a_norm, kv_b, o), and the KV cache holds per layer only
+        the normalised latent [B, S, kv_lora_rank] (`KVCache.keys`) and the rotated rope key
+        [B, S, qk_rope_head_dim] (`KVCache.values`). "llama" family only; `mla.n_heads` must equal
+        `n_heads`, `rope_theta` / `rope_interleaved` must equal the MLA config's (its YaRN is
+        `mla.yarn`; `rope_scaling` stays None), and the q/k/v-attention options (n_kv_heads,
+        head_size, qkv_bias, qk_norm, windows, soft-capping, query_pre_attn_scalar, cudnn) are
+        refused. None = the standard attention.
     """
 
     family: Family = "gpt2"
@@ -163,11 +173,13 @@ class TransformerConfig:
     scan_layers: bool = False
     moe: MoEConfig | None = None
     moe_layers: tuple[int, ...] | None = None
+    mla: MLAConfig | None = None
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama", "gemma"):
             raise ValueError(f"TransformerConfig.family: unknown family {self.family!r}")
-        if self.head_size is None and self.d_model % self.n_heads:
+        self._check_mla()
+        if self.mla is None and self.head_size is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"TransformerConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
@@ -177,7 +189,7 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}"
             )
-        if not self.learned_positions and self.head_dim % 2:
+        if self.mla is None and not self.learned_positions and self.head_dim % 2:
             raise ValueError(f"TransformerConfig: RoPE needs an even head_dim, got {self.head_dim}")
         if self.family == "gpt2" and (self.qk_norm or self.head_size or self.layer_types):
             raise ValueError("TransformerConfig: qk_norm, head_size and layer_types need a RoPE family")
@@ -205,6 +217,31 @@ class TransformerConfig:
                 f"{sorted(set(self.layer_types))} (per-layer window and RoPE); use scan_layers=False"
             )
         self._check_moe()
+
+    def _check_mla(self) -> None:
+        m = self.mla
+        if m is None:
+            return
+        if not isinstance(m, MLAConfig):
+            raise ValueError(f"TransformerConfig.mla must be an MLAConfig, got {type(m).__name__}")
+        if self.family != "llama":
+            raise ValueError(f"TransformerConfig.mla needs family 'llama', got {self.family!r}")
+        if m.n_heads != self.n_heads:
+            raise ValueError(f"TransformerConfig.mla.n_heads={m.n_heads} differs from n_heads={self.n_heads}")
+        if m.rope_theta != self.rope_theta or m.rope_interleaved != self.rope_interleaved:
+            raise ValueError(
+                f"TransformerConfig.mla: rope_theta/rope_interleaved ({m.rope_theta}, {m.rope_interleaved}) "
+                f"differ from the config's ({self.rope_theta}, {self.rope_interleaved}); set both alike"
+            )
+        refused = dict(n_kv_heads=None, head_size=None, qkv_bias=False, qk_norm=False, rope_scaling=None,
+                       sliding_window=None, layer_types=None, attn_softcap=None, query_pre_attn_scalar=None,
+                       rope_local_theta=None, attention_impl="xla")
+        for name, allowed in refused.items():
+            if getattr(self, name) != allowed:
+                raise ValueError(
+                    f"TransformerConfig.{name}={getattr(self, name)!r} does not apply to MLA attention "
+                    f"(mla is set; YaRN goes in mla.yarn)"
+                )
 
     def _check_moe(self) -> None:
         if self.moe is None:
@@ -428,6 +465,30 @@ _PRESETS: dict[str, dict[str, Any]] = {
         d_ff=128, norm_eps=1e-6, qk_norm=True, rope_theta=1000000.0, moe_layers=(0, 2),
         moe=MoEConfig.qwen3_moe(num_experts=8, experts_per_token=2, moe_d_ff=32),
     ),
+    # DeepSeek-V3 (671B total, 37B active; deepseek-ai/DeepSeek-V3 config.json and
+    # inference/configs/config_671B.json): MLA in all 61 layers, the first 3 dense (F = 18432), then
+    # 256 routed + 1 shared experts of 2048, YaRN ×40 over 4096. The multi-token-prediction
+    # module (HF `num_nextn_predict_layers`, checkpoint layer 61) is not part of the model here.
+    "deepseek-v3": dict(
+        family="llama", vocab_size=129280, max_seq_len=163840, d_model=7168, n_layers=61, n_heads=128,
+        d_ff=18432, norm_eps=1e-6, rope_theta=10000.0, rope_interleaved=True, tie_embeddings=False,
+        moe=MoEConfig.deepseek_v3(), moe_layers=tuple(range(3, 61)),
+        mla=MLAConfig(n_heads=128, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                      q_lora_rank=1536, rope_theta=10000.0, rope_interleaved=True,
+                      yarn=YarnScaling(factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
+                                       mscale=1.0, mscale_all_dim=1.0)),
+    ),
+    # CPU test shape of the same model: layer 0 dense, 8 routed experts in 2 groups (1 kept),
+    # 2 shared, YaRN ×4 over 32 positions with mscale_all_dim != mscale (both YaRN factors ≠ 1).
+    "deepseek-v3-tiny": dict(
+        family="llama", max_seq_len=128, d_model=64, n_layers=3, n_heads=4, d_ff=96, norm_eps=1e-6,
+        rope_theta=10000.0, rope_interleaved=True, tie_embeddings=False, moe_layers=(1, 2),
+        moe=MoEConfig.deepseek_v3(num_experts=8, experts_per_token=2, moe_d_ff=32, shared_d_ff=64, n_group=2,
+                                  topk_group=1),
+        mla=MLAConfig(n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                      q_lora_rank=24, rope_theta=10000.0, rope_interleaved=True,
+                      yarn=YarnScaling(factor=4.0, original_max_position=32, mscale=1.0, mscale_all_dim=0.5)),
+    ),
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
@@ -438,9 +499,9 @@ def get_config(name: str, **overrides: Any) -> TransformerConfig:
 
     Presets: gpt2 (124M), gpt2-medium (355M), gpt2-large (774M), gpt2-xl (1.5B); the CPU-sized
     gpt2-tiny, gpt2-mini, gpt2-small-cpu, llama-tiny, qwen3-tiny, gemma2-tiny, gemma3-tiny and
-    the MoE mixtral-tiny, qwen2-moe-tiny, qwen3-moe-tiny; stories260K (llama2.c TinyStories); and
-    the shapes of llama-3.2-1b, qwen2.5-0.5b, qwen3-0.6b, gemma-3-1b, mixtral-8x7b and
-    qwen1.5-moe-a2.7b.
+    the MoE mixtral-tiny, qwen2-moe-tiny, qwen3-moe-tiny and the MLA + MoE deepseek-v3-tiny;
+    stories260K (llama2.c TinyStories); and the shapes of llama-3.2-1b, qwen2.5-0.5b, qwen3-0.6b,
+    gemma-3-1b, mixtral-8x7b, qwen1.5-moe-a2.7b and deepseek-v3 (671B, for planning).
 
     Raises:
       ValueError: unknown preset name (the message lists the known ones).
@@ -489,6 +550,24 @@ def _ffn_params(config: TransformerConfig, layer: int, active: bool) -> int:
     return total
 
 
+def _mla_params(m: MLAConfig, d: int) -> int:
+    """Parameters of one MLA layer (`mla.MLAttention`; DeepSeek-V2 §2.1): q_a [D,d_q] + its
+    RMSNorm [d_q] + q_b [d_q,H,d_n+d_R] (or q [D,H,d_n+d_R] without q_lora_rank), kv_a
+    [D,d_c+d_R] + its RMSNorm [d_c], kv_b [d_c,H,d_n+d_v], o [H,d_v,D], and with attention_bias
+    the biases of q_a, kv_a and o."""
+    h, dqk = m.n_heads, m.qk_head_dim
+    if m.q_lora_rank is None:
+        q = d * h * dqk
+    else:
+        q = d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * h * dqk
+    kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+    kv += m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+    total = q + kv + h * m.v_head_dim * d
+    if m.attention_bias:
+        total += (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim + d
+    return total
+
+
 def num_params(config: TransformerConfig, *, embeddings: bool = True, active: bool = False) -> int:
     """Parameter count of the model `config` describes (tied head counted once).
 
@@ -500,9 +579,12 @@ def num_params(config: TransformerConfig, *, embeddings: bool = True, active: bo
     """
     d, l = config.d_model, config.n_layers
     h, n, k = config.head_dim, config.n_heads, config.kv_heads
-    attn = d * n * h + 2 * d * k * h + n * h * d
-    attn += (n * h + 2 * k * h) if config.qkv_biases else 0
-    attn += d if config.output_biases else 0  # the attention output's bias
+    if config.mla is not None:
+        attn = _mla_params(config.mla, d)
+    else:
+        attn = d * n * h + 2 * d * k * h + n * h * d
+        attn += (n * h + 2 * k * h) if config.qkv_biases else 0
+        attn += d if config.output_biases else 0  # the attention output's bias
     per_norm = 2 * d if config.norm == "layernorm" else d  # LayerNorm: scale and bias
     norms, final = (4 if config.sandwich_norms else 2) * per_norm, per_norm  # per block, final
     norms += 2 * h if config.qk_norm else 0
@@ -524,7 +606,13 @@ def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
     (`num_params(active=True)`: counting all E experts would overstate MFU by ~E/k on the FFN).
     The second term is the attention scores and weighted sum (4·L·T·D forward, times 3 for
     forward + backward, causal masking not discounted), as in the PaLM paper's MFU definition
-    (Chowdhery et al. 2022, arXiv 2204.02311, App. B: 6N + 12·L·H·Q·T).
+    (Chowdhery et al. 2022, arXiv 2204.02311, App. B: 6N + 12·L·H·Q·T). With MLA the score and
+    value widths differ (H·(d_n+d_R) and H·d_v, not D each): 6·L·T·H·(d_n + d_R + d_v), the naive
+    (training) form; MLA's up-projection kv_b is a weight, counted in N.
     """
     n_matmul = num_params(config, embeddings=False, active=True) + config.vocab_size * config.d_model
+    if config.mla is not None:
+        m = config.mla
+        width = m.n_heads * (m.qk_head_dim + m.v_head_dim)  # score + weighted-sum widths
+        return 6.0 * n_matmul + 6.0 * config.n_layers * seq_len * width
     return 6.0 * n_matmul + 12.0 * config.n_layers * seq_len * config.d_model

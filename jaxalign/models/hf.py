@@ -2,7 +2,8 @@
 
 Supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
 `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` (model_type "gemma3_text"),
-`MixtralForCausalLM`, `Qwen2MoeForCausalLM` and `Qwen3MoeForCausalLM` directories holding `config.json` and either `model.safetensors` (possibly sharded with
+`MixtralForCausalLM`, `Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM` and `DeepseekV3ForCausalLM`
+(MLA attention with YaRN, DeepSeek MoE) directories holding `config.json` and either `model.safetensors` (possibly sharded with
 `model.safetensors.index.json`) or `pytorch_model.bin`.
 The `.bin` reader unpickles only tensor storage records (no torch import, no arbitrary code).
 Online users may pass a hub id ("gpt2", "openai-community/gpt2-medium"); it is fetched with
@@ -24,6 +25,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxalign.models.config import RopeScaling, TransformerConfig, moe_layers_from_hf
+from jaxalign.models.mla import MLAConfig, YarnScaling
 from jaxalign.models.moe import MoEConfig
 from jaxalign.models.transformer import stack_layers
 
@@ -305,7 +307,21 @@ def gpt2_params_from_state_dict(
 _LLAMA_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _GEMMA_TYPES = ("gemma2", "gemma3_text")
 _MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+_DEEPSEEK_TYPES = ("deepseek_v3",)
 _HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
+
+
+def _rope_kind(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any], str]:
+    """(the config.json field naming the RoPE type, e.g. "rope_scaling.rope_type", the dict
+    holding the scaling settings, the type): v4's `rope_scaling` wins over v5's
+    `rope_parameters` when both are present, as HF's config conversion reads it; "default"
+    when neither names a type."""
+    for name in ("rope_scaling", "rope_parameters"):
+        block = hf.get(name)
+        if isinstance(block, Mapping) and ("rope_type" in block or "type" in block):
+            key = "rope_type" if "rope_type" in block else "type"
+            return f"{name}.{key}", dict(block), str(block[key])
+    return "rope_parameters.rope_type", {}, "default"
 
 
 def _rope_settings(
@@ -318,16 +334,16 @@ def _rope_settings(
       ValueError: a RoPE scaling type other than "default", "linear" and "llama3".
     """
     params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or params
     theta = float(hf.get("rope_theta", params.get("rope_theta", default_theta)))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    field, scaling, kind = _rope_kind(hf)
     if kind == "default":
         return theta, None
     if kind == "linear":
         return theta, RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
     if kind != "llama3":
         raise ValueError(
-            f"config.json: RoPE scaling {kind!r} is not supported (default, linear, llama3)"
+            f"config.json: field {field} = {kind!r}: this RoPE scaling is not implemented for "
+            f"{hf.get('model_type')!r} (default, linear, llama3)"
         )
     return theta, RopeScaling(
         factor=float(scaling["factor"]),
@@ -475,8 +491,8 @@ def gemma_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transformer
 def llama_params_from_state_dict(
     state: Mapping[str, np.ndarray], config: TransformerConfig
 ) -> dict[str, Any]:
-    """Converts Llama-, Qwen3- and Gemma-family tensors (HF names, nn.Linear [out, in] layout)
-    to jaxalign params. Gemma's norm weights are stored as HF stores them (w of x̂·(1 + w)); its
+    """Converts Llama-, Qwen3-, Gemma-, MoE- and DeepSeek-V3-family tensors (HF names,
+    nn.Linear [out, in] layout) to jaxalign params (MLA attention: `mla_params_from_state_dict`). Gemma's norm weights are stored as HF stores them (w of x̂·(1 + w)); its
     `post_attention_layernorm` is the sandwich norm after attention (`ln_post_attn`) and
     `pre_feedforward_layernorm` the MLP's input norm (`ln_2`).
 
@@ -499,15 +515,16 @@ def llama_params_from_state_dict(
     }
     for i in range(config.n_layers):
         p = f"layers.{i}."
-        params[f"layers_{i}"] = {
-            "ln_1": {"scale": get(p + "input_layernorm.weight", (d,))},
-            "attn": {
+        if config.mla is not None:
+            attn = mla_params_from_state_dict(get, p + "self_attn.", config)
+        else:
+            attn = {
                 "wq": proj(p + "self_attn.q_proj", n),
                 "wk": proj(p + "self_attn.k_proj", k),
                 "wv": proj(p + "self_attn.v_proj", k),
                 "wo": {"kernel": get(p + "self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d)},
-            },
-        }
+            }
+        params[f"layers_{i}"] = {"ln_1": {"scale": get(p + "input_layernorm.weight", (d,))}, "attn": attn}
         layer = params[f"layers_{i}"]
         if config.is_moe_layer(i):
             layer["moe"] = moe_params_from_state_dict(state, get, p, config)
@@ -529,6 +546,44 @@ def llama_params_from_state_dict(
     if not config.tie_embeddings:
         params["lm_head"] = {"kernel": get("lm_head.weight", (config.vocab_size, d), full=True).T}
     return params
+
+
+def mla_params_from_state_dict(get, attn_prefix: str, config: TransformerConfig) -> dict[str, Any]:
+    """One layer's HF `DeepseekV3Attention` tensors as `MLAttention` params (transformers 5.25
+    names under `attn_prefix`, e.g. "layers.3.self_attn."): kernel = weight.T, reshaped per head.
+
+    `q_a_proj` [d_q, D] -> q_a [D, d_q]; `q_a_layernorm` [d_q]; `q_b_proj` [H·(d_n+d_R), d_q] ->
+    q_b [d_q, H, d_n+d_R] (V2-Lite, no q_lora_rank: `q_proj` [H·(d_n+d_R), D] -> q);
+    `kv_a_proj_with_mqa` [d_c+d_R, D] -> kv_a [D, d_c+d_R]; `kv_a_layernorm` [d_c];
+    `kv_b_proj` [H·(d_n+d_v), d_c] -> kv_b [d_c, H, d_n+d_v] (row i·(d_n+d_v)+j is head i,
+    channel j; keys first); `o_proj` [D, H·d_v] -> o [H, d_v, D]; biases of q_a, kv_a, o with
+    `attention_bias`. HF's interleaved RoPE rotates the same channel pairs as `MLAttention` with
+    `rope_interleaved`, so no row permutation is needed.
+
+    `get` is `_tensor_getter`'s function. Raises KeyError (missing tensor) or ValueError (shape).
+    """
+    m, d = config.mla, config.d_model
+    h, dqk, dn, dv = m.n_heads, m.qk_head_dim, m.qk_nope_head_dim, m.v_head_dim
+    c, dr = m.kv_lora_rank, m.qk_rope_head_dim
+    p = attn_prefix
+    out: dict[str, Any] = {}
+    if m.q_lora_rank is None:
+        out["q"] = {"kernel": get(p + "q_proj.weight", (h * dqk, d)).T.reshape(d, h, dqk)}
+    else:
+        dq = m.q_lora_rank
+        out["q_a"] = {"kernel": get(p + "q_a_proj.weight", (dq, d)).T}
+        if m.attention_bias:
+            out["q_a"]["bias"] = get(p + "q_a_proj.bias", (dq,))
+        out["q_a_norm"] = {"scale": get(p + "q_a_layernorm.weight", (dq,))}
+        out["q_b"] = {"kernel": get(p + "q_b_proj.weight", (h * dqk, dq)).T.reshape(dq, h, dqk)}
+    out["kv_a"] = {"kernel": get(p + "kv_a_proj_with_mqa.weight", (c + dr, d)).T}
+    out["kv_a_norm"] = {"scale": get(p + "kv_a_layernorm.weight", (c,))}
+    out["kv_b"] = {"kernel": get(p + "kv_b_proj.weight", (h * (dn + dv), c)).T.reshape(c, h, dn + dv)}
+    out["o"] = {"kernel": get(p + "o_proj.weight", (d, h * dv)).T.reshape(h, dv, d)}
+    if m.attention_bias:
+        out["kv_a"]["bias"] = get(p + "kv_a_proj_with_mqa.bias", (c + dr,))
+        out["o"]["bias"] = get(p + "o_proj.bias", (d,))
+    return out
 
 
 def _moe_prefix(state: Mapping[str, np.ndarray], model_prefix: str, layer_prefix: str) -> str:
@@ -631,12 +686,104 @@ def moe_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerCo
     )
 
 
+def _yarn_from_hf(hf: Mapping[str, Any]) -> tuple[float, YarnScaling | None]:
+    """RoPE θ and YaRN settings of a DeepSeek config.json (v4 `rope_scaling` / v5
+    `rope_parameters`), with HF `_compute_yarn_parameters`'s defaults (transformers 5.25): a
+    missing factor is max_position_embeddings / original_max_position_embeddings, beta_fast /
+    beta_slow 32 / 1, a missing mscale or mscale_all_dim is 0 (HF's None: the cos/sin factor is
+    then g(s, 1)), truncate True.
+
+    Raises:
+      ValueError: a RoPE type other than default and yarn, or partial rotary (names the field).
+      KeyError: yarn without original_max_position_embeddings.
+    """
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    field, y, kind = _rope_kind(hf)
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise ValueError(
+            f"config.json: field {field} = {kind!r}: this RoPE scaling is not implemented for "
+            f"{hf.get('model_type')!r} (default, yarn)"
+        )
+    if float(y.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"config.json: field {field.split('.')[0]}.partial_rotary_factor != 1 is not implemented")
+    original = int(y["original_max_position_embeddings"])
+    factor = y.get("factor") or hf["max_position_embeddings"] / original
+    return theta, YarnScaling(
+        factor=float(factor), original_max_position=original,
+        beta_fast=float(y.get("beta_fast") or 32.0), beta_slow=float(y.get("beta_slow") or 1.0),
+        mscale=float(y.get("mscale") or 0.0), mscale_all_dim=float(y.get("mscale_all_dim") or 0.0),
+        attention_factor=None if y.get("attention_factor") is None else float(y["attention_factor"]),
+        truncate=bool(y.get("truncate", True)),
+    )
+
+
+def deepseek_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
+    """Maps a Hugging Face DeepSeek-V3 config dict (`DeepseekV3Config`, transformers 5.25) to a
+    `TransformerConfig` with `mla` and `moe`.
+
+    MLA: `kv_lora_rank`, `q_lora_rank` (None: direct q), `qk_nope_head_dim`, `qk_rope_head_dim`,
+    `v_head_dim`, `rope_interleave`, `attention_bias`, YaRN from `rope_scaling` /
+    `rope_parameters` (`_yarn_from_hf`). MoE (`MoEConfig.deepseek_v3`): `n_routed_experts`,
+    `num_experts_per_tok`, `moe_intermediate_size`, shared width `n_shared_experts` ×
+    `moe_intermediate_size`, `norm_topk_prob`, `routed_scaling_factor`, `n_group` / `topk_group`
+    (None: 1), selection bias `e_score_correction_bias`; layers < `first_k_dense_replace` dense
+    with width `intermediate_size` (every layer dense: `moe` None). The multi-token-prediction
+    layers (`num_nextn_predict_layers`, stored as layers >= num_hidden_layers) are not loaded,
+    as HF's model does not build them.
+
+    Raises:
+      ValueError: another model_type or activation, an unimplemented RoPE scaling (names
+        `rope_scaling.rope_type` / `rope_parameters.rope_type`).
+      KeyError: a required field is missing.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in _DEEPSEEK_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not one of {_DEEPSEEK_TYPES}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
+    theta, yarn = _yarn_from_hf(hf)
+    interleaved = bool(hf.get("rope_interleave", True))
+    shape = _decoder_shape(hf, max_positions=4096, tied=False)
+    shape.pop("n_kv_heads")  # MLA: the latent is shared by all heads (HF's num_key_value_heads is unused)
+    q_lora = hf.get("q_lora_rank")
+    mla = MLAConfig(
+        n_heads=shape["n_heads"], kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+        q_lora_rank=None if q_lora is None else int(q_lora), rope_theta=theta, rope_interleaved=interleaved,
+        yarn=yarn, attention_bias=bool(hf.get("attention_bias", False)),
+    )
+    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    moe = layers = None
+    if first_dense < shape["n_layers"]:
+        f = hf["moe_intermediate_size"]
+        moe = MoEConfig.deepseek_v3(
+            num_experts=hf["n_routed_experts"], experts_per_token=hf["num_experts_per_tok"], moe_d_ff=f,
+            shared_d_ff=int(hf.get("n_shared_experts") or 0) * f,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            routed_scale=float(hf.get("routed_scaling_factor", 2.5)),
+            n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
+        )
+        layers = moe_layers_from_hf(shape["n_layers"], first_k_dense=first_dense)
+    return TransformerConfig(
+        family="llama", **shape, rope_theta=theta, rope_interleaved=interleaved,
+        moe=moe, moe_layers=layers, mla=mla, **overrides,
+    )
+
+
 def load_hf_checkpoint(
     path_or_hub_id: str | os.PathLike, **config_overrides: Any
 ) -> tuple[TransformerConfig, dict[str, Any]]:
     """Loads a Hugging Face GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 (text), Mixtral,
-    Qwen2-MoE or Qwen3-MoE checkpoint: returns `(config, params)` (MoE experts in either the
-    per-expert or the fused layout, `moe_params_from_state_dict`).
+    Qwen2-MoE, Qwen3-MoE or DeepSeek-V3 checkpoint: returns `(config, params)` (MoE experts in
+    either the per-expert or the fused layout, `moe_params_from_state_dict`; DeepSeek-V3's MLA
+    attention, `mla_params_from_state_dict`, and YaRN).
+
+    The config is read and checked before any weight: a RoPE scaling this model does not
+    implement (e.g. yarn for Llama/Qwen, dynamic, longrope) is refused naming the file and the
+    field (`rope_scaling.rope_type` / `rope_parameters.rope_type`), with no tensor read.
 
     Args:
       path_or_hub_id: a local directory with config.json + weights, or (online) a hub id.
@@ -660,14 +807,15 @@ def load_hf_checkpoint(
     if model_type == "gpt2":
         config = _config_from_hf(gpt2_config_from_hf, hf, directory, config_overrides)
         return config, _layout(gpt2_params_from_state_dict(load_state_dict(directory), config), config)
-    if model_type in _LLAMA_TYPES + _GEMMA_TYPES + _MOE_TYPES:
+    if model_type in _LLAMA_TYPES + _GEMMA_TYPES + _MOE_TYPES + _DEEPSEEK_TYPES:
         mapping = {**dict.fromkeys(_LLAMA_TYPES, llama_config_from_hf), **dict.fromkeys(
-            _GEMMA_TYPES, gemma_config_from_hf), **dict.fromkeys(_MOE_TYPES, moe_config_from_hf)}[model_type]
+            _GEMMA_TYPES, gemma_config_from_hf), **dict.fromkeys(_MOE_TYPES, moe_config_from_hf),
+            **dict.fromkeys(_DEEPSEEK_TYPES, deepseek_config_from_hf)}[model_type]
         config = _config_from_hf(mapping, hf, directory, config_overrides)
         return config, _layout(llama_params_from_state_dict(load_state_dict(directory), config), config)
     raise ValueError(
         f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
-        f"(gpt2, {', '.join(_LLAMA_TYPES + _GEMMA_TYPES + _MOE_TYPES)})"
+        f"(gpt2, {', '.join(_LLAMA_TYPES + _GEMMA_TYPES + _MOE_TYPES + _DEEPSEEK_TYPES)})"
     )
 
 

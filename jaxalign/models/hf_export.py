@@ -17,6 +17,8 @@ exporting): writes `config.json` and `model.safetensors` that
 * `MixtralForCausalLM` / `Qwen2MoeForCausalLM` / `Qwen3MoeForCausalLM` for a config with `moe`
   (chosen by `qkv_bias` / `qk_norm`; `moe_layers` as Qwen's `mlp_only_layers`), the experts in
   the per-expert layout `save_pretrained` writes (`moe_state_dict`);
+* `DeepseekV3ForCausalLM` for a config with `mla` (`mla_state_dict`; its MoE, if any, routed as
+  DeepSeek-V3 with dense layers first, `first_k_dense_replace`; YaRN in `rope_parameters`);
 * `Gemma2ForCausalLM` / `Gemma3ForCausalLM` (model_type "gemma3_text", chosen by `qk_norm`) for
   `family="gemma"`: norm weights as stored (w of x̂·(1 + w)); `ln_post_attn` is HF's
   `post_attention_layernorm`, `ln_2` its `pre_feedforward_layernorm`.
@@ -118,6 +120,8 @@ def _llama_model_type(config: TransformerConfig) -> str:
     Raises:
       ValueError: a combination no HF class of these families has (the message says which).
     """
+    if config.mla is not None:
+        return _deepseek_model_type(config)
     if config.moe is not None:
         return _moe_model_type(config)
     if config.family == "gemma":
@@ -169,7 +173,9 @@ def llama_state_dict(
         if config.qk_norm:
             state[p + "self_attn.q_norm.weight"] = _np(attn["q_norm"]["scale"], dtype)
             state[p + "self_attn.k_norm.weight"] = _np(attn["k_norm"]["scale"], dtype)
-        for name, heads, rope in (("q", n, True), ("k", k, True), ("v", k, False)):
+        if config.mla is not None:
+            state.update(mla_state_dict(attn, config, p + "self_attn.", dtype))
+        for name, heads, rope in () if config.mla is not None else (("q", n, True), ("k", k, True), ("v", k, False)):
             proj = attn[f"w{name}"]
             w = linear(proj["kernel"], d)  # [heads·H, D]
             b = np.asarray(proj["bias"], np.float32).reshape(-1) if config.qkv_bias else None
@@ -179,7 +185,8 @@ def llama_state_dict(
             state[p + f"self_attn.{name}_proj.weight"] = _np(w, dtype)
             if b is not None:
                 state[p + f"self_attn.{name}_proj.bias"] = _np(b, dtype)
-        state[p + "self_attn.o_proj.weight"] = _np(linear(attn["wo"]["kernel"], n * h), dtype)  # [D, N·H]
+        if config.mla is None:
+            state[p + "self_attn.o_proj.weight"] = _np(linear(attn["wo"]["kernel"], n * h), dtype)  # [D, N·H]
         if config.is_moe_layer(i):
             state.update(moe_state_dict(layer["moe"], config, p, dtype))
         else:
@@ -190,13 +197,45 @@ def llama_state_dict(
     return state
 
 
+def mla_state_dict(attn: dict[str, Any], config: TransformerConfig, attn_prefix: str,
+                   dtype=np.float32) -> dict[str, np.ndarray]:
+    """One `MLAttention` layer's params as HF `DeepseekV3Attention` tensors (transformers 5.25;
+    the inverse of `hf.mla_params_from_state_dict`): weight = kernel flattened to [in, out], then
+    transposed to nn.Linear's [out, in]."""
+    d = config.d_model
+
+    def linear(kernel, rows: int) -> np.ndarray:  # jaxalign [in..., out...] -> HF [out, in]
+        return _np(np.asarray(kernel, dtype=np.float32).reshape(rows, -1).T, dtype)
+
+    m, p = config.mla, attn_prefix
+    state: dict[str, np.ndarray] = {}
+    if m.q_lora_rank is None:
+        state[p + "q_proj.weight"] = linear(attn["q"]["kernel"], d)
+    else:
+        state[p + "q_a_proj.weight"] = linear(attn["q_a"]["kernel"], d)
+        state[p + "q_a_layernorm.weight"] = _np(attn["q_a_norm"]["scale"], dtype)
+        state[p + "q_b_proj.weight"] = linear(attn["q_b"]["kernel"], m.q_lora_rank)
+        if m.attention_bias:
+            state[p + "q_a_proj.bias"] = _np(attn["q_a"]["bias"], dtype)
+    state[p + "kv_a_proj_with_mqa.weight"] = linear(attn["kv_a"]["kernel"], d)
+    state[p + "kv_a_layernorm.weight"] = _np(attn["kv_a_norm"]["scale"], dtype)
+    state[p + "kv_b_proj.weight"] = linear(attn["kv_b"]["kernel"], m.kv_lora_rank)
+    state[p + "o_proj.weight"] = linear(attn["o"]["kernel"], m.n_heads * m.v_head_dim)
+    if m.attention_bias:
+        state[p + "kv_a_proj_with_mqa.bias"] = _np(attn["kv_a"]["bias"], dtype)
+        state[p + "o_proj.bias"] = _np(attn["o"]["bias"], dtype)
+    return state
+
+
 def moe_state_dict(moe: dict[str, Any], config: TransformerConfig, layer_prefix: str,
                    dtype=np.float32) -> dict[str, np.ndarray]:
     """One MoE layer's HF tensors in the per-expert layout `save_pretrained` writes (transformers
     5.25; `from_pretrained` fuses them): Mixtral `block_sparse_moe.gate.weight` [E, D] and
-    `block_sparse_moe.experts.{e}.w1/w3/w2.weight` [F, D], [F, D], [D, F]; Qwen2/3-MoE
-    `mlp.gate.weight`, `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, Qwen2-MoE's
-    `mlp.shared_expert.{gate,up,down}_proj.weight` and `mlp.shared_expert_gate.weight` [1, D]."""
+    `block_sparse_moe.experts.{e}.w1/w3/w2.weight` [F, D], [F, D], [D, F]; Qwen2/3-MoE and
+    DeepSeek-V3 `mlp.gate.weight`, `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`; Qwen2-MoE's
+    `mlp.shared_expert.{gate,up,down}_proj.weight` and `mlp.shared_expert_gate.weight` [1, D];
+    DeepSeek-V3's `mlp.shared_experts.{gate,up,down}_proj.weight` and
+    `mlp.gate.e_score_correction_bias` [E] (float32 whatever `dtype`, as HF keeps it)."""
     mixtral = _llama_model_type(config) == "mixtral"
     p = layer_prefix + ("block_sparse_moe." if mixtral else "mlp.")
     names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
@@ -206,10 +245,71 @@ def moe_state_dict(moe: dict[str, Any], config: TransformerConfig, layer_prefix:
         for e in range(kernel.shape[0]):
             state[p + f"experts.{e}.{theirs}.weight"] = _np(kernel[e].T, dtype)
     if "shared" in moe:
+        shared = "shared_experts" if config.mla is not None else "shared_expert"  # DeepSeek's plural
         for name in ("gate", "up", "down"):
-            state[p + f"shared_expert.{name}_proj.weight"] = _np(np.asarray(moe["shared"][name]["kernel"]).T, dtype)
+            state[p + f"{shared}.{name}_proj.weight"] = _np(np.asarray(moe["shared"][name]["kernel"]).T, dtype)
+    if "shared_gate" in moe:
         state[p + "shared_expert_gate.weight"] = _np(np.asarray(moe["shared_gate"]["kernel"]).T, dtype)
+    if "bias" in moe:
+        state[p + "gate.e_score_correction_bias"] = _np(moe["bias"], np.float32)
     return state
+
+
+def _deepseek_model_type(config: TransformerConfig) -> str:
+    """"deepseek_v3" when `DeepseekV3ForCausalLM` holds an MLA `config` exactly.
+
+    Raises:
+      ValueError: what that class lacks: routing other than sigmoid with the selection bias, a
+        gated shared expert or one not a whole number of experts wide, dense layers other than
+        the first k (`first_k_dense_replace`), or tied embeddings.
+    """
+    if config.tie_embeddings:
+        raise ValueError("export: DeepseekV3ForCausalLM has an untied lm_head")
+    m = config.moe
+    if m is None:
+        return "deepseek_v3"  # every layer dense: first_k_dense_replace = n_layers
+    if m.router != "sigmoid" or not m.router_bias or m.shared_gate:
+        raise ValueError("export: DeepSeek-V3 routes with sigmoid scores and a selection bias, no shared gate")
+    if m.shared_d_ff % m.moe_d_ff:
+        raise ValueError(f"export: DeepSeek-V3's shared width {m.shared_d_ff} is not a multiple of "
+                         f"moe_d_ff={m.moe_d_ff} (n_shared_experts)")
+    layers = config.moe_layer_indices
+    if layers != tuple(range(layers[0], config.n_layers)):
+        raise ValueError(f"export: DeepSeek-V3 has dense layers only before the first MoE one, got moe_layers={layers}")
+    return "deepseek_v3"
+
+
+def _deepseek_fields(config: TransformerConfig) -> dict[str, Any]:
+    """The DeepSeek-V3 config.json fields (transformers 5.25 `DeepseekV3Config`) beyond the Llama
+    ones; YaRN in v5's `rope_parameters` only (`rope_scaling` None, so that no reader has two
+    sources to reconcile)."""
+    a, m = config.mla, config.moe
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
+    if a.yarn is not None:
+        y = a.yarn
+        rope = {"rope_type": "yarn", "rope_theta": a.rope_theta, "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position, "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow, "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim,
+                "truncate": y.truncate}
+        if y.attention_factor is not None:
+            rope["attention_factor"] = y.attention_factor
+    f = config.ff_dim if m is None else m.moe_d_ff
+    out: dict[str, Any] = {
+        "num_key_value_heads": config.n_heads,  # HF repeats K/V by num_heads / num_key_value_heads
+        "kv_lora_rank": a.kv_lora_rank, "q_lora_rank": a.q_lora_rank, "qk_nope_head_dim": a.qk_nope_head_dim,
+        "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim, "head_dim": a.qk_rope_head_dim,
+        "rope_interleave": a.rope_interleaved, "attention_bias": a.attention_bias,
+        "rope_parameters": rope, "rope_scaling": None,
+        "first_k_dense_replace": config.n_layers if m is None else config.moe_layer_indices[0],
+        "moe_intermediate_size": f, "num_nextn_predict_layers": 0,
+        "n_routed_experts": 1 if m is None else m.num_experts,
+        "num_experts_per_tok": 1 if m is None else m.experts_per_token,
+        "n_shared_experts": 0 if m is None else m.shared_d_ff // m.moe_d_ff,
+        "routed_scaling_factor": 1.0 if m is None else m.routed_scale,
+        "n_group": 1 if m is None else m.n_group, "topk_group": 1 if m is None else m.topk_group,
+        "norm_topk_prob": True if m is None else m.norm_topk_prob,
+    }
+    return out
 
 
 def _moe_model_type(config: TransformerConfig) -> str:
@@ -276,6 +376,7 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 
@@ -354,7 +455,9 @@ def llama_hf_config(config: TransformerConfig, torch_dtype: str = "float32") -> 
         out["max_window_layers"] = config.n_layers
     if model_type in ("gemma2", "gemma3_text"):
         out.update(_gemma_fields(config, model_type))
-    if config.moe is not None:
+    if model_type == "deepseek_v3":
+        out.update(_deepseek_fields(config))
+    elif config.moe is not None:
         out.update(_moe_fields(config, model_type))
     return out
 

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.models.attention_ops import CachePlan, apply_rope, position_mask, write_slots
+
 LayerCache = tuple[jax.Array, jax.Array]  # (latent [B,S,d_c], k_rope [B,S,d_R])
 
 
@@ -268,50 +270,6 @@ def init_mla_layer_cache(config: MLAConfig, batch: int, size: int, dtype: Any = 
     )
 
 
-# --- attention primitives shared in meaning with transformer.py -----------------------------
-# `_rope`, `_position_mask` and `_write` follow `transformer.apply_rope`, `_position_mask` and
-# `_write` exactly (tests/models/test_mla.py checks them against those). They are restated here
-# because this module imports nothing from transformer.py: once `Block` selects `MLAttention`,
-# transformer.py imports this module, and the reverse import would close a cycle (and private
-# names may not cross modules). One copy belongs in a shared module when MLA is wired in.
-
-
-def _rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *, interleaved: bool, factor: float) -> jax.Array:
-    """factor·RoPE(x) for x [B,T,n,d_R] at int positions [B,T], in float32, cast back to x.dtype.
-
-    `interleaved` rotates pairs (x[2i], x[2i+1]) in place, else (x[i], x[i + d_R/2]) (HF
-    "rotate_half"). `factor` is YaRN's cos/sin factor (HF multiplies cos and sin by it).
-    """
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,d_R/2]
-    cos = (jnp.cos(angles) * factor)[:, :, None, :]  # [B,T,1,d_R/2]
-    sin = (jnp.sin(angles) * factor)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B,T,n,d_R/2]
-        out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = xf[..., :half], xf[..., half:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def _position_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """bool [B,1,T,S]: key s is visible to query t iff it is real (k_pos >= 0) and not in the
-    future (k_pos <= q_pos); q_pos [B,T], k_pos [B,S]."""
-    q = q_pos[:, None, :, None]  # [B,1,T,1]
-    k = k_pos[:, None, None, :]  # [B,1,1,S]
-    return (k >= 0) & (k <= q)
-
-
-def _write(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buffer[:, slots] = new (cast to the buffer's dtype), a dynamic-update-slice for one token."""
-    if new.shape[1] == 1:
-        start = (0, slots[0]) + (0,) * (buffer.ndim - 2)
-        return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
-    return buffer.at[:, slots].set(new.astype(buffer.dtype))
-
-
 def _check_attention_inputs(q_nope, q_rope, latent, k_rope, kv_b, mask) -> None:
     chex.assert_rank([q_nope, q_rope, latent, k_rope, kv_b, mask], [4, 4, 3, 3, 3, 4])
     b, t, h, dn = q_nope.shape
@@ -469,8 +427,8 @@ class MLAttention(nn.Module):
       positions: int32 [B,T] absolute positions, -1 on (left) padding (never attended to).
       padded: mask keys by position (needed with padding and no cache), else plain causal.
       layer_cache: None, or (latent [B,S,d_c], k_rope [B,S,d_R]) of this layer.
-      plan: with a cache, the model's tuple (slots, skip, write_first, old_positions [B,S],
-        new_positions [B,S]) of `transformer._cached_attention`.
+      plan: with a cache, the model's `attention_ops.CachePlan` of this call (slots, slot
+        positions before and after, skip, write_first), shared with every layer.
       deterministic: False enables dropout (needs an rng "dropout").
 
     Returns:
@@ -520,7 +478,7 @@ class MLAttention(nn.Module):
         *,
         padded: bool,
         layer_cache: LayerCache | None,
-        plan: tuple | None,
+        plan: CachePlan | None,
         deterministic: bool,
     ) -> tuple[jax.Array, LayerCache | None]:
         cfg = self.config
@@ -550,15 +508,15 @@ class MLAttention(nn.Module):
         rope_pos = jnp.maximum(positions, 0)
         factor = rope_attention_factor(cfg)
         rope = dict(interleaved=cfg.rope_interleaved, factor=factor)
-        q_rope = _rope(q[..., dn:], rope_pos, inv_freq, **rope)  # [B,T,H,d_R]
-        k_rope = _rope(kv[..., None, c:], rope_pos, inv_freq, **rope)[:, :, 0]  # [B,T,d_R]
+        q_rope = apply_rope(q[..., dn:], rope_pos, inv_freq, **rope)  # [B,T,H,d_R]
+        k_rope = apply_rope(kv[..., None, c:], rope_pos, inv_freq, **rope)[:, :, 0]  # [B,T,d_R]
         q_nope = q[..., :dn]  # [B,T,H,d_n]
         scale = cfg.softmax_scale
 
         new_cache = None
         if layer_cache is None:
             if padded:  # left padding: mask padded keys by position, not by index
-                mask = _position_mask(positions, positions)
+                mask = position_mask(positions, positions)
             else:
                 t = x.shape[1]
                 mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (x.shape[0], 1, t, t))
@@ -573,24 +531,26 @@ class MLAttention(nn.Module):
         return nn.Dropout(self.dropout)(out, deterministic=deterministic), new_cache
 
 
-def _cached_mla(cfg: MLAConfig, q_nope, q_rope, latent_new, k_rope_new, kv_b, positions, layer_cache, plan):
-    """`transformer._cached_attention` for a latent cache: T new queries over the cached latents
-    plus the T new ones, same `plan` (slots, skip, write_first, old/new slot positions); the
-    cache is written in its own dtype. Attention is absorbed or naive per `cfg.cache_attention`."""
+def _cached_mla(cfg: MLAConfig, q_nope, q_rope, latent_new, k_rope_new, kv_b, positions, layer_cache,
+                plan: CachePlan):
+    """The latent-cache counterpart of the standard layer's cached attention: T new queries over
+    the cached latents plus the T new ones, same `plan`; the cache is written in its own dtype.
+    Attention is absorbed or naive per `cfg.cache_attention`."""
     c_buf, r_buf = layer_cache  # [B,S,d_c], [B,S,d_R]
     chex.assert_rank([c_buf, r_buf], 3)
-    slots, skip, write_first, old_positions, new_positions = plan
+    slots, skip, write_first = plan.slots, plan.skip, plan.write_first
+    old_positions, new_positions = plan.old_positions, plan.new_positions
     if write_first:
-        c_buf = _write(c_buf, latent_new[:, skip:], slots)
-        r_buf = _write(r_buf, k_rope_new[:, skip:], slots)
+        c_buf = write_slots(c_buf, latent_new[:, skip:], slots)
+        r_buf = write_slots(r_buf, k_rope_new[:, skip:], slots)
         latent, k_rope, key_pos = c_buf, r_buf, new_positions
     else:  # rolling buffer, chunk: attend over [old cache; new], write afterwards
         latent = jnp.concatenate([c_buf.astype(latent_new.dtype), latent_new], axis=1)  # [B,S+T,d_c]
         k_rope = jnp.concatenate([r_buf.astype(k_rope_new.dtype), k_rope_new], axis=1)  # [B,S+T,d_R]
         key_pos = jnp.concatenate([old_positions, positions], axis=1)  # [B,S+T]
-        c_buf = _write(c_buf, latent_new[:, skip:], slots)
-        r_buf = _write(r_buf, k_rope_new[:, skip:], slots)
-    mask = _position_mask(positions, key_pos)  # [B,1,T,S(+T)]
+        c_buf = write_slots(c_buf, latent_new[:, skip:], slots)
+        r_buf = write_slots(r_buf, k_rope_new[:, skip:], slots)
+    mask = position_mask(positions, key_pos)  # [B,1,T,S(+T)]
     t, s = q_nope.shape[1], latent.shape[1]
     if cfg.cache_attention == "auto":
         absorbed = attention_flops(cfg, t, s, absorbed=True) <= attention_flops(cfg, t, s, absorbed=False)

@@ -19,6 +19,10 @@ Two families share one module tree (parameter names are the same where the roles
   and output logits (Gemma 2), per-layer local/global attention with its own RoPE θ (Gemma 3)
   and q/k norms (Gemma 3).
 
+* DeepSeek-V2/V3 (arXiv 2405.04434, 2412.19437; HF `DeepseekV3ForCausalLM`): the Llama block
+  with Multi-head Latent Attention (`config.mla`, jaxalign/models/mla.py) in every layer and a
+  latent KV cache, and MoE FFNs after `first_k_dense_replace` dense layers (`config.moe_layers`).
+
 Positions: `positions[b, t]` is the absolute position of token t of row b; -1 marks padding
 (left-padded prompts), which is never attended to. The KV cache (`KVCache`) goes into and comes
 out of every call, as in Gemma's decoding: call with the prompt to prefill, then one token at a
@@ -37,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.models.attention_ops import CachePlan, apply_rope, make_cache_plan, position_mask, write_slots
 from jaxalign.models.config import TransformerConfig
+from jaxalign.models.mla import MLAttention, init_mla_layer_cache
 from jaxalign.models.moe import MoE, RouterStats
 
 Params = dict
@@ -53,6 +59,9 @@ class KVCache:
         [L, B, S, K, H] (`init_cache` of a `scan_layers=True` config; `stack_cache` /
         `unstack_cache` convert). `keys[i]` is layer i's [B, S, K, H] in both. A model accepts
         either layout and returns the one its config asks for.
+        With `config.mla` (DeepSeek's latent cache, arXiv 2405.04434 §2.1.2) `keys[i]` is layer
+        i's normalised latent c^KV [B, S, kv_lora_rank] and `values[i]` its rotated rope key k^R
+        [B, S, qk_rope_head_dim] (stacked: [L, B, S, d_c], [L, B, S, d_R]); nothing per head.
       positions: int32 [B, S], absolute position of the token in each slot; -1 = empty/padding.
       length: int32 scalar, tokens written so far; the next token goes to slot `length % S`
         (a rolling buffer when S is a sliding window).
@@ -98,43 +107,29 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int) -> KVCache:
 
     Keys and values are tuples of L arrays [B, S, K, H] in `config.dtype`, or, with
     `config.scan_layers`, stacked arrays [L, B, S, K, H] (what the scanned layers read and write
-    without a copy at the scan boundary).
+    without a copy at the scan boundary). With `config.mla` they are the latents [B, S, d_c] and
+    rope keys [B, S, d_R] of each layer (stacked [L, B, S, d_c], [L, B, S, d_R]):
+    (d_c + d_R)·L numbers per token (`mla.mla_cache_bytes_per_token`).
     """
     window = config.cache_window
     size = max_len if window is None else min(max_len, window)
-    shape = (batch, size, config.kv_heads, config.head_dim)
-    if config.scan_layers:
-        keys = jnp.zeros((config.n_layers, *shape), config.dtype)
-        values = jnp.zeros((config.n_layers, *shape), config.dtype)
+    if config.mla is None:
+        shape = (batch, size, config.kv_heads, config.head_dim)
+        layer = (jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
     else:
-        keys = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers))
-        values = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.n_layers))
+        layer = init_mla_layer_cache(config.mla, batch, size, config.dtype)  # [B,S,d_c], [B,S,d_R]
+    if config.scan_layers:
+        keys = jnp.zeros((config.n_layers, *layer[0].shape), config.dtype)
+        values = jnp.zeros((config.n_layers, *layer[1].shape), config.dtype)
+    else:
+        keys = tuple(jnp.zeros_like(layer[0]) for _ in range(config.n_layers))
+        values = tuple(jnp.zeros_like(layer[1]) for _ in range(config.n_layers))
     return KVCache(
         keys=keys,
         values=values,
         positions=jnp.full((batch, size), -1, jnp.int32),
         length=jnp.zeros((), jnp.int32),
     )
-
-
-@flax.struct.dataclass
-class CachePlan:
-    """Where one call's new tokens go in the KV cache, computed once by `Transformer` and shared
-    by every layer.
-
-    Attributes:
-      slots: int32 [T - skip], the slots receiving the kept new tokens.
-      old_positions, new_positions: int32 [B, S], the slot positions before and after this call.
-      skip: leading new tokens that do not fit (a chunk longer than a rolling buffer); static.
-      write_first: the new tokens can be written before attention reads the buffer (a cache as
-        long as the sequence, or one token into a rolling buffer); static.
-    """
-
-    slots: jax.Array
-    old_positions: jax.Array
-    new_positions: jax.Array
-    skip: int = flax.struct.field(pytree_node=False)
-    write_first: bool = flax.struct.field(pytree_node=False)
 
 
 # Mesh axes that split the batch dimension of activations while a sharded program is traced;
@@ -262,41 +257,6 @@ def rope_frequencies(config: TransformerConfig, layer: int = 0) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(
-    x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *, interleaved: bool
-) -> jax.Array:
-    """Rotates each (pair of) channel(s) of x [B, T, heads, H] by angle position·freq, in float32.
-
-    `interleaved` rotates pairs (x[2i], x[2i+1]) (Meta / llama2.c layout); otherwise pairs
-    (x[i], x[i + H/2]) (Hugging Face layout, "rotate_half").
-    """
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,H/2]
-    cos = jnp.cos(angles)[:, :, None, :]  # [B,T,1,H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B,T,n,H/2]
-        out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = xf[..., :half], xf[..., half:]
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def _position_mask(
-    q_pos: jax.Array, k_pos: jax.Array, window: int | None
-) -> jax.Array:
-    """bool [B, 1, T, S]: key k is visible to query q iff it is real (k_pos >= 0), not in the
-    future (k_pos <= q_pos) and, with a window W, q_pos - k_pos < W."""
-    q = q_pos[:, None, :, None]  # [B,1,T,1]
-    k = k_pos[:, None, None, :]  # [B,1,1,S]
-    visible = (k >= 0) & (k <= q)
-    if window is not None:
-        visible &= q - k < window
-    return visible
-
-
 def _softcapped_attention(q, k, v, mask, *, scale: float, softcap: float) -> jax.Array:
     """softmax(c·tanh(scale·q·kᵀ / c) masked)·v for q [B,T,N,H], k/v [B,S,K,H], mask bool
     [B,1,T,S] (Gemma 2's attention-logit capping, HF `eager_attention_forward` with `softcap`).
@@ -324,7 +284,7 @@ def _attend(cfg: TransformerConfig, q, k, v, *, mask=None, window: int | None = 
     if cfg.attn_softcap is not None:
         if mask is None:
             pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
-            mask = _position_mask(pos, pos, window)
+            mask = position_mask(pos, pos, window)
         return _softcapped_attention(q, k, v, mask, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
     impl = cfg.attention_impl  # one call site per case, one place to switch kernels
     if mask is not None:
@@ -376,7 +336,7 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is None:
             if padded:  # left padding: mask padded keys by position instead of plain causality
-                out = _attend(cfg, q, kk, v, mask=_position_mask(positions, positions, window))
+                out = _attend(cfg, q, kk, v, mask=position_mask(positions, positions, window))
             else:
                 out = _attend(cfg, q, kk, v, window=window)
         else:
@@ -386,14 +346,6 @@ class Attention(nn.Module):
             axis=(-2, -1), use_bias=cfg.output_biases,
         )(out)  # [B,T,D]
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic), new_cache
-
-
-def _write(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buffer[:, slots] = new, with a dynamic-update-slice for the one-token decode step."""
-    if new.shape[1] == 1:
-        start = (0, slots[0]) + (0,) * (buffer.ndim - 2)
-        return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
-    return buffer.at[:, slots].set(new.astype(buffer.dtype))
 
 
 def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan, window):
@@ -411,18 +363,18 @@ def _cached_attention(cfg, q, k_new, v_new, positions, layer_cache, plan, window
     slots, skip, write_first = plan.slots, plan.skip, plan.write_first
     old_positions, new_positions = plan.old_positions, plan.new_positions
     if write_first:
-        k_buf = _write(k_buf, k_new[:, skip:], slots)
-        v_buf = _write(v_buf, v_new[:, skip:], slots)
-        mask = _position_mask(positions, new_positions, window)  # [B,1,T,S]
+        k_buf = write_slots(k_buf, k_new[:, skip:], slots)
+        v_buf = write_slots(v_buf, v_new[:, skip:], slots)
+        mask = position_mask(positions, new_positions, window)  # [B,1,T,S]
         out = _attend(cfg, q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
     else:
         keys = jnp.concatenate([k_buf.astype(q.dtype), k_new], axis=1)  # [B,S+T,K,H]
         values = jnp.concatenate([v_buf.astype(q.dtype), v_new], axis=1)
         key_pos = jnp.concatenate([old_positions, positions], axis=1)  # [B,S+T]
-        mask = _position_mask(positions, key_pos, window)
+        mask = position_mask(positions, key_pos, window)
         out = _attend(cfg, q, keys, values, mask=mask)
-        k_buf = _write(k_buf, k_new[:, skip:], slots)
-        v_buf = _write(v_buf, v_new[:, skip:], slots)
+        k_buf = write_slots(k_buf, k_new[:, skip:], slots)
+        v_buf = write_slots(v_buf, v_new[:, skip:], slots)
     return out, (k_buf, v_buf)
 
 
@@ -454,7 +406,9 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + ffn(ln_2(x)); Gemma's sandwich
     norms make these x + ln_post_attn(attn(ln_1(x))) and x + ln_post_mlp(mlp(ln_2(x))).
 
-    The FFN is the dense `MLP` ("mlp"), or in the layers `config.is_moe_layer` marks the routed
+    The attention ("attn") is `Attention`, or with `config.mla` the `MLAttention` of
+    jaxalign/models/mla.py (its layer cache then (latent, k_rope), not (k, v)). The FFN is the
+    dense `MLP` ("mlp"), or in the layers `config.is_moe_layer` marks the routed
     `MoE` ("moe": a name LoRA's "mlp" preset does not match, so its 3-D expert kernels are never
     LoRA targets), followed by the same dropout. MoE routing is per token, so cached decoding
     needs nothing cached for it.
@@ -471,7 +425,12 @@ class Block(nn.Module):
         # positional, so that nn.remat can mark `padded` and `deterministic` static (argnums 5, 6);
         # `routing`: int [B, T, k] expert ids to replay in an MoE layer (None: the router's choice)
         cfg = self.config
-        attn_out, new_cache = Attention(cfg, self.layer, name="attn")(
+        if cfg.mla is None:
+            attn = Attention(cfg, self.layer, name="attn")
+        else:  # DeepSeek-V2/V3: same call signature, latent (c^KV, k^R) layer cache
+            attn = MLAttention(cfg.mla, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                               dropout=cfg.dropout, init_std=0.02, out_init_std=_residual_std(cfg), name="attn")
+        attn_out, new_cache = attn(
             _norm(cfg, "ln_1")(x),
             positions,
             padded=padded,
@@ -697,14 +656,7 @@ class Transformer(nn.Module):
 
         plan = None
         if cache is not None:
-            size = cache.size
-            if cfg.cache_window is None and t > size:
-                raise ValueError(f"{t} new tokens do not fit a KV cache of {size} slots")
-            skip = max(0, t - size)
-            slots = (cache.length + skip + jnp.arange(t - skip)) % size  # [t - skip]
-            new_positions = cache.positions.at[:, slots].set(positions[:, skip:])  # [B,S]
-            write_first = cfg.cache_window is None or t == 1
-            plan = CachePlan(slots, cache.positions, new_positions, skip, write_first)
+            plan = make_cache_plan(cache.positions, cache.length, positions, window=cfg.cache_window)
 
         x = self.embed(tokens)  # [B,T,D]
         if cfg.embed_scale is not None:  # Gemma: √D, rounded to the compute dtype as HF does

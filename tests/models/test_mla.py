@@ -21,8 +21,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
-from jaxalign.models import mla as mla_mod
-from jaxalign.models import transformer as tr
+from jaxalign.models.attention_ops import make_cache_plan
 from jaxalign.models.mla import (
     MLAConfig,
     MLAttention,
@@ -34,6 +33,7 @@ from jaxalign.models.mla import (
     mla_cache_bytes_per_token,
     mla_rope_frequencies,
     naive_attention,
+    rope_attention_factor,
 )
 from tests._tolerance import ulps
 from tests.conftest import compile_count
@@ -130,12 +130,10 @@ def init_tree(cfg: MLAConfig):
 
 
 def make_plan(cache_positions, length, positions, write_first=True):
-    """The `plan` tuple exactly as `Transformer.__call__` builds it (cache without a window)."""
-    size, t = cache_positions.shape[1], positions.shape[1]
-    skip = max(0, t - size)
-    slots = (length + skip + jnp.arange(t - skip)) % size
-    new_positions = cache_positions.at[:, slots].set(positions[:, skip:])
-    return (slots, skip, write_first, cache_positions, new_positions)
+    """The `CachePlan` exactly as `Transformer.__call__` builds it (cache without a window), with
+    `write_first` forced when False (the rolling-buffer chunk path)."""
+    plan = make_cache_plan(cache_positions, length, positions, window=None)
+    return plan if write_first else plan.replace(write_first=False)
 
 
 def apply_raw(params, x, positions, *, cfg, padded=True, cache=None, slot_positions=None, length=0,
@@ -146,7 +144,7 @@ def apply_raw(params, x, positions, *, cfg, padded=True, cache=None, slot_positi
     out, new_cache = MLAttention(cfg, d_model=D).apply(
         {"params": params}, x, positions, padded=padded, layer_cache=cache, plan=plan, deterministic=True
     )
-    return out, new_cache, (None if plan is None else plan[4])
+    return out, new_cache, (None if plan is None else plan.new_positions)
 
 
 apply = jax.jit(apply_raw, static_argnames=("cfg", "padded", "write_first"))
@@ -220,7 +218,7 @@ def test_yarn_softmax_scale_matters_beyond_position_zero():
     ref, _ = hf_attention(cfg, sd, x, pos)
     tol = ulps(HF_ULPS, ref[pos >= 0])
     no_m2 = YarnScaling(factor=4.0, original_max_position=8, mscale=1.0, mscale_all_dim=0.0,
-                        attention_factor=mla_mod.rope_attention_factor(cfg))
+                        attention_factor=rope_attention_factor(cfg))
     assert make_config(DQ, True, no_m2).softmax_scale == pytest.approx((DN + DR) ** -0.5)
     wrong = np.asarray(apply(params, jnp.asarray(x), jnp.asarray(pos), cfg=make_config(DQ, True, no_m2))[0])
     np.testing.assert_allclose(wrong[0, 0], ref[0, 0], rtol=0, atol=tol)  # scale-invariant at position 0
@@ -241,7 +239,7 @@ def test_yarn_parameters_match_hf(yarn):
     inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hcfg)
     # float64 then float32 here vs float32 pow / divide / blend in torch: a few roundings
     np.testing.assert_allclose(mla_rope_frequencies(cfg), inv_freq.numpy(), rtol=ulps(8), atol=0)
-    assert mla_mod.rope_attention_factor(cfg) == pytest.approx(factor, rel=1e-12)
+    assert rope_attention_factor(cfg) == pytest.approx(factor, rel=1e-12)
     assert cfg.softmax_scale == pytest.approx(yarn_apply_mscale(hcfg.rope_parameters, (DN + DR) ** -0.5), rel=1e-12)
 
 
@@ -266,7 +264,7 @@ def test_yarn_deepseek_v3_dimensions(truncate):
     assert ((ratio < 0.99) & (ratio > 1 / 40 * 1.01)).sum() >= 3  # blended channels
     other = mla_rope_frequencies(dataclasses.replace(cfg, yarn=dataclasses.replace(y, truncate=not truncate)))
     assert np.abs(other - ours).max() > 1e-3 * ours.max()  # `truncate` changes the ramp
-    assert factor == 1.0 and mla_mod.rope_attention_factor(cfg) == 1.0
+    assert factor == 1.0 and rope_attention_factor(cfg) == 1.0
     assert cfg.softmax_scale == pytest.approx(192**-0.5 * (0.1 * np.log(40) + 1) ** 2, rel=1e-12)
     assert (0.1 * np.log(40) + 1) ** 2 == pytest.approx(1.874, abs=1e-3)
 
@@ -378,7 +376,7 @@ def test_bfloat16_layer_with_bfloat16_latent_cache():
         plan = make_plan(slot_positions, length, positions)
         out, cache = MLAttention(cfg, d_model=D, dtype=jnp.bfloat16).apply(
             {"params": params}, x, positions, padded=True, layer_cache=cache, plan=plan, deterministic=True)
-        return out, cache, plan[4]
+        return out, cache, plan.new_positions
 
     cache, slot_pos, outs = init_mla_layer_cache(cfg, 2, 24, jnp.bfloat16), jnp.full((2, 24), -1, jnp.int32), []
     for lo, hi in [(0, 9)] + [(t, t + 1) for t in range(9, T)]:
@@ -486,26 +484,6 @@ def test_unpadded_causal_path_equals_position_masked_path():
     # the same boolean mask, built as a constant or from positions: XLA may fuse the two programs
     # differently (a 21-key softmax re-associated): 16 ulps of max|out|; measured <= 1.2
     np.testing.assert_allclose(np.asarray(causal), np.asarray(masked), rtol=0, atol=ulps(16, masked))
-
-
-def test_primitives_match_transformer():
-    """The restated RoPE, position mask and slot write equal transformer.py's."""
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 5, 3, DR)), jnp.float32)
-    pos = jnp.asarray([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]], jnp.int32)
-    inv = mla_rope_frequencies(make_config())
-    for inter in (True, False):
-        np.testing.assert_array_equal(
-            np.asarray(mla_mod._rope(x, jnp.maximum(pos, 0), inv, interleaved=inter, factor=1.0)),
-            np.asarray(tr.apply_rope(x, jnp.maximum(pos, 0), inv, interleaved=inter)),
-        )
-    keys = jnp.asarray([[3, 4, -1, 0], [0, 1, 2, -1]], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(mla_mod._position_mask(pos, keys)),
-                                  np.asarray(tr._position_mask(pos, keys, None)))
-    buf = jnp.zeros((2, 6, C))
-    for slots in (jnp.asarray([4]), jnp.asarray([1, 2, 3])):
-        new = jnp.asarray(rng.standard_normal((2, len(slots), C)), jnp.float32)
-        np.testing.assert_array_equal(np.asarray(mla_mod._write(buf, new, slots)), np.asarray(tr._write(buf, new, slots)))
 
 
 def test_param_logical_axes():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -84,12 +84,17 @@ def train_grpo(
     max_new_tokens: int,
     writer: MetricsWriter,
     eval_fn=None,
+    step_kwargs: Mapping[str, Any] | None = None,
+    rollout_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """GRPO from `params` (which also become the frozen reference when β > 0): a constant
     learning rate AdamW without weight decay, `make_grpo_step` with `cfg`'s loss options, and
     `grpo_loop` with `cfg`'s rollout options. `params` themselves are never donated. The state
     is checkpointed under `cfg.output_dir/checkpoints/grpo` every `cfg.checkpoint_every` iterations;
-    with `cfg.resume` the loop continues from the latest one.
+    with `cfg.resume` the loop continues from the latest one. `step_kwargs` go to
+    `make_grpo_step` beside `cfg`'s loss options (which they override, e.g. an arm's
+    `importance_level`), `rollout_kwargs` to `grpo_loop`'s rollouts; both default to none, so
+    the experiments that pass neither run as before.
 
     Returns:
       `grpo_loop`'s (state, summary), the summary with `grpo_seconds` (wall time of the loop,
@@ -100,10 +105,11 @@ def train_grpo(
     tx, schedule = make_optimizer(
         OptimConfig(learning_rate=cfg.grpo_lr, total_steps=updates, end_learning_rate=cfg.grpo_lr, weight_decay=0.0)
     )
-    step = make_grpo_step(
-        config, tx, schedule, beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-        loss_agg=cfg.loss_agg, importance_level=cfg.importance_level, max_length=max_new_tokens,
+    loss_options = dict(
+        beta=cfg.beta, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, loss_agg=cfg.loss_agg,
+        importance_level=cfg.importance_level, max_length=max_new_tokens,
     )
+    step = make_grpo_step(config, tx, schedule, **{**loss_options, **(step_kwargs or {})})
     checkpoints, state = resume_or_start(
         cfg.output_dir / "checkpoints" / "grpo", create_train_state(jax.tree.map(jnp.copy, params), tx, cfg.seed + 1),
         resume=cfg.resume, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
@@ -114,7 +120,8 @@ def train_grpo(
         rng=jax.random.key(cfg.seed + 2), writer=writer, ref_params=ref_params,
         inner_steps=cfg.inner_steps, eval_fn=eval_fn, eval_every=cfg.eval_every,
         checkpoints=checkpoints, progress=cfg.progress, group_size=cfg.group_size,
-        reward_fn=reward_fn, decode=tokenizer.decode, scale=cfg.scale, filter_zero_variance=cfg.filter_zero_variance, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),)
+        reward_fn=reward_fn, decode=tokenizer.decode, scale=cfg.scale, filter_zero_variance=cfg.filter_zero_variance, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),
+        **(rollout_kwargs or {}),)
     return state, {**summary, "grpo_seconds": time.perf_counter() - t0}
 
 
@@ -158,6 +165,8 @@ def grpo_before_after(
     writer: MetricsWriter,
     eval_during: bool,
     reuse_final_eval: bool = False,
+    step_kwargs: Mapping[str, Any] | None = None,
+    rollout_kwargs: Mapping[str, Any] | None = None,
 ) -> BeforeAfter:
     """Evaluates `params`, trains them with GRPO (`train_grpo`), evaluates the result; both
     evaluations are logged (once) as "grpo_eval" records at iterations 0 and --grpo-iterations.
@@ -167,6 +176,7 @@ def grpo_before_after(
       eval_during: also evaluate every --eval-every iterations (and at the end) inside the loop.
       reuse_final_eval: the loop's final evaluation is the "after" figures (no extra needed), so
         it is not computed again; it is when the run was resumed past its end.
+      step_kwargs, rollout_kwargs: as `train_grpo` (e.g. one arm of a comparison).
       The rest: as `train_grpo`.
 
     Returns:
@@ -179,6 +189,7 @@ def grpo_before_after(
         cfg, config, params, prompts_at, reward_fn=reward_fn, tokenizer=tokenizer,
         max_new_tokens=max_new_tokens, writer=writer,
         eval_fn=(lambda p: evaluate(p)[0]) if eval_during else None,
+        step_kwargs=step_kwargs, rollout_kwargs=rollout_kwargs,
     )
     if reuse_final_eval and result["final_eval"]:
         after, after_extra = result["final_eval"], None

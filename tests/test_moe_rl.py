@@ -343,3 +343,18 @@ def test_replay_first_update_ratio_and_default_off(params, grpo_data):
     assert "routing_change_fraction" not in no_routes[1]
     with pytest.raises(ValueError, match="no routes"):
         grpo_batch_loss(params, CONFIG, matched.replace(routes=None), routing_replay=True)
+
+
+def test_ppo_replay_minibatches_one_compilation(ppo_data):
+    from jaxalign.trainers.ppo import ppo_update
+
+    ac, rollout = ppo_data
+    tx = optax.sgd(1e-2)
+    step = make_ppo_step(CONFIG, tx, optax.constant_schedule(1e-2), routing_replay=True)
+    state = create_train_state(jax.tree.map(jnp.copy, ac), tx, 0)
+    state, metrics = ppo_update(step, state, rollout, epochs=2, num_minibatches=2, seed=0)
+    assert step._cache_size() == 1  # 4 minibatch steps, routes sliced with the rollout, one program
+    for name in ("aux_loss", "z_loss", "routing_change_fraction"):
+        assert np.isfinite(metrics[name]), name
+    assert 0.0 <= metrics["routing_change_fraction"] <= 1.0
+    assert metrics["aux_loss"] >= 2.0 - 1e-5  # >= k

@@ -39,10 +39,16 @@ class SamplingConfig:
       top_p: optional nucleus filtering, in (0, 1]; 1.0 is no filtering.
       eos_id: a row stops after emitting it (None: always N tokens).
       pad_id: written after a row's EOS.
+      attend_bucket: decode steps per segment of `generate`'s loop: segment j's steps attend
+        only the first P + min(N, (j+1)·attend_bucket) cache slots (all that can be filled by
+        its end) instead of all P + N, so attention costs grow with the tokens that exist, to
+        within attend_bucket/2 on average; each segment is one more compiled loop body, and the
+        cache grows (a copy) between segments. None (or >= N): one segment over all P + N slots.
+        Not applied to a rolling buffer (`cache_window` < P + N) or a pre-filled `cache`.
 
     Raises:
-      ValueError: on construction, max_new_tokens < 1, temperature < 0, top_k < 1 or top_p
-        outside (0, 1] (the message names the field).
+      ValueError: on construction, max_new_tokens < 1, temperature < 0, top_k < 1, top_p
+        outside (0, 1] or attend_bucket < 1 (the message names the field).
     """
 
     max_new_tokens: int
@@ -51,6 +57,7 @@ class SamplingConfig:
     top_p: float | None = None
     eos_id: int | None = None
     pad_id: int = 0
+    attend_bucket: int | None = 64
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +68,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.attend_bucket is not None and self.attend_bucket < 1:
+            raise ValueError(f"SamplingConfig.attend_bucket must be >= 1 or None, got {self.attend_bucket}")
 
     @property
     def greedy(self) -> bool:
@@ -210,6 +219,41 @@ def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
     return jnp.where(real, jnp.cumsum(real, axis=-1) - 1, -1).astype(jnp.int32)
 
 
+def attend_sizes(config: TransformerConfig, prompt_len: int, sampling: SamplingConfig) -> tuple[int, ...]:
+    """Cache slots of each decode segment of `generate` (see `SamplingConfig.attend_bucket`):
+    P + min(N, (j+1)·bucket) for j = 0, 1, ...; (P + N,) for one segment (no bucket, bucket >= N,
+    or a rolling buffer: `config.cache_window` < P + N)."""
+    p, n, bucket = prompt_len, sampling.max_new_tokens, sampling.attend_bucket
+    window = config.cache_window
+    if bucket is None or bucket >= n or (window is not None and window < p + n):
+        return (p + n,)
+    return tuple(p + min(n, end) for end in range(bucket, n + bucket, bucket))
+
+
+def grow_cache(cache: KVCache, size: int) -> KVCache:
+    """`cache` with `size` >= cache.size slots: the new slots empty (zeros, position -1), the
+    filled ones and `length` unchanged, so the next token still goes to slot `length` (a cache
+    that never wrapped). Works on both layouts (slot axis 1 of [B, S, ...] per layer, axis 2 of
+    stacked [L, B, S, ...])."""
+    extra = size - cache.size
+    if extra < 0:
+        raise ValueError(f"grow_cache: {size} slots < the cache's {cache.size}")
+    if extra == 0:
+        return cache
+    axis = 2 if cache.stacked else 1
+
+    def pad(x: jax.Array) -> jax.Array:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    keys, values = jax.tree.map(pad, cache.keys), jax.tree.map(pad, cache.values)
+    if not cache.stacked:
+        keys, values = tuple(keys), tuple(values)
+    positions = jnp.pad(cache.positions, ((0, 0), (0, extra)), constant_values=-1)
+    return cache.replace(keys=keys, values=values, positions=positions)
+
+
 def repeat_rows(tree, n: int):
     """Every batch-major array of `tree` (a `KVCache`, logits, positions) with each row repeated
     `n` times in place (`jnp.repeat(x, n, axis=0)`); scalars (the cache's `length`) as they are.
@@ -247,7 +291,10 @@ def generate(
     One compiled program per (shapes, config, sampling): the prompt is prefilled in one call,
     then a `jax.lax.while_loop` decodes one token per iteration until every row has emitted
     `sampling.eos_id` or N = `sampling.max_new_tokens` is reached. The cache is pre-allocated
-    with P + N slots, or with `config.cache_window` slots used as a rolling buffer.
+    with P + N slots, or with `config.cache_window` slots used as a rolling buffer. With
+    `sampling.attend_bucket` = b < N the loop runs in segments of b steps, segment j over a
+    cache of P + min(N, (j+1)·b) slots (grown between segments; `attend_sizes`), so early steps
+    do not attend empty slots: the same tokens and log-probs up to float32 summation order.
 
     Args:
       params, config: the model.
@@ -292,8 +339,9 @@ def generate(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
     positions = prompt_positions(prompt_mask)  # [B,P]
+    sizes = attend_sizes(config, p, sampling) if cache is None else (None,)
     if cache is None:
-        cache = init_cache(config, b, p + n)
+        cache = init_cache(config, b, sizes[0])
     else:  # pre-filled (a prefix): real tokens follow its filled slots
         positions = jnp.where(positions >= 0, positions + cache.length, -1)
     logits, cache = forward_with_cache(params, config, prompt_tokens, cache, positions)  # [B,P,V]
@@ -313,8 +361,8 @@ def generate(
         rng=rng,
     )
 
-    def cond(s: SamplingState) -> jax.Array:
-        return (s.step < n) & ~jnp.all(s.done)
+    def cond(end: int, s: SamplingState) -> jax.Array:
+        return (s.step < end) & ~jnp.all(s.done)
 
     def body(s: SamplingState) -> SamplingState:
         rng, key = jax.random.split(s.rng)
@@ -337,7 +385,12 @@ def generate(
             rng=rng,
         )
 
-    final = jax.lax.while_loop(cond, body, state)
+    final = state
+    for j, size in enumerate(sizes):  # segment j: steps up to `end`, over `size` slots
+        if j > 0:
+            final = final.replace(cache=grow_cache(final.cache, size))
+        end = n if size is None else size - p  # token of step s goes to slot p + s < size
+        final = jax.lax.while_loop(functools.partial(cond, end), body, final)
     # A token counts if it was produced before its row's EOS (inclusive) and before the loop ended.
     index = jnp.arange(n)[None, :]  # [1,N]
     if eos_id is None:

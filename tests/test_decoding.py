@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.decoding import SamplingConfig, generate, prompt_positions, sampling_logits
+from jaxalign.decoding import SamplingConfig, attend_sizes, generate, prompt_positions, sampling_logits
 from jaxalign.logprobs import token_logps
 from jaxalign.models import forward, forward_with_cache, get_config, init_cache, init_params
 from tests._tolerance import ulps
@@ -334,3 +334,60 @@ def test_prompt_that_fills_the_context_is_refused_before_compute(model, monkeypa
     # 63 prompt tokens leave room for exactly one
     gen = generate(params, config, jnp.zeros((1, 63), jnp.int32), jnp.ones((1, 63)), rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=1))
     assert gen.tokens.shape == (1, 1) and int(gen.lengths[0]) == 1
+
+
+BUCKET_CONFIGS = {
+    "llama": get_config("llama-tiny", vocab_size=97, max_seq_len=64),
+    "llama-scanned": get_config("llama-tiny", vocab_size=97, max_seq_len=64, scan_layers=True),
+    # local (window 8) and global layers: every layer keeps P + N slots, the local ones mask by position
+    "gemma2": get_config("gemma2-tiny", vocab_size=97, max_seq_len=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUCKET_CONFIGS))
+def test_attend_buckets_give_the_same_generation(name):
+    """Segments of 4 steps, each over P + 4·(j+1) slots (P = 6, N = 14: 4 segments over 10, 14,
+    18 and 20 slots) against one loop over all 20: the same sampled tokens and log-probs, the
+    early steps no longer attending empty slots. Masked slots add exact zeros to the softmax, so
+    only the order of the 64-term sums may change: 2·64 ulps of the logits, doubled for the
+    97-way log-softmax (as the cached-vs-teacher-forced bound above); measured 0 here."""
+    config = BUCKET_CONFIGS[name]
+    params = jax.tree.map(lambda x: x * 4, init_params(config, jax.random.key(1)))
+    prompt = jnp.asarray(np.random.RandomState(2).randint(0, 97, (3, 6)))
+    mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    bucketed = SamplingConfig(max_new_tokens=14, temperature=1.0, attend_bucket=4)
+    assert attend_sizes(config, 6, bucketed) == (10, 14, 18, 20)
+    whole = SamplingConfig(max_new_tokens=14, temperature=1.0, attend_bucket=None)
+    assert attend_sizes(config, 6, whole) == (20,)
+    for num_samples in (1, 2):
+        a = generate(params, config, prompt, mask, rng=jax.random.key(3), sampling=bucketed, num_samples=num_samples)
+        b = generate(params, config, prompt, mask, rng=jax.random.key(3), sampling=whole, num_samples=num_samples)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(a.model_logps, b.model_logps, rtol=0, atol=ulps(256, b.model_logps))
+        np.testing.assert_allclose(a.logps, b.logps, rtol=0, atol=ulps(256, b.logps))
+        ref = teacher_forced(config, params, jnp.repeat(prompt, num_samples, 0), jnp.repeat(mask, num_samples, 0), a)
+        np.testing.assert_allclose(a.model_logps, ref, rtol=0, atol=ulps(256, ref))
+
+
+def test_attend_buckets_stop_at_eos_and_skip_rolling_buffers():
+    """EOS inside an early segment ends every later segment at once (same output as one loop);
+    a rolling buffer (Mistral-style window shorter than P + N) keeps one segment."""
+    config = CONFIGS["llama"]
+    params = jax.tree.map(lambda x: x * 4, init_params(config, jax.random.key(1)))
+    prompt = jnp.asarray(np.random.RandomState(4).randint(0, 97, (2, 5)))
+    mask = jnp.ones_like(prompt)
+    first = generate(params, config, prompt, mask, rng=jax.random.key(0), sampling=SamplingConfig(max_new_tokens=3, temperature=0.0))
+    eos = int(first.tokens[0, 1])  # row 0 emits it at step 1, inside the first 2-step segment
+    kw = dict(max_new_tokens=12, temperature=0.0, eos_id=eos, pad_id=0)
+    a = generate(params, config, prompt, mask, rng=jax.random.key(0), sampling=SamplingConfig(attend_bucket=2, **kw))
+    b = generate(params, config, prompt, mask, rng=jax.random.key(0), sampling=SamplingConfig(attend_bucket=None, **kw))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    assert int(a.lengths[0]) == 2
+    mistral = config.replace(sliding_window=8)
+    assert mistral.cache_window == 8
+    assert attend_sizes(mistral, 5, SamplingConfig(max_new_tokens=12, attend_bucket=2)) == (17,)
+    assert attend_sizes(mistral, 2, SamplingConfig(max_new_tokens=6, attend_bucket=2)) == (4, 6, 8)
+    with pytest.raises(ValueError, match="attend_bucket"):
+        SamplingConfig(max_new_tokens=4, attend_bucket=0)

@@ -576,6 +576,9 @@ def num_params(config: TransformerConfig, *, embeddings: bool = True, active: bo
         count that Kaplan et al. 2020 use in the 6N FLOPs rule).
       active: count, in MoE layers, only the parameters one token uses: the router, k of the E
         routed experts and the shared expert (what its FLOPs scale with); False counts all E.
+
+    MLA layers count `_mla_params` (checked against HF `DeepseekV3ForCausalLM.num_parameters()`,
+    which leaves out the selection biases, HF buffers: tests/models/test_deepseek_v3.py).
     """
     d, l = config.d_model, config.n_layers
     h, n, k = config.head_dim, config.n_heads, config.kv_heads

@@ -736,7 +736,9 @@ def deepseek_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transfor
 
     Raises:
       ValueError: another model_type or activation, an unimplemented RoPE scaling (names
-        `rope_scaling.rope_type` / `rope_parameters.rope_type`).
+        `rope_scaling.rope_type` / `rope_parameters.rope_type`), a quantized checkpoint
+        (`quantization_config`, e.g. the released fp8 weights), or routing fields of DeepSeek's
+        own config.json other than V3's (`scoring_func` sigmoid, `topk_method` noaux_tc).
       KeyError: a required field is missing.
     """
     model_type = hf.get("model_type")
@@ -744,6 +746,14 @@ def deepseek_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Transfor
         raise ValueError(f"config.json: model_type {model_type!r} is not one of {_DEEPSEEK_TYPES}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} unsupported (need silu)")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], Mapping) else None
+        raise ValueError(f"config.json: field quantization_config ({method!r}) is not supported: "
+                         "dequantize the checkpoint (e.g. DeepSeek's fp8 weights to bf16) first")
+    # DeepSeek's own config.json (remote code) also names V3's routing; HF's class implies it
+    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(f"config.json: scoring_func {hf.get('scoring_func')!r} / topk_method "
+                         f"{hf.get('topk_method')!r} are not DeepSeek-V3's (sigmoid, noaux_tc)")
     theta, yarn = _yarn_from_hf(hf)
     interleaved = bool(hf.get("rope_interleave", True))
     shape = _decoder_shape(hf, max_positions=4096, tied=False)

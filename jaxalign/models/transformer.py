@@ -582,7 +582,8 @@ class Transformer(nn.Module):
     Returns:
       (logits [B, T, V] in `config.dtype` (or hidden states [B, T, D]), the updated cache or None;
       its keys/values stacked [L, B, S, K, H] with `config.scan_layers`, else tuples, whatever
-      layout came in), and with `return_router_stats` a third element: a tuple of
+      layout came in; with `config.mla` latents [.., B, S, d_c] and rope keys [.., B, S, d_R]
+      instead, see `KVCache`), and with `return_router_stats` a third element: a tuple of
       `jaxalign.models.moe.RouterStats`, one per MoE layer in `config.moe_layer_indices` order
       (router_logits float32 [B, T, E], expert_ids int32 [B, T, k], weights float32 [B, T, k],
       expert_load int32 [E] over real tokens); () for a dense model.
@@ -700,7 +701,8 @@ class Transformer(nn.Module):
         cfg = self.config
         if cfg.scan_layers:
             stacked = None if cache is None else stack_cache(cache)
-            layer_caches = None if cache is None else (stacked.keys, stacked.values)  # [L,B,S,K,H]
+            # [L,B,S,K,H] each (MLA: [L,B,S,d_c], [L,B,S,d_R])
+            layer_caches = None if cache is None else (stacked.keys, stacked.values)
             routes = None if routing is None else jnp.stack(routing)  # [L,B,T,k] (every layer MoE)
             x, (updated, stacked_stats) = self.layers(x, positions, layer_caches, plan, padded, deterministic,
                                                       routes)

@@ -160,8 +160,8 @@ def measure_matmul_peak(sizes: Sequence[int], dtype: Any, reps: int) -> dict[str
     by_size = {}
     for n in sizes:
         a, b = jax.random.normal(jax.random.key(n), (2, n, n), dtype)
-        time_call(lambda: matmul(a, b))  # compile + first run
-        median = statistics.median(time_call(lambda: matmul(a, b)) for _ in range(reps))
+        time_call(lambda a=a, b=b: matmul(a, b))  # compile + first run
+        median = statistics.median(time_call(lambda a=a, b=b: matmul(a, b)) for _ in range(reps))
         by_size[n] = 2.0 * n**3 / median
     best = max(by_size, key=by_size.get)
     return {

@@ -12,6 +12,9 @@ from flax import linen as nn
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.lora import (
     LoraConfig,
+    _adapters_beside_kernels,
+    _dropout_interceptor,
+    _unmerged_delta,
     apply_lora,
     init_lora,
     lora_targets,
@@ -23,7 +26,6 @@ from jaxalign.lora import (
     num_lora_params,
     unmerge_lora,
 )
-from jaxalign.lora import _adapters_beside_kernels, _dropout_interceptor, _unmerged_delta
 from jaxalign.models import forward as _forward
 from jaxalign.models import get_config, init_params, load_hf_checkpoint
 from jaxalign.models.config import RopeScaling

@@ -65,7 +65,7 @@ def test_sequence_logps_hand_computed_with_nan_padding():
     np.testing.assert_array_equal(sequence_logps(lp, mask), [5.0])
     for average in (False, True):
         assert_same_and_grad_zero_outside(
-            lambda x: jnp.sum(sequence_logps(x, MASK, average=average)), (RNG.randn(B, T),), MASK, (0,)
+            lambda x, average=average: jnp.sum(sequence_logps(x, MASK, average=average)), (RNG.randn(B, T),), MASK, (0,)
         )
 
 
@@ -92,7 +92,7 @@ def test_sft_loss_with_nan_logits_at_masked_positions():
     logits = RNG.randn(B, T, V)
     labels = jnp.asarray(np.where(MASK > 0, RNG.randint(0, V, (B, T)), -100))
     for smoothing in (0.0, 0.1):
-        fn = lambda z: sft_loss(z, labels, MASK, label_smoothing=smoothing)[0]  # noqa: E731
+        fn = lambda z, smoothing=smoothing: sft_loss(z, labels, MASK, label_smoothing=smoothing)[0]  # noqa: E731
         clean = jnp.asarray(logits, jnp.float32)
         bad = poisoned(clean, MASK)
         np.testing.assert_array_equal(fn(bad), fn(clean))

@@ -29,9 +29,8 @@ import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxalign.decoding import SamplingConfig, generate
 from jaxalign.memory import estimate_memory, per_device_memory
-from jaxalign.models import get_config, init_params, param_logical_axes
+from jaxalign.models import get_config, init_params, init_scalar_model, param_logical_axes
 from jaxalign.optim import OptimConfig, make_optimizer
-from jaxalign.models import init_scalar_model
 from jaxalign.rollout import PPORollout, Rollout
 from jaxalign.scoring import actor_critic_shardings, init_actor_critic, scalar_model_shardings
 from jaxalign.sharding import (
@@ -48,7 +47,6 @@ from jaxalign.sharding import (
     shard_state,
     sharding_fallbacks,
 )
-from jaxalign.trainers.step import params_step_shardings, step_shardings
 from jaxalign.trainers import (
     create_train_state,
     make_dpo_step,
@@ -57,6 +55,7 @@ from jaxalign.trainers import (
     make_reward_step,
     make_sft_step,
 )
+from jaxalign.trainers.step import params_step_shardings, step_shardings
 from tests._tolerance import ulps
 
 TOK = jd.byte_tokenizer()

@@ -1,7 +1,7 @@
 """experiments/generate.py on the real stories260K model."""
 
-from experiments.generate import main, shuffle_words
 import jaxalign.data as jd
+from experiments.generate import main, shuffle_words
 
 
 def test_stories260k_generates_stories_and_prefers_real_sentences(shared_data, tmp_path):

@@ -35,7 +35,10 @@ def test_grpo_kill_and_resume_is_bit_identical(shared_data, tmp_path):
     """SIGINT after a checkpoint, then --resume: the records, summary and final checkpoint equal
     an uninterrupted run's; a changed flag is refused; lr 1e6 stops the run."""
     from tests.experiments._kill import (
-        assert_same_checkpoints, deterministic_records, deterministic_summary, run_killed,
+        assert_same_checkpoints,
+        deterministic_records,
+        deterministic_summary,
+        run_killed,
     )
 
     whole = tmp_path / "whole"

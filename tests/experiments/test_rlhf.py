@@ -45,7 +45,10 @@ def test_reward_model_on_hh_rlhf_runs_and_learns(shared_data, tmp_path):
 @pytest.mark.slow
 def test_reward_model_kill_and_resume_and_refusals(shared_data, tmp_path):
     from tests.experiments._kill import (
-        assert_same_checkpoints, deterministic_records, deterministic_summary, run_killed,
+        assert_same_checkpoints,
+        deterministic_records,
+        deterministic_summary,
+        run_killed,
     )
 
     args = ["--no-progress", "--model", "gpt2-tiny", "--max-examples", "200", "--max-length", "64",

@@ -74,7 +74,10 @@ def test_kill_and_resume_is_bit_identical(tmp_path, stage, step, how, extra):
     """SIGKILL / SIGINT at any point, then --resume: the same records (none duplicated or
     missing), the same summary and bit-identical final checkpoints as an uninterrupted run."""
     from tests.experiments._kill import (
-        assert_same_checkpoints, deterministic_records, deterministic_summary, run_killed,
+        assert_same_checkpoints,
+        deterministic_records,
+        deterministic_summary,
+        run_killed,
     )
 
     whole, broken = tmp_path / "whole", tmp_path / "broken"

@@ -110,7 +110,7 @@ def test_micro_batches_reproduce_whole_batch(agg, level):
     denom = grpo_denominator(mask, loss_agg=agg)
     total, grads = 0.0, []
     for part in (slice(0, 3), slice(3, 5), slice(5, 8)):
-        fn = lambda x: grpo_loss(x, old[part], ref[part], adv[part], mask[part], denominator=denom, **kw)[0]  # noqa: E731
+        fn = lambda x, part=part: grpo_loss(x, old[part], ref[part], adv[part], mask[part], denominator=denom, **kw)[0]  # noqa: E731
         value, g = jax.value_and_grad(fn)(lp[part])
         total += value
         grads.append(g)

@@ -22,8 +22,10 @@ copy of each kernel, scaled to that kernel's spread:
 
 where std(W) is the standard deviation of the dense kernel's entries (one scalar per kernel and
 layer), so noise_std is relative and the same value means the same perturbation for the gate, up
-and down kernels whatever their init scale. (The paper copies exactly; noise is the common
-variant, e.g. Drop-Upcycling arXiv 2502.19261 perturbs the copies more aggressively.)
+and down kernels whatever their init scale. (The paper copies exactly; Drop-Upcycling, arXiv
+2502.19261, breaks the symmetry instead by re-initialising a random part of each copy.) With
+exact copies the router gets no task gradient at all (y = (Σ g)·FFN, so ∂y/∂router = 0) until
+the experts' own updates, which differ by the tokens routed to each, have pulled them apart.
 
 The router kernel W_r [D, E] is drawn from N(0, router_std²) in float32. A small std keeps the
 router logits near 0 at the start, so the routing probabilities are near uniform and no expert

@@ -1,5 +1,6 @@
 """Attention primitives shared by `transformer.Attention` and `mla.MLAttention`: RoPE, the
-position mask, slot writes into a KV cache and the per-call cache plan.
+position mask, slot writes into a KV cache, the per-call cache plan, and the projection builder
+whose parameters carry logical axis names.
 
 One module below both attention layers, so that transformer.py (which mounts either layer in its
 `Block`) and mla.py (which must not import transformer.py: that would close a cycle) read the same
@@ -8,7 +9,10 @@ code. Shapes: B batch, T new tokens, S cache slots, n heads, H channels per head
 
 from __future__ import annotations
 
+from typing import Any
+
 import chex
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -125,3 +129,30 @@ def write_slots(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Arra
         start = (0, slots[0]) + (0,) * (buffer.ndim - 2)
         return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
     return buffer.at[:, slots].set(new.astype(buffer.dtype))
+
+
+def logical_dense(
+    features: int | tuple[int, ...],
+    kernel_axes: tuple[str | None, ...],
+    *,
+    std: float,
+    name: str,
+    dtype: Any,
+    param_dtype: Any,
+    axis: int | tuple[int, ...] = -1,
+    use_bias: bool = True,
+) -> nn.DenseGeneral:
+    """A `DenseGeneral` projection whose kernel (init N(0, std²)) carries the logical axis names
+    `kernel_axes` (input axes, then output axes) and whose bias (zeros) carries the output ones,
+    so that one rules table (`jaxalign.sharding.DEFAULT_RULES`) maps both onto a mesh."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=std), kernel_axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), kernel_axes[-n_out:]),
+        name=name,
+    )

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models.attention_ops import CachePlan, apply_rope, position_mask, write_slots
+from jaxalign.models.attention_ops import CachePlan, apply_rope, logical_dense, position_mask, write_slots
 
 LayerCache = tuple[jax.Array, jax.Array]  # (latent [B,S,d_c], k_rope [B,S,d_R])
 
@@ -449,17 +449,8 @@ class MLAttention(nn.Module):
     out_init_std: float = 0.02
 
     def _dense(self, features, axes, *, name, std, axis=-1, use_bias=False) -> nn.DenseGeneral:
-        n_out = len(features) if isinstance(features, tuple) else 1
-        return nn.DenseGeneral(
-            features=features,
-            axis=axis,
-            use_bias=use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=_logical(nn.initializers.normal(stddev=std), axes),
-            bias_init=_logical(nn.initializers.zeros_init(), axes[-n_out:]),
-            name=name,
-        )
+        return logical_dense(features, axes, std=std, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
+                             axis=axis, use_bias=use_bias)
 
     def _rms_norm(self, axis_name: str, name: str) -> nn.RMSNorm:
         return nn.RMSNorm(

@@ -41,7 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models.attention_ops import CachePlan, apply_rope, make_cache_plan, position_mask, write_slots
+from jaxalign.models.attention_ops import (
+    CachePlan,
+    apply_rope,
+    logical_dense,
+    make_cache_plan,
+    position_mask,
+    write_slots,
+)
 from jaxalign.models.config import TransformerConfig
 from jaxalign.models.mla import MLAttention, init_mla_layer_cache
 from jaxalign.models.moe import MoE, RouterStats
@@ -172,18 +179,10 @@ def _dense(
     axis: int | tuple[int, ...] = -1,
     use_bias: bool = True,
 ) -> nn.DenseGeneral:
-    """A projection whose kernel and bias carry logical axis names (bias: output axes)."""
-    n_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=_init(std, kernel_axes),
-        bias_init=_zeros(kernel_axes[-n_out:]),
-        name=name,
-    )
+    """A projection whose kernel and bias carry logical axis names (bias: output axes), in the
+    config's dtypes (`attention_ops.logical_dense`)."""
+    return logical_dense(features, kernel_axes, std=std, name=name, dtype=config.dtype,
+                         param_dtype=config.param_dtype, axis=axis, use_bias=use_bias)
 
 
 def _residual_std(config: TransformerConfig) -> float:

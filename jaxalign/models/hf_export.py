@@ -492,10 +492,13 @@ def export_hf(
     np_dtype = _DTYPES[dtype]
     if config.scan_layers:  # Hugging Face's layout is per layer
         params = unstack_layers(params, config)
+    # the config first: a model with no HF class is refused before any tensor is converted
     if config.family == "gpt2":
-        state, hf = gpt2_state_dict(params, config, np_dtype), gpt2_hf_config(config, dtype)
+        hf = gpt2_hf_config(config, dtype)
+        state = gpt2_state_dict(params, config, np_dtype)
     else:
-        state, hf = llama_state_dict(params, config, np_dtype), llama_hf_config(config, dtype)
+        hf = llama_hf_config(config, dtype)
+        state = llama_state_dict(params, config, np_dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

@@ -218,8 +218,7 @@ def test_scan_equals_unrolled_pure_mla(remat):
     np.testing.assert_allclose(jnp.stack(ca.keys), cb.keys, rtol=0, atol=ulps(192, cb.keys))
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_gradients_equal(tiny, remat):
+def test_remat_gradients_equal(tiny):
     config, params = tiny
     tokens = jnp.asarray(np.random.RandomState(4).randint(0, V, (2, 7)))
 
@@ -227,15 +226,14 @@ def test_remat_gradients_equal(tiny, remat):
         return jnp.mean(jnp.square(forward(p, cfg, tokens)))
 
     g0 = jax.grad(loss)(params, config)
-    g1 = jax.grad(loss)(params, config.replace(remat=remat))
-    # the recomputed forward is the same program piece by piece; XLA may fuse it differently:
-    # 3 layers of ≤ 96-term sums each way, 2·192 ulps of each gradient's magnitude
-    for path, a in jax.tree_util.tree_leaves_with_path(g0):
-        b = g1
-        for key in path:
-            b = b[key.key]
-        np.testing.assert_allclose(a, b, rtol=0, atol=ulps(384, a) + 1e-30, err_msg=jax.tree_util.keystr(path))
     assert np.abs(np.asarray(g0["layers_2"]["attn"]["kv_b"]["kernel"])).max() > 0
+    for remat in ("full", "dots"):
+        g1 = jax.grad(loss)(params, config.replace(remat=remat))
+        # the recomputed forward is the same program piece by piece, but XLA may fuse it
+        # differently: 3 layers of ≤ 96-term sums each way, 2·192 ulps of each gradient's
+        # magnitude (measured 0)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=ulps(384, a), err_msg=f"{remat} {jax.tree_util.keystr(path)}")
 
 
 def test_router_stats_and_routing_replay(tiny):
@@ -429,8 +427,8 @@ def test_export_refuses_what_deepseek_v3_cannot_hold(tmp_path):
     for bad in (TINY.replace(moe_layers=(0, 2)),  # a dense layer after an MoE one
                 TINY.replace(moe=dataclasses.replace(TINY.moe, router="softmax", n_group=1, router_bias=False)),
                 TINY.replace(tie_embeddings=True)):
-        with pytest.raises(ValueError, match="export: "):
-            export_hf(init_params(bad, jax.random.key(0)), bad, tmp_path)
+        with pytest.raises(ValueError, match="export: "):  # refused from the config, before any tensor
+            export_hf(abstract_params(bad), bad, tmp_path)
 
 
 def test_imported_model_greedy_decode_equals_teacher_forcing(hf_model):

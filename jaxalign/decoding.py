@@ -273,6 +273,22 @@ def repeat_rows(tree, n: int):
     return jax.tree.map(repeat, tree, is_leaf=lambda x: isinstance(x, KVCache))
 
 
+def _check_generate_args(config: TransformerConfig, p: int, sampling: SamplingConfig, num_samples: int) -> None:
+    """`generate`'s trace-time refusals (see its Raises)."""
+    n, top_k = sampling.max_new_tokens, sampling.top_k
+    if p >= config.max_seq_len:  # before the max_new_tokens check: the prompt is the cause
+        raise ValueError(
+            f"prompt is {p} tokens (the left-padded batch width), the model's context is "
+            f"{config.max_seq_len} (config.max_seq_len): no room for a new token"
+        )
+    if p + n > config.max_seq_len:
+        raise ValueError(f"prompt length {p} + max_new_tokens {n} exceeds max_seq_len {config.max_seq_len}")
+    if top_k is not None and top_k > config.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={config.vocab_size}], got {top_k}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "num_samples"))
 def generate(
     params,
@@ -326,17 +342,7 @@ def generate(
     b, p = prompt_tokens.shape
     n, eos_id, pad_id = sampling.max_new_tokens, sampling.eos_id, sampling.pad_id
     temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
-    if p >= config.max_seq_len:  # before the max_new_tokens check: the prompt is the cause
-        raise ValueError(
-            f"prompt is {p} tokens (the left-padded batch width), the model's context is "
-            f"{config.max_seq_len} (config.max_seq_len): no room for a new token"
-        )
-    if p + n > config.max_seq_len:
-        raise ValueError(f"prompt length {p} + max_new_tokens {n} exceeds max_seq_len {config.max_seq_len}")
-    if top_k is not None and top_k > config.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={config.vocab_size}], got {top_k}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    _check_generate_args(config, p, sampling, num_samples)
 
     positions = prompt_positions(prompt_mask)  # [B,P]
     sizes = attend_sizes(config, p, sampling) if cache is None else (None,)

@@ -407,17 +407,7 @@ def estimate_memory(
     )
 
     b, t, d = batch, seq_len, config.d_model
-    per_layer = [
-        activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, attention=attention, layer=i)
-        for i in range(config.n_layers)
-    ]
-    if remat != "none":  # every block's saved set, plus the largest block's full set in its backward pass
-        layers = max(per_layer) + sum(
-            remat_saved_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, remat=remat, layer=i)
-            for i in range(config.n_layers)
-        )
-    else:
-        layers = sum(per_layer)
+    layers = _blocks_bytes(config, b, t, compute_dtype, attention, remat)
     head = head_bytes(
         config, batch=b, seq_len=t, compute_dtype=compute_dtype, param_dtype=param_dtype, head_chunk=head_chunk
     )
@@ -465,6 +455,21 @@ def estimate_memory(
         "temporaries": int(temporaries),
         "total": int(total),
     }
+
+
+def _blocks_bytes(config: TransformerConfig, b: int, t: int, compute_dtype, attention: Attention, remat: Remat) -> int:
+    """Saved activations of all blocks: their sum, or with remat every block's saved set plus the
+    largest block's full set (live again during its backward pass)."""
+    per_layer = [
+        activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, attention=attention, layer=i)
+        for i in range(config.n_layers)
+    ]
+    if remat == "none":
+        return sum(per_layer)
+    return max(per_layer) + sum(
+        remat_saved_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=compute_dtype, remat=remat, layer=i)
+        for i in range(config.n_layers)
+    )
 
 
 def _optimizer_state_bytes(

@@ -362,6 +362,33 @@ def test_logits_router_logits_and_aux_loss_match_hf(hf_model):
     assert abs(float(unmasked) - float(aux)) > 1e-4  # the padding matters: the mask is tested
 
 
+def test_direct_query_biases_no_yarn_all_dense_match_hf(tmp_path):
+    """The importer's other branches: no q_lora_rank (V2-Lite's direct `q_proj`), attention
+    biases, plain RoPE with rope_interleave False, and first_k_dense_replace = n_layers (no MoE
+    layer: `moe` None, and scan_layers applies)."""
+    torch.manual_seed(1)
+    hf = transformers.DeepseekV3ForCausalLM(hf_config(
+        q_lora_rank=None, attention_bias=True, rope_interleave=False, first_k_dense_replace=3,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e4})).eval()
+    randomise_hf(hf, 1)
+    hf.save_pretrained(tmp_path)
+    config, params = load_hf_checkpoint(tmp_path)
+    assert config.moe is None and config.mla.q_lora_rank is None and config.mla.yarn is None
+    assert config.mla.attention_bias and not config.rope_interleaved and config.rope_theta == 5e4
+    assert set(params["layers_0"]["attn"]) == {"q", "kv_a", "kv_a_norm", "kv_b", "o"}
+    assert num_params(config) == hf.num_parameters()  # no MoE layer: no selection-bias buffers
+    tokens = np.random.RandomState(1).randint(0, V, (HF_B, HF_T))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    logits = np.asarray(forward(params, config, jnp.asarray(tokens)))
+    # as test_logits_router_logits_and_aux_loss_match_hf: 256 ulps of max|logit|
+    err = np.abs(logits - ref).max()
+    assert err <= ulps(256, ref), err
+    _, stacked = load_hf_checkpoint(tmp_path, scan_layers=True)
+    scanned = np.asarray(forward(stacked, config.replace(scan_layers=True), jnp.asarray(tokens)))
+    np.testing.assert_allclose(scanned, logits, rtol=0, atol=ulps(192, logits))  # as the scan test
+
+
 def test_yarn_matters_beyond_the_original_context(hf_model):
     """The same weights without YaRN give other logits at every position after 0 (so the parity
     above tests the scaling): YaRN's cos/sin and softmax factors act at every position, the

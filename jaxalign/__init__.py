@@ -60,6 +60,7 @@ from jaxalign.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     router_z_loss,
+    routing_change_fraction,
     sft_loss,
     sft_token_loss,
     simpo_loss,
@@ -93,6 +94,7 @@ from jaxalign.models import (
     num_params,
     sequence_scores,
     token_scores,
+    upcycle_to_moe,
 )
 from jaxalign.models.hf_export import (
     export_hf,
@@ -139,13 +141,18 @@ from jaxalign.rollout import (
 )
 from jaxalign.scoring import (
     actor_critic_shardings,
+    as_routing,
     completion_logps,
+    completion_routes,
+    completion_routes_fn,
     critic_kind,
     init_actor_critic,
     label_stats,
     next_token_stats,
     policy_and_values,
     reward_model_scorer,
+    router_choices,
+    routes_of,
     row_logps,
     scalar_model_shardings,
 )
@@ -167,6 +174,8 @@ from jaxalign.sharding import (
 )
 from jaxalign.trainers import (
     PREFERENCE_LOSS_TYPES,
+    ROUTER_AUX_LOSS_COEF,
+    ROUTER_Z_LOSS_COEF,
     PPOPtxBatch,
     PPOState,
     StepShardings,
@@ -189,8 +198,11 @@ from jaxalign.trainers import (
     ppo_loop,
     ppo_update,
     reference_logps,
+    router_aux_loss,
+    router_losses,
     step_shardings,
     train_loop,
+    with_router_losses,
 )
 
 __version__ = "0.1.0"
@@ -212,6 +224,8 @@ __all__ = [
     "PPOState",
     "PREFERENCE_LOSS_TYPES",
     "PrefixConfig",
+    "ROUTER_AUX_LOSS_COEF",
+    "ROUTER_Z_LOSS_COEF",
     "RewardFn",
     "Rollout",
     "RolloutOutput",
@@ -228,10 +242,13 @@ __all__ = [
     "actor_critic_shardings",
     "adaptive_kl_coef",
     "apply_lora",
+    "as_routing",
     "bco_pair_loss",
     "beam_search",
     "best_of_n",
     "completion_logps",
+    "completion_routes",
+    "completion_routes_fn",
     "create_train_state",
     "critic_kind",
     "data",
@@ -324,7 +341,12 @@ __all__ = [
     "restore_checkpoint",
     "reward_model_scorer",
     "rloo_advantages",
+    "router_aux_loss",
+    "router_choices",
+    "router_losses",
     "router_z_loss",
+    "routes_of",
+    "routing_change_fraction",
     "row_logps",
     "sample",
     "sampling_logits",
@@ -342,7 +364,9 @@ __all__ = [
     "token_scores",
     "train_loop",
     "unmerge_lora",
+    "upcycle_to_moe",
     "weighted_sum",
     "with_float32_state",
+    "with_router_losses",
     "write_json",
 ]

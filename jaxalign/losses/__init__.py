@@ -25,6 +25,7 @@ from jaxalign.losses.moe import (
     expert_bias_update,
     load_balancing_loss,
     router_z_loss,
+    routing_change_fraction,
     sequence_balance_loss,
 )
 from jaxalign.losses.ppo import ppo_policy_loss, ppo_value_loss
@@ -58,6 +59,7 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "router_z_loss",
+    "routing_change_fraction",
     "sequence_balance_loss",
     "sft_loss",
     "sft_token_loss",

@@ -21,7 +21,11 @@ from jaxalign.models.hf import load_hf_checkpoint, load_state_dict, moe_config_f
 from jaxalign.models.llama2c import load_llama2c
 from jaxalign.models.load import load_pretrained
 from jaxalign.models.mla import MLAConfig, MLAttention, YarnScaling, mla_cache_bytes_per_token
-from jaxalign.models.moe import MoE, MoEConfig, RouterStats
+from jaxalign.models.moe import (
+    MoE,
+    MoEConfig,
+    RouterStats,
+)
 from jaxalign.models.transformer import (
     KVCache,
     Transformer,
@@ -36,6 +40,7 @@ from jaxalign.models.transformer import (
     unstack_cache,
     unstack_layers,
 )
+from jaxalign.models.upcycle import upcycle_ffn, upcycle_to_moe
 
 __all__ = [
     "KVCache",
@@ -76,4 +81,6 @@ __all__ = [
     "train_flops_per_token",
     "unstack_cache",
     "unstack_layers",
+    "upcycle_ffn",
+    "upcycle_to_moe",
 ]

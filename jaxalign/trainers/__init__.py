@@ -40,10 +40,13 @@ from jaxalign.trainers.reward import (
 from jaxalign.trainers.rl_loop import PolicyFn, PPOState, PromptsAt, grpo_loop, ppo_loop
 from jaxalign.trainers.sft import (
     ROUTER_AUX_LOSS_COEF,
+    ROUTER_Z_LOSS_COEF,
     make_sft_eval_step,
     make_sft_step,
     router_aux_loss,
+    router_losses,
     sft_batch_loss,
+    with_router_losses,
 )
 from jaxalign.trainers.step import (
     StepShardings,
@@ -63,6 +66,7 @@ __all__ = [
     "PromptsAt",
     "REFERENCE_FREE_LOSSES",
     "ROUTER_AUX_LOSS_COEF",
+    "ROUTER_Z_LOSS_COEF",
     "StepShardings",
     "TrainState",
     "adaptive_kl_coef",
@@ -99,10 +103,12 @@ __all__ = [
     "reference_logps",
     "reward_batch_loss",
     "router_aux_loss",
+    "router_losses",
     "sft_batch_loss",
     "simpo_batch_loss",
     "step_shardings",
     "train_loop",
     "train_state_shardings",
     "uses_average_logps",
+    "with_router_losses",
 ]

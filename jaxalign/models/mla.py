@@ -404,8 +404,8 @@ class _Kernel(nn.Module):
 
 class MLAttention(nn.Module):
     """Causal Multi-head Latent Attention layer (DeepSeek-V2 §2.1; HF `DeepseekV3Attention`,
-    transformers 5.25.0), with the call signature of `transformer.Attention` so it can take its
-    place in `Block`.
+    transformers 5.25.0), with the call signature of `transformer.Attention`: `Block` mounts it
+    as "attn" in every layer when `TransformerConfig.mla` is set.
 
     Parameters (logical axes): `q_a` [D,d_q] ("embed","q_lora"), `q_a_norm` [d_q] ("q_lora"),
     `q_b` [d_q,H,d_n+d_R] ("q_lora","heads","head_dim") -- or, with q_lora_rank None, `q`

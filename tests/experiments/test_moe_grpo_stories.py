@@ -1,6 +1,10 @@
 """RL on an upcycled MoE stories260K: GRPO, GSPO and routing-replay GRPO from the same start,
 seeds and budget; GRPO raises the held-out keyword reward, every arm's figures are reported,
-and the run folder is never reused."""
+and the run folder is never reused; a killed run resumes bit-identically.
+
+Measured here (2 shared cores, load 3.5-4): the arms test 114 s, the kill-and-resume test 84 s
+(181 s and 134 s at load 7); about two thirds of it compiling three GRPO steps and the sampler.
+At TINY (seed 0): held-out reward 0.000 -> 0.719 (grpo), 0.594 (gspo), 0.797 (replay)."""
 
 import json
 
@@ -42,7 +46,7 @@ def test_moe_grpo_arms_from_upcycled_stories260k(shared_data, tmp_path):
     # arm bit for bit; scoring with the rollout's routes changes the updates
     assert saved["replay_kl_after"] != saved["grpo_kl_after"]
     # GSPO's sequence ratio is clipped at 1 ± 4e-4 (GSPO §5.1): nearly every off-policy sequence
-    # leaves that range (measured 0.81 of tokens vs GRPO's 0.15 at ε = 0.2)
+    # leaves that range (measured at TINY: 0.93 of tokens vs GRPO's 0.19 at ε = 0.2)
     assert saved["gspo_clip_fraction_mean"] > saved["grpo_clip_fraction_mean"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for arm in ARMS:

@@ -3,7 +3,7 @@ seeds and budget; GRPO raises the held-out keyword reward, every arm's figures a
 and the run folder is never reused; a killed run resumes bit-identically.
 
 Measured here (2 shared cores, load 3.5-4): the arms test 114 s, the kill-and-resume test 84 s
-(181 s and 134 s at load 7); about two thirds of it compiling three GRPO steps and the sampler.
+(181 s and 134 s at load 7); over half of it is compilation (each arm's first update, 15-20 s, and the sampler).
 At TINY (seed 0): held-out reward 0.000 -> 0.719 (grpo), 0.594 (gspo), 0.797 (replay)."""
 
 import json

@@ -174,10 +174,9 @@ def _cases(params, grpo_data, ppo_data):
 def test_every_step_adds_router_losses(params, grpo_data, ppo_data):
     a, z = 0.5, 0.25  # large coefficients, so that the terms are well above the loss's rounding
     for name, p0, loss, reference, trunk in _cases(params, grpo_data, ppo_data):
-        fn = jax.jit(lambda p, loss=loss: loss(p, a, z))
-        fn0 = jax.jit(lambda p, loss=loss: loss(p, 0.0, 0.0))
-        total, metrics = fn(p0)
-        base, metrics0 = fn0(p0)
+        # one compilation per coefficient pair: value, metrics and gradient together
+        (total, metrics), grad = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(p, a, z), has_aux=True))(p0)
+        (base, metrics0), grad0 = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(p, 0.0, 0.0), has_aux=True))(p0)
         aux_np, z_np = reference()
         assert 2.0 - 1e-5 <= aux_np <= 4.0, name  # between uniform (k) and collapsed (E) routing
         # L_aux: sums over at most L·N·E = 2·64·4 terms of size <= 1 (and one product): 512 ulps;
@@ -189,8 +188,6 @@ def test_every_step_adds_router_losses(params, grpo_data, ppo_data):
         # the penalty's own rounding (above) plus one addition's: 8 ulps of the total, 512 of the terms
         np.testing.assert_allclose(float(total), expected, rtol=0,
                                    atol=ulps(8, expected) + ulps(512, a * aux_np + z * z_np), err_msg=name)
-        grad = jax.jit(jax.grad(lambda p, loss=loss: loss(p, a, z)[0]))(p0)
-        grad0 = jax.jit(jax.grad(lambda p, loss=loss: loss(p, 0.0, 0.0)[0]))(p0)
         for layer in range(L):
             g, g0 = router_kernel(trunk(grad), layer), router_kernel(trunk(grad0), layer)
             assert np.all(np.isfinite(g)), name

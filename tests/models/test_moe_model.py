@@ -297,8 +297,10 @@ def test_logits_router_logits_and_aux_loss_match_hf(hf_models, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_hf_round_trip(hf_models, family, tmp_path):
     """export_hf writes what transformers loads as the same model: the same architecture, and
-    the reloaded model's logits equal the original's exactly (the float32 weights are copied);
-    importing the export gives the params back exactly."""
+    the reloaded model's logits equal the original's (the float32 weights are copied bit for bit:
+    the same program on the same weights; torch's CPU kernels may still pick another summation
+    order for differently aligned buffers: Qwen2-MoE measured 7.2e-7 absolute, a few ulps of max|logits|
+    with transformers 5.25, so 64 ulps); importing the export gives the params back exactly."""
     hf, path = hf_models[family]
     config, params = load_hf_checkpoint(path)
     export_hf(params, config, tmp_path / "out")
@@ -307,7 +309,8 @@ def test_export_hf_round_trip(hf_models, family, tmp_path):
     assert type(again) is type(hf)
     tokens = torch.tensor(np.random.RandomState(5).randint(0, V, (2, 7)))
     with torch.no_grad():
-        np.testing.assert_array_equal(again(tokens).logits.numpy(), hf(tokens).logits.numpy())
+        want = hf(tokens).logits.numpy()
+        np.testing.assert_allclose(again(tokens).logits.numpy(), want, rtol=0, atol=ulps(64, want))
     config2, params2 = load_hf_checkpoint(tmp_path / "out")
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, params, params2)

@@ -17,10 +17,23 @@ from jaxalign.models.heads import (
     sequence_scores,
     token_scores,
 )
-from jaxalign.models.hf import load_hf_checkpoint, load_state_dict, moe_config_from_hf, moe_params_from_state_dict
+from jaxalign.models.hf import (
+    deepseek_config_from_hf,
+    load_hf_checkpoint,
+    load_state_dict,
+    mla_params_from_state_dict,
+    moe_config_from_hf,
+    moe_params_from_state_dict,
+)
 from jaxalign.models.llama2c import load_llama2c
 from jaxalign.models.load import load_pretrained
-from jaxalign.models.mla import MLAConfig, MLAttention, YarnScaling, mla_cache_bytes_per_token
+from jaxalign.models.mla import (
+    MLAConfig,
+    MLAttention,
+    YarnScaling,
+    gqa_cache_bytes_per_token,
+    mla_cache_bytes_per_token,
+)
 from jaxalign.models.moe import (
     MoE,
     MoEConfig,
@@ -55,9 +68,11 @@ __all__ = [
     "TransformerConfig",
     "YarnScaling",
     "apply_scalar_head",
+    "deepseek_config_from_hf",
     "forward",
     "forward_with_cache",
     "get_config",
+    "gqa_cache_bytes_per_token",
     "init_cache",
     "init_params",
     "init_scalar_head",
@@ -68,6 +83,7 @@ __all__ = [
     "load_state_dict",
     "logits_from_hidden",
     "mla_cache_bytes_per_token",
+    "mla_params_from_state_dict",
     "moe_config_from_hf",
     "moe_layers_from_hf",
     "moe_params_from_state_dict",

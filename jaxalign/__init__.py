@@ -67,6 +67,7 @@ from jaxalign.losses import (
 )
 from jaxalign.memory import (
     estimate_memory,
+    kv_cache_bytes,
     per_device_memory,
 )
 from jaxalign.metrics import (
@@ -284,6 +285,7 @@ __all__ = [
     "keyword_reward",
     "kl_penalty",
     "kto_loss",
+    "kv_cache_bytes",
     "label_stats",
     "language_consistency_reward",
     "last_token_index",

@@ -60,6 +60,11 @@ XLA:CPU's one-layer increments like the dense blocks: the dense path within 2% a
 expands `jax.lax.ragged_dot` over all E groups and keeps about 2.4·N·k·E·F·c instead (measured:
 2.9× the count at E = 8, k = 2, F = 128), so on CPU the "ragged" figures are not a measurement.
 
+MLA blocks (`TransformerConfig.mla`; `mla_projection_width`) replace q, k, v and the attention
+output by the latents, their norms and the per-head tensors of the naive (training) form, and
+the scores have MLA's H heads; `kv_cache_bytes` sizes a decoding cache (MLA: the latent and the
+rope key per slot).
+
 Rematerialisation (`TransformerConfig.remat`, one `nn.remat` per block): "full" keeps only each
 block's input B·T·D·c; "dots" keeps the input and the outputs of the projection matmuls, q, k, v
 (B·T·(N + 2K)·H·c), wo's and down's outputs (2·B·T·D·c) and the MLP's up (and gate) outputs
@@ -134,6 +139,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxalign.logprobs import HEAD_CHUNK_TOKENS, head_chunk_positions
 from jaxalign.lora import LoraConfig, init_lora
 from jaxalign.models.config import Remat, TransformerConfig, num_params
+from jaxalign.models.mla import MLAConfig
 from jaxalign.models.transformer import init_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.sharding import (
@@ -219,6 +225,10 @@ def remat_saved_bytes_per_layer(
     if remat == "dots":
         n, k, h = config.n_heads, config.kv_heads, config.head_dim
         attn = b * t * (2 * d + (n + 2 * k) * h) * c  # input, wo's output; q, k, v
+        if config.mla is not None:  # input, o's output; q_a, q_b, kv_a, kv_b outputs
+            m = config.mla
+            width = (m.q_lora_rank or 0) + m.n_heads * m.qk_head_dim + m.kv_lora_rank + m.qk_rope_head_dim
+            attn = b * t * (2 * d + width + m.n_heads * (m.qk_nope_head_dim + m.v_head_dim)) * c
         return attn + _ffn_dot_bytes(config, layer, b * t, c)
     raise ValueError(f"remat must be 'dots' or 'full' here, got {remat!r}")
 
@@ -289,6 +299,33 @@ def head_bytes(
     return head
 
 
+def mla_projection_width(m: MLAConfig) -> int:
+    """Values per token an MLA block keeps for its backward pass besides the scores (naive form,
+    `jaxalign.models.mla`): the query latent and its RMSNorm 4·d_q (0 without q_lora_rank), the
+    kv latent and its norm 4·d_c, the rope key before and after RoPE 2·d_R, and per head the
+    query (q_b's output and the roped part), the key (kv_b's output and the concatenation) and
+    the value and attention output: H·(3·d_n + 3·d_R + 2·d_v). Read off XLA:CPU's one-layer
+    increments (deepseek-v3-tiny shapes, each width doubled in turn): within 8% of the
+    attention's share, which the [B, H, T, T] scores dominate."""
+    dq = m.q_lora_rank or 0
+    return 4 * dq + 4 * m.kv_lora_rank + 2 * m.qk_rope_head_dim + m.n_heads * (
+        3 * m.qk_nope_head_dim + 3 * m.qk_rope_head_dim + 2 * m.v_head_dim)
+
+
+def kv_cache_bytes(config: TransformerConfig, batch: int, max_len: int) -> int:
+    """Bytes of `init_cache(config, batch, max_len)`: per layer and slot, keys and values of
+    K heads × H channels in `config.dtype` (MLA: the latent d_c and the rope key d_R only), plus
+    the int32 slot positions and length. Slots: max_len, or the rolling window when every layer
+    slides (`config.cache_window`)."""
+    window = config.cache_window
+    slots = max_len if window is None else min(max_len, window)
+    if config.mla is not None:
+        per_slot = config.mla.kv_lora_rank + config.mla.qk_rope_head_dim
+    else:
+        per_slot = 2 * config.kv_heads * config.head_dim
+    return config.n_layers * batch * slots * per_slot * _itemsize(config.dtype) + batch * slots * 4 + 4
+
+
 def activation_bytes_per_layer(
     config: TransformerConfig,
     *,
@@ -310,8 +347,12 @@ def activation_bytes_per_layer(
     if config.qk_norm:  # per-head q/k norms, three tensors each (not yet read off XLA's report)
         total += 3 * b * t * (n + k) * h * c
     total += 2 * btd * c  # the two residual sums
-    total += b * t * (n + 2 * k) * h * c  # q, k, v
-    total += b * t * n * h * c  # attention output (input of wo)
+    if config.mla is not None:  # MLA's projections, latent norms and per-head q, k, v
+        total += b * t * mla_projection_width(config.mla) * c
+        n = config.mla.n_heads
+    else:
+        total += b * t * (n + 2 * k) * h * c  # q, k, v
+        total += b * t * n * h * c  # attention output (input of wo)
     total += ffn_activation_bytes(config, layer, batch=b, seq_len=t, compute_dtype=compute_dtype)
     if attention == "xla":
         total += b * n * t * t * (12 + (c if c != 4 else 0))

@@ -26,6 +26,7 @@ computes elementwise ops in float32 and keeps those copies, which a GPU or TPU d
 are documented in `jaxalign.memory`, not asserted here.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -34,8 +35,8 @@ import numpy as np
 import pytest
 
 from jaxalign.lora import LoraConfig, init_lora, make_lora_loss_fn
-from jaxalign.memory import activation_bytes_per_layer, estimate_memory, lora_sizes
-from jaxalign.models import get_config, init_params, num_params
+from jaxalign.memory import activation_bytes_per_layer, estimate_memory, kv_cache_bytes, lora_sizes
+from jaxalign.models import get_config, init_cache, init_params, num_params
 from jaxalign.models.moe import MoEConfig
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.trainers import create_train_state, make_sft_step, make_train_step
@@ -329,3 +330,52 @@ def test_moe_total_within_10_percent_of_xla(preset):
         moe_layer = activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=jnp.float32, layer=0)
         dense_layer = activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=jnp.float32, layer=1)
         assert moe_layer != dense_layer
+
+
+@pytest.mark.parametrize("heads", [4, 8])
+def test_mla_layer_count_equals_xla_layer_increment(heads):
+    """One dense MLA block (deepseek-v3-tiny's attention, its FFN dense): the XLA:CPU increment
+    from one layer to two within 5% of `activation_bytes_per_layer` (measured 0.992 at H = 4,
+    0.989 at H = 8; the [B, H, T, T] scores are 51-64% of the count)."""
+    b, t = 8, 128
+    mla = dataclasses.replace(get_config("deepseek-v3-tiny").mla, n_heads=heads)
+    temps = []
+    for n_layers in (1, 2):
+        config = get_config("deepseek-v3-tiny", vocab_size=512, n_layers=n_layers, moe=None, moe_layers=None,
+                            mla=mla, n_heads=heads, max_seq_len=t + 1)
+        compiled, *_ = sft_step(config, None, b, t, abstract=True)
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    per_layer = activation_bytes_per_layer(config, batch=b, seq_len=t, compute_dtype=jnp.float32)
+    assert (temps[1] - temps[0]) / per_layer == pytest.approx(1, abs=0.05)
+
+
+def test_deepseek_tiny_total_within_10_percent_of_xla():
+    """MLA in every layer, a dense layer 0 and DeepSeek-V3-routed MoE layers 1-2 with a shared
+    expert: parameters and optimizer state exact, the SFT step's total within 10% of XLA's
+    (measured 0.992)."""
+    b, t = 8, 128
+    config = get_config("deepseek-v3-tiny", vocab_size=512, max_seq_len=t + 1)
+    compiled, *_ = sft_step(config, None, b, t, abstract=True)
+    analysis = compiled.memory_analysis()
+    est = estimate_memory(config, batch=b, seq_len=t)
+    assert analysis.argument_size_in_bytes == est["params"] + est["optimizer_state"] + est["inputs"] - 1
+    assert 0.9 < (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / est["total"] < 1.1
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("llama-tiny", {}), ("llama-tiny", {"scan_layers": True}), ("llama-tiny", {"sliding_window": 8}),
+    ("deepseek-v3-tiny", {}), ("deepseek-v3-tiny", {"dtype": jnp.bfloat16}),
+])
+def test_kv_cache_bytes_equal_init_cache(preset, overrides):
+    config = get_config(preset, **overrides)
+    cache = jax.eval_shape(lambda: init_cache(config, 3, 40))
+    assert kv_cache_bytes(config, 3, 40) == nbytes(cache)
+
+
+def test_deepseek_v3_cache_is_the_latent_and_rope_key():
+    """DeepSeek-V3 in bf16: 61 layers × (d_c 512 + d_R 64) × 2 bytes = 70,272 bytes per token
+    (arXiv 2405.04434 Table 1: (d_c + d_R)·l elements), against 61 × 128 heads × (192 + 128) × 2 =
+    4,997,120 for the expanded per-head keys and values (71×)."""
+    config = get_config("deepseek-v3", dtype=jnp.bfloat16)
+    per_token = kv_cache_bytes(config, 1, 2) - kv_cache_bytes(config, 1, 1) - 4
+    assert per_token == 61 * (512 + 64) * 2 == 70272

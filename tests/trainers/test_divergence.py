@@ -7,10 +7,15 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from jaxalign.checkpoint import NonFiniteError, first_nonfinite, make_checkpoint_manager, restore_checkpoint, save_checkpoint
+from jaxalign.checkpoint import (
+    NonFiniteError,
+    first_nonfinite,
+    make_checkpoint_manager,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from jaxalign.metrics import MetricsWriter, read_metrics, write_json
 from jaxalign.optim import OptimConfig, make_optimizer, nonfinite_metrics
 from jaxalign.trainers.loop import train_loop

@@ -271,7 +271,8 @@ def run(cfg: Config) -> dict[str, Any]:
         cfg.json.parent.mkdir(parents=True, exist_ok=True)
         cfg.json.write_text(line + "\n")
     assert recompiles == 0, f"{recompiles} compilations after warm-up"
-    assert all(f["cache_size"] == 1 for f in (llama, gpt2_sft, gpt2_dpo)), "a train step compiled twice"
+    # compile events, not the jit's C++ cache size (seen empty late in a long pytest worker)
+    assert all(f["recompiles"] == 0 for f in (llama, gpt2_sft, gpt2_dpo)), "a train step compiled twice"
     assert all(math.isfinite(v) for v in peaks)
     return report
 

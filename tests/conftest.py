@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -42,6 +43,27 @@ def shared_data() -> Path:
 def compile_count(jitted) -> int:
     """Number of compiled specialisations a `jax.jit` function holds."""
     return jitted._cache_size()
+
+
+_BACKEND_COMPILES = [0]
+# lowering to MLIR happens on every (re)compilation, also when the persistent cache then supplies
+# the executable (which skips the backend-compile event)
+_COMPILE_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+        _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def backend_compiles() -> int:
+    """Compilations (lowerings) so far in this process (jax.monitoring's event): unlike
+    `compile_count`, not fooled by the C++ dispatch cache, which late in a long pytest worker
+    was seen holding no entry for a function that had just run twice."""
+    return _BACKEND_COMPILES[0]
 
 
 # Longest first (LPT scheduling): xdist hands tests out in collection order, so a multi-minute

@@ -71,7 +71,9 @@ def backend_compiles() -> int:
 # the end while the other worker idles. Stable sort: the order within each group is unchanged.
 _FIRST = ("test_sharding_on_8_simulated_devices",)
 # unmarked tests measured at over a minute under the suite's load (pytest --durations)
-_EARLY = ("test_ppo_loop_adapts_beta_and_resumes_bit_identically", "test_ppo_update_moves_policy_towards_advantage")
+_EARLY = ("test_ppo_loop_adapts_beta_and_resumes_bit_identically", "test_ppo_update_moves_policy_towards_advantage",
+          "test_every_step_adds_router_losses", "test_device_suite_cpu_shapes_prints_one_json_line",
+          "test_moe_layer_and_whole_step_report", "test_attend_buckets_give_the_same_generation")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,7 +34,7 @@ when it ran in full; otherwise against its first k steps and, for all N, against
 `teacher_forced_greedy` (one forward pass over the same buffer holding the cache's tokens, whose
 argmaxes equal the loop's tokens exactly when the loop would reproduce them).
 
-Finally `generate._cache_size()` is read around repeated calls (same shapes with other rngs and
+Finally the programs `generate` compiles (`jaxalign.metrics.compilations`) are counted around repeated calls (same shapes with other rngs and
 prompts, other sampling settings, another max_new_tokens, batch or prompt length) to count
 compilations.
 
@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.decoding import SamplingConfig, generate, prompt_positions
+from jaxalign.metrics import compilations
 from jaxalign.models import (
     TransformerConfig,
     forward,
@@ -311,15 +312,15 @@ def benchmark_case(case: Case, config: TransformerConfig, params, cfg: Config) -
     def cache_call():
         return generate(params, config, prompt, mask, rng=key, sampling=SamplingConfig(max_new_tokens=n, temperature=0.0))
 
-    before = generate._cache_size()
-    start = time.perf_counter()
-    gen = jax.block_until_ready(cache_call())
-    first_s = time.perf_counter() - start
-    compiles = generate._cache_size() - before
+    with compilations(generate) as first_programs:
+        start = time.perf_counter()
+        gen = jax.block_until_ready(cache_call())
+        first_s = time.perf_counter() - start
     assert np.all(np.asarray(gen.lengths) == n), f"{what}: a row generated fewer than {n} tokens"
     cache_tokens = np.asarray(gen.tokens)
-    cache_times = timed(cache_call, cfg.reps, cfg.time_budget_s)
-    assert generate._cache_size() == before + compiles, f"{what}: generate recompiled"
+    with compilations(generate) as programs:
+        cache_times = timed(cache_call, cfg.reps, cfg.time_budget_s)
+    assert not programs, f"{what}: generate recompiled"
     cache_s = statistics.median(cache_times)
 
     prefill_call = lambda: prefill(params, config, prompt, mask, cache_len=p + n)  # noqa: E731
@@ -369,7 +370,7 @@ def benchmark_case(case: Case, config: TransformerConfig, params, cfg: Config) -
         batch_size=b,
         prompt_len=p,
         new_tokens=n,
-        generate_compiles=compiles,
+        generate_compiles=len(first_programs),
         cache_first_call_s=first_s,
         cache_s=cache_s,
         cache_times_s=cache_times,
@@ -422,11 +423,10 @@ def compile_count_check(config: TransformerConfig, params, prompt_len: int) -> l
     rows = []
     for i, (desc, sampling, bb, pp, nn, expected) in enumerate(calls):
         tokens, mask = prompt(bb, pp)
-        before = generate._cache_size()
-        jax.block_until_ready(
-            generate(params, config, tokens, mask, rng=jax.random.key(100 + i), sampling=SamplingConfig(max_new_tokens=nn, **sampling))
-        )
-        rows.append({"call": desc, "new_compiles": generate._cache_size() - before, "expected": expected})
+        with compilations(generate) as programs:
+            jax.block_until_ready(generate(params, config, tokens, mask, rng=jax.random.key(100 + i),
+                                           sampling=SamplingConfig(max_new_tokens=nn, **sampling)))
+        rows.append({"call": desc, "new_compiles": len(programs), "expected": expected})
     return rows
 
 
@@ -498,7 +498,7 @@ def format_report(
     for s in skipped:
         lines.append(f"skipped: {s}")
     if compiles:
-        lines += ["", "generate._cache_size() deltas (new compilations per call):"]
+        lines += ["", "programs generate compiled, per call (jaxalign.metrics.compilations):"]
         for c in compiles:
             flag = "" if c["new_compiles"] == c["expected"] else "   <-- UNEXPECTED"
             lines.append(f"  {c['call']:<45} +{c['new_compiles']} (expected +{c['expected']}){flag}")

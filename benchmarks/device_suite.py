@@ -21,7 +21,8 @@ It measures, in one process (progress on stderr, the JSON line alone on stdout):
 * `memory_bf16`: the cases of `tests/test_memory.py` (`CASES` there; B=8, T=128, V=512) with a
   bfloat16 compute dtype: XLA's `memory_analysis()` argument + temp bytes of the compiled SFT step
   against `jaxalign.memory.estimate_memory(..., compute_dtype=bfloat16)["total"]`.
-* `recompiles_after_warmup`: compile events during the timed calls (0 expected, asserted).
+* `recompiles_after_warmup`: programs compiled during the timed calls (`jaxalign.metrics.compilations`;
+  0 expected, asserted).
 
 Every figure is computed in the run; benchmarks/README.md ("Device suite") documents the fields.
 """
@@ -51,11 +52,11 @@ from jaxalign.trainers.sft import sft_batch_loss
 
 try:  # run as a script (`python benchmarks/device_suite.py`): benchmarks/ itself is on sys.path
     from _common import environment
-    from speed_cpu import compile_events, time_jax_decode, time_jax_step, timed_calls
+    from speed_cpu import time_jax_decode, time_jax_step, timed_calls
     from train_step import Case, measure_matmul_peak
 except ImportError:  # imported as `benchmarks.device_suite`
     from benchmarks._common import environment
-    from benchmarks.speed_cpu import compile_events, time_jax_decode, time_jax_step, timed_calls
+    from benchmarks.speed_cpu import time_jax_decode, time_jax_step, timed_calls
     from benchmarks.train_step import Case, measure_matmul_peak
 
 # The cases of tests/test_memory.py (its CASES; tests/test_benchmarks.py asserts the names agree):
@@ -154,7 +155,7 @@ def step_figures(kind: str, config: TransformerConfig, params, case: Case, cfg: 
         "tokens_per_s": r["tokens_per_s"], "step_s": r["step_s"], "first_call_s": r["first_call_s"],
         "compile_s": r["compile_s"], "compiled_bytes": r["compiled_bytes"],
         "mfu": r["model_flops_per_step"] / r["step_s"] / peak, "model_flops_per_step": r["model_flops_per_step"],
-        "recompiles": r["recompiles"], "cache_size": r["cache_size"],
+        "recompiles": r["recompiles"], "compiled_programs": r["compiled_programs"],
     }
 
 
@@ -208,7 +209,6 @@ def run(cfg: Config) -> dict[str, Any]:
         if name not in MEMORY_CASES:
             raise ValueError(f"--memory-cases: unknown case {name!r}; known: {', '.join(MEMORY_CASES)}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    compile_events()
     start = time.perf_counter()
     env = environment()
     log("bf16 matmul peak ...")

@@ -11,7 +11,7 @@ builds one set of base params and times the SFT train step (`jaxalign.trainers.m
 
 Each step is compiled ahead of time (`step.lower(...).compile()`, the `compile s` column), then
 called `--warmup` times untimed and `--steps` times timed; the figure is the median. Every call
-has the same shapes and the script asserts one compilation per step (`_cache_size() == 1`).
+has the same shapes and the script asserts one compiled program per step (`jaxalign.metrics.compilations`).
 Optimizer-state bytes are the live buffers of the state after the timed steps (and must equal
 `jaxalign.memory.estimate_memory`'s figure, asserted); `temp MB` is XLA's own
 `compiled.memory_analysis().temp_size_in_bytes` (gradients, activations, work space). Ratios are
@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxalign.lora import LoraConfig, init_lora, make_lora_optimizer
 from jaxalign.memory import estimate_memory
+from jaxalign.metrics import compilations
 from jaxalign.models import TransformerConfig, init_params, num_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.trainers import create_train_state, make_dpo_step, make_sft_step
@@ -149,10 +150,6 @@ def benchmark_variant(
     state = create_train_state(trainable, tx, cfg.seed)
     jax.block_until_ready(state)
 
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, *extra).compile()  # trace + lower + XLA compile
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
     metrics = {}
 
     def call():
@@ -160,9 +157,14 @@ def benchmark_variant(
         state, metrics = step(state, batch, *extra)
         return state, metrics
 
-    warmup_times = [time_call(call) for _ in range(cfg.warmup)]
-    times = [time_call(call) for _ in range(cfg.steps)]
-    assert step._cache_size() == 1, f"{variant} {trainer} step compiled {step._cache_size()} times"
+    with compilations(step) as programs:
+        start = time.perf_counter()
+        compiled = step.lower(state, batch, *extra).compile()  # trace + lower + XLA compile
+        compile_s = time.perf_counter() - start
+        warmup_times = [time_call(call) for _ in range(cfg.warmup)]
+        times = [time_call(call) for _ in range(cfg.steps)]
+    assert len(programs) == 1, f"{variant} {trainer} step compiled {len(programs)} programs"
+    memory = compiled.memory_analysis()
     loss = float(metrics["loss"])
     assert np.isfinite(loss), f"{variant} {trainer} loss is {loss}"
 

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.metrics import compilations
 from jaxalign.models.config import get_config, num_params
 from jaxalign.models.moe import MoE, MoEConfig
 from jaxalign.models.transformer import init_params
@@ -141,16 +142,17 @@ def benchmark(e: int, k: int, impl: str, params, x, r, cfg: Config) -> Result:
     """Compiles, warms up and times one implementation's forward + backward step."""
     config = MoEConfig(num_experts=e, experts_per_token=k, moe_d_ff=cfg.d_ff, impl=impl)
     step = _step(config, r)
-    start = time.perf_counter()
-    compiled = step.lower(params, x).compile()
-    compile_s = time.perf_counter() - start
+    with compilations(step) as programs:
+        start = time.perf_counter()
+        compiled = step.lower(params, x).compile()
+        compile_s = time.perf_counter() - start
+        for _ in range(cfg.warmup):
+            time_call(lambda: step(params, x))
+        times = [time_call(lambda: step(params, x)) for _ in range(cfg.steps)]
+    assert len(programs) == 1, f"{impl} step compiled {len(programs)} programs"
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     memory = compiled.memory_analysis()
-    for _ in range(cfg.warmup):
-        time_call(lambda: step(params, x))
-    times = [time_call(lambda: step(params, x)) for _ in range(cfg.steps)]
-    assert step._cache_size() == 1, f"{impl} step compiled {step._cache_size()} times"
     n, d, f = cfg.tokens, cfg.d_model, cfg.d_ff
     median = statistics.median(times)
     return Result(
@@ -191,7 +193,7 @@ def benchmark_step(e: int, k: int, cfg: Config) -> list[dict[str, Any]]:
         params = init_params(config, jax.random.key(cfg.seed))
         print(f"timing SFT step E={e} k={k} {impl} ...", file=sys.stderr, flush=True)
         r = time_jax_step("sft", config, params, case, cfg.steps, cfg.warmup, seed=cfg.seed)
-        assert r["recompiles"] == 0 and r["cache_size"] <= 1, f"{impl} SFT step recompiled: {r}"
+        assert r["recompiles"] == 0 and r["compiled_programs"] == 1, f"{impl} SFT step recompiled: {r}"
         out.append({"experts": e, "k": k, "impl": impl, "params": num_params(config),
                     "active_params": num_params(config, active=True), **r})
     return out

@@ -25,9 +25,10 @@ Every figure is measured in this run and every ratio is against a baseline measu
 * **batch-32 decode** of `--b32-preset` (default the 16M GPT; `gpt2` is the issue's 124M, about
   6 minutes more) at N=128 and N=256: the ratio of tokens/s is
   compared with the slowdown that the growing attention alone explains (see `attention_allowance`).
-* **recompilations after warm-up**: every compile event (`jax.monitoring`'s backend-compile
-  event) between the end of each warm-up and the end of its timed calls is counted; the script
-  asserts the count is zero (and each jitted step's `_cache_size()` is 1) after printing.
+* **recompilations after warm-up**: every program jax compiles (`jaxalign.metrics.compilations`:
+  lowerings, seen also when a persistent compilation cache supplies the executable) during the
+  timed calls is counted; the script asserts the count is zero (and that each train step compiled
+  exactly one program, `compiled_programs`) after printing.
 
 One line per figure with its target from issue 17 and PASS/BELOW. `--quick` runs the same code on
 tiny shapes in seconds (the targets then mean nothing; the test suite uses it).
@@ -54,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.decoding import SamplingConfig, generate
+from jaxalign.metrics import compilations
 from jaxalign.models import TransformerConfig, get_config, init_params, num_params, train_flops_per_token
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.trainers import count_tokens, create_train_state, make_dpo_step, make_sft_step
@@ -99,31 +101,10 @@ class Config:
     """Write every figure (raw times included) here as JSON."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Compile events: counted process-wide so that any recompilation, of any jitted function, shows.
-
-_COMPILES = [0]
-_LISTENING = [False]
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-def _on_event(event: str, duration: float, **kwargs) -> None:
-    if event == _COMPILE_EVENT:
-        _COMPILES[0] += 1
-
-
-def compile_events() -> int:
-    """XLA backend compilations so far in this process (listener registered on first call)."""
-    if not _LISTENING[0]:
-        jax.monitoring.register_event_duration_secs_listener(_on_event)
-        _LISTENING[0] = True
-    return _COMPILES[0]
-
-
 @dataclasses.dataclass
 class Timed:
     """Median seconds of repeated calls, the raw times, the warm-up (compile included) and the
-    compile events seen during the timed calls (0 when nothing recompiled)."""
+    programs compiled during the timed calls (0 when nothing recompiled)."""
 
     median_s: float
     times_s: list[float]
@@ -136,9 +117,9 @@ def timed_calls(fn: Callable[[], Any], steps: int, warmup: int) -> Timed:
     first_s = time_call(fn)
     for _ in range(warmup):
         time_call(fn)
-    before = compile_events()
-    times = [time_call(fn) for _ in range(steps)]
-    return Timed(statistics.median(times), times, first_s, compile_events() - before)
+    with compilations() as compiled:
+        times = [time_call(fn) for _ in range(steps)]
+    return Timed(statistics.median(times), times, first_s, len(compiled))
 
 
 def measure_copy_bandwidth(nbytes: int, reps: int) -> float:
@@ -182,7 +163,8 @@ def time_jax_step(kind: str, config: TransformerConfig, params, case: Case, step
     `head_chunk` "default" leaves the trainer's default (the fused chunked head); None is the
     unfused path. The step is compiled ahead of time (`compile_s`, and `compiled_bytes`: XLA's
     argument + temp bytes); the calls reuse that executable. Returns tokens, model FLOPs,
-    timings, compile events and `cache_size`.
+    timings, programs compiled after warm-up (`recompiles`) and `compiled_programs` (of the
+    step, over the ahead-of-time compile and every call: 1 unless a call recompiled).
     """
     tx, schedule = make_optimizer(OptimConfig())
     kw = {} if head_chunk == "default" else {"head_chunk": head_chunk}
@@ -190,17 +172,18 @@ def time_jax_step(kind: str, config: TransformerConfig, params, case: Case, step
     state = create_train_state(jax.tree.map(jnp.copy, params), tx, seed)
     batch = random_batch(kind, case, config, params, np.random.default_rng(seed))
     jax.block_until_ready((state, batch))
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()  # the jitted calls below reuse this executable
-    compile_s = time.perf_counter() - start
-    analysis = compiled.memory_analysis()
     holder = {"state": state}
 
     def call():
         holder["state"], metrics = step(holder["state"], batch)
         return holder["state"], metrics
 
-    t = timed_calls(call, steps, warmup)
+    with compilations(step) as programs:
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()  # the jitted calls below reuse this executable
+        compile_s = time.perf_counter() - start
+        t = timed_calls(call, steps, warmup)
+    analysis = compiled.memory_analysis()
     tokens = count_tokens(batch)
     return {
         "tokens_per_step": tokens,
@@ -211,7 +194,7 @@ def time_jax_step(kind: str, config: TransformerConfig, params, case: Case, step
         "compile_s": compile_s,
         "compiled_bytes": None if analysis is None else int(analysis.argument_size_in_bytes + analysis.temp_size_in_bytes),
         "recompiles": t.recompiles,
-        "cache_size": step._cache_size(),
+        "compiled_programs": len(programs),
         "tokens_per_s": tokens / t.median_s,
     }
 
@@ -224,8 +207,8 @@ def time_jax_decode(config: TransformerConfig, params, batch: int, prompt_len: i
     mask = jnp.ones((batch, prompt_len), jnp.int32)
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
     key = jax.random.key(seed)
-    before = generate._cache_size()
-    t = timed_calls(lambda: generate(params, config, prompt, mask, sampling=sampling, rng=key), reps, 0)
+    with compilations(generate) as programs:
+        t = timed_calls(lambda: generate(params, config, prompt, mask, sampling=sampling, rng=key), reps, 0)
     return {
         "batch": batch,
         "new_tokens": new_tokens,
@@ -233,7 +216,7 @@ def time_jax_decode(config: TransformerConfig, params, batch: int, prompt_len: i
         "call_times_s": t.times_s,
         "first_call_s": t.first_s,
         "recompiles": t.recompiles,
-        "new_specialisations": generate._cache_size() - before,
+        "new_specialisations": len(programs),
         "tokens_per_s": batch * new_tokens / t.median_s,
     }
 
@@ -428,7 +411,6 @@ def run(cfg: Config) -> dict[str, Any]:
     reps = 2 if quick else 3
     config = gpt_config(quick)
     case = Case("gpt16m", config.vocab_size, *((2, 32) if quick else (8, 256)))
-    compile_events()  # start listening before anything compiles
     clock = RunClock()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -562,8 +544,8 @@ def run(cfg: Config) -> dict[str, Any]:
     # Asserted after the report is printed, so a failing run still shows its figures.
     assert recompiles == 0, f"{recompiles} compilations after warm-up"
     for name in ("sft_fused", "sft_unfused", "dpo"):
-        assert g16[name]["cache_size"] == 1, f"16M {name} step compiled {g16[name]['cache_size']} times"
-    assert g2["cache_size"] == 1, f"gpt2 SFT step compiled {g2['cache_size']} times"
+        assert g16[name]["compiled_programs"] == 1, f"16M {name} step compiled {g16[name]['compiled_programs']} programs"
+    assert g2["compiled_programs"] == 1, f"gpt2 SFT step compiled {g2['compiled_programs']} programs"
     return report
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxalign.metrics import compilations
 from jaxalign.models import (
     TransformerConfig,
     get_config,
@@ -246,11 +247,6 @@ def benchmark_step(
     batch = random_batch(trainer, case, config, params, np.random.default_rng(cfg.seed))
     jax.block_until_ready((state, batch))
 
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()  # trace + lower + XLA compile, no execution
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis() or {}
-    xla_flops = cost.get("flops")
     metrics = {}
 
     def call():
@@ -258,9 +254,15 @@ def benchmark_step(
         state, metrics = step(state, batch)
         return state, metrics
 
-    warmup_times = [time_call(call) for _ in range(cfg.warmup)]
-    times = [time_call(call) for _ in range(cfg.steps)]
-    assert step._cache_size() == 1, f"{trainer} step compiled {step._cache_size()} times"
+    with compilations(step) as programs:
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()  # trace + lower + XLA compile, no execution
+        compile_s = time.perf_counter() - start
+        warmup_times = [time_call(call) for _ in range(cfg.warmup)]
+        times = [time_call(call) for _ in range(cfg.steps)]
+    assert len(programs) == 1, f"{trainer} step compiled {len(programs)} programs"
+    cost = compiled.cost_analysis() or {}
+    xla_flops = cost.get("flops")
     loss = float(metrics["loss"])
     assert np.isfinite(loss), f"{trainer} loss is {loss}"
 

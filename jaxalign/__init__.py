@@ -72,6 +72,7 @@ from jaxalign.memory import (
 )
 from jaxalign.metrics import (
     MetricsWriter,
+    compilations,
     plot_metrics,
     read_metrics,
     setup_logging,
@@ -247,6 +248,7 @@ __all__ = [
     "bco_pair_loss",
     "beam_search",
     "best_of_n",
+    "compilations",
     "completion_logps",
     "completion_routes",
     "completion_routes_fn",

@@ -4,21 +4,73 @@ and PNG plots drawn with matplotlib from the JSONL file.
 Every file written here is strict JSON (RFC 8259): a non-finite float (NaN, ±inf: a diverged
 loss, an empty mean) is written as `null`, never as the bare `NaN` Python's `json` emits by
 default, so any JSON reader can load the metrics of a run that went wrong.
+
+Also `compilations`, which names the programs jax compiled inside a `with` block: the check
+behind "no recompilation" in tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+# Every lowering to MLIR, by program name ("jit(step)"), in this process, from the first
+# `compilations` call on: jax lowers once per new specialisation of a jit function (before XLA
+# compiles it or the persistent compilation cache supplies the executable), never on a hit.
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_LOWERED: list[str] = []
+_LISTENING = [False]
+
+
+def _record_lowering(event: str, duration: float, *, fun_name: str = "", **kwargs) -> None:
+    if event == _LOWERING_EVENT:
+        _LOWERED.append(fun_name)
+
+
+@contextlib.contextmanager
+def compilations(jitted=None) -> Iterator[list[str]]:
+    """Names the programs jax compiled (lowered) inside the `with` block.
+
+        with compilations(step) as compiled:
+            for batch in batches:
+                state, metrics = step(state, batch)
+        assert len(compiled) == 1  # one specialisation, never a recompile
+
+    Yields a list, filled when the block ends, of each program's `"jit(<function name>)"`, in
+    order; with `jitted` (a `jax.jit` function) only the programs carrying its name. A jit
+    function lowers once per new specialisation (shapes, dtypes, shardings, static arguments) and
+    never on a cache hit, so for a function first called inside the block `len(...)` is the
+    number of specialisations its calls made. Eager operations count too (as `jit(add)` and so
+    on, once per new shape) unless `jitted` filters them out. A new function object is traced and
+    lowered anew even for a program seen before (a persistent compilation cache may then supply
+    the executable). Counted from `jax.monitoring`'s lowering event, not from
+    `jitted._cache_size()`, the size of the C++ dispatch cache, which late in long pytest workers
+    was seen reading 0 for a function that had just run (CI at stops 23-25).
+    """
+    if not _LISTENING[0]:
+        jax.monitoring.register_event_duration_secs_listener(_record_lowering)
+        _LISTENING[0] = True
+    start = len(_LOWERED)
+    compiled: list[str] = []
+    try:
+        yield compiled
+    finally:
+        names = _LOWERED[start:]
+        if jitted is not None:
+            names = [n for n in names if n == f"jit({jitted.__name__})"]
+        compiled.extend(names)
 
 
 def _to_python(value: Any) -> Any:

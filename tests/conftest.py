@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real data folder beside the repo, and a compile counter.
+"""Shared test fixtures: the real data folder beside the repo.
 
 Also a JAX persistent compilation cache for the whole test session, set here before any test
 imports jax: the end-to-end tests run the same experiment several times (an uninterrupted run,
@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
 import pytest
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -38,32 +37,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} not present (only on the project's machines)")
     return SHARED_DATA
-
-
-def compile_count(jitted) -> int:
-    """Number of compiled specialisations a `jax.jit` function holds."""
-    return jitted._cache_size()
-
-
-_BACKEND_COMPILES = [0]
-# lowering to MLIR happens on every (re)compilation, also when the persistent cache then supplies
-# the executable (which skips the backend-compile event)
-_COMPILE_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-
-
-def _count_compile(event: str, duration: float, **kwargs) -> None:
-    if event == _COMPILE_EVENT:
-        _BACKEND_COMPILES[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-
-def backend_compiles() -> int:
-    """Compilations (lowerings) so far in this process (jax.monitoring's event): unlike
-    `compile_count`, not fooled by the C++ dispatch cache, which late in a long pytest worker
-    was seen holding no entry for a function that had just run twice."""
-    return _BACKEND_COMPILES[0]
 
 
 # Longest first (LPT scheduling): xdist hands tests out in collection order, so a multi-minute

@@ -12,8 +12,8 @@ from jaxalign.advantages import (
     ppo_token_rewards,
     rloo_advantages,
 )
+from jaxalign.metrics import compilations
 from tests._tolerance import ulps
-from tests.conftest import backend_compiles
 
 
 def np_gae(rewards, values, mask, gamma, lam):
@@ -75,12 +75,10 @@ def test_gae_no_recompile():
     fn = jax.jit(lambda r, v, m: gae(r, v, m))
     x = jnp.ones((2, 4))
     y = x * 2
-    first = backend_compiles()
-    jax.block_until_ready(fn(x, x, x))
-    compiled = backend_compiles()
-    jax.block_until_ready(fn(y, x, x))
-    # the first call compiles (lowers) the new function; the second, same shapes, does not
-    assert compiled - first >= 1 and backend_compiles() == compiled
+    with compilations(fn) as compiled:
+        fn(x, x, x)
+        fn(y, x, x)
+    assert len(compiled) == 1  # the new function once; the second call, same shapes, compiles nothing
 
 
 def test_kl_estimators_hand_computed_and_unbiased():

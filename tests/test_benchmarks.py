@@ -11,7 +11,7 @@ from benchmarks import device_suite, moe, speed_cpu
 from tests.test_memory import CASES
 
 STEP = ("preset", "batch", "seq_len", "tokens_per_s", "step_s", "mfu", "compile_s", "compiled_bytes",
-        "first_call_s", "model_flops_per_step", "recompiles", "cache_size")
+        "first_call_s", "model_flops_per_step", "recompiles", "compiled_programs")
 # The fields of benchmarks/README.md's "Device suite" output format.
 DEVICE_FIELDS = {
     None: ("suite", "backend", "device_kind", "cpu_shapes", "jax", "load_average_1m", "bf16_peak_flops_per_s",
@@ -62,7 +62,7 @@ def test_device_suite_cpu_shapes_prints_one_json_line(capsys):
         assert math.isfinite(value), path
     assert parsed["recompiles_after_warmup"] == 0
     for section in ("gpt2_sft", "gpt2_dpo", "llama_sft"):
-        assert parsed[section]["cache_size"] == 1 and parsed[section]["mfu"] > 0
+        assert parsed[section]["compiled_programs"] == 1 and parsed[section]["mfu"] > 0
 
 
 def test_speed_cpu_quick_reports_every_figure(capsys):
@@ -72,7 +72,7 @@ def test_speed_cpu_quick_reports_every_figure(capsys):
     assert figures["recompiles_after_warmup"] == 0
     assert "recompilations after warm-up: 0" in out
     for key in ("sft_fused", "sft_unfused", "dpo"):
-        assert figures["gpt16m"][key]["cache_size"] == 1
+        assert figures["gpt16m"][key]["compiled_programs"] == 1
     # one verdict per figure line: 2 SFT MFU, gpt2 MFU, SFT/DPO, roofline, batch-32, recompiles,
     # and with torch the 2 train-step ratios and the decode ratio
     with_torch = "torch" in figures["gpt16m"]

@@ -11,11 +11,11 @@ import pytest
 
 from jaxalign.logprobs import entropy, head_chunk_positions, head_stats, token_logps
 from jaxalign.losses.sft import sft_loss
+from jaxalign.metrics import compilations
 from jaxalign.models import TransformerConfig, forward, init_params, logits_from_hidden
 from jaxalign.scoring import label_stats
 from jaxalign.trainers.sft import sft_batch_loss
 from tests._tolerance import ulps
-from tests.conftest import compile_count
 
 # Untied head with Gemma-2 soft-capping, so head_fn is more than one matmul; V = 300.
 CONFIG = TransformerConfig(
@@ -125,9 +125,11 @@ def test_sft_batch_loss_equals_sft_loss_on_full_logits(smoothing):
 def test_no_recompile_on_a_second_call():
     params, tokens = _inputs(GPT)
     fn = jax.jit(lambda p, t: _objective(GPT, 7)(p, t)[0][0])
-    fn(params, tokens)
-    fn(params, jnp.flip(tokens, 1))
-    assert compile_count(fn) == 1
+    flipped = jnp.flip(tokens, 1)
+    with compilations(fn) as compiled:
+        fn(params, tokens)
+        fn(params, flipped)
+    assert len(compiled) == 1
 
 
 def test_xla_memory_shows_the_logits_gone():

@@ -1,11 +1,14 @@
-"""Run logging: the JSONL writer's records and resume truncation, and `setup_logging`."""
+"""Run logging: the JSONL writer's records and resume truncation, `setup_logging`, and the
+`compilations` counter."""
 
 import logging
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint  # noqa: F401  (installs a WARNING root handler through absl, see below)
 
-from jaxalign.metrics import MetricsWriter, read_metrics, setup_logging
+from jaxalign.metrics import MetricsWriter, compilations, read_metrics, setup_logging
 
 
 def test_writer_records_truncate_and_reopen(tmp_path):
@@ -39,3 +42,32 @@ def test_setup_logging_prints_info_after_orbax_import(capsys):
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         logging.getLogger("absl").setLevel(logging.NOTSET)
+
+
+def _doubler():
+    def double(x):  # a new function object on every call, the same program
+        return x * 2.0
+
+    return double
+
+
+def test_compilations_counts_each_specialisation_once():
+    a, b, c = jnp.ones(3), jnp.zeros(3), jnp.ones(5)
+    first = jax.jit(_doubler())
+    with compilations(first) as compiled, compilations() as everything:
+        first(a)
+        first(b)  # same shape: cached
+        first(c)  # a new shape: a second specialisation
+        a + 1.0  # an eager op, only in the unfiltered list  # noqa: B018
+    assert compiled == ["jit(double)", "jit(double)"]
+    assert compiled == [n for n in everything if n == "jit(double)"] and len(everything) > len(compiled)
+    with compilations(first) as again:
+        first(a)
+        first(c)
+    assert again == []  # every shape seen: nothing compiled
+    # a new function object with the same program is traced and lowered again (whether or not the
+    # persistent cache of tests/conftest.py then supplies the executable): it counts
+    second = jax.jit(_doubler())
+    with compilations(second) as compiled:
+        second(a)
+    assert compiled == ["jit(double)"]

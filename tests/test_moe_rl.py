@@ -16,6 +16,7 @@ import pytest
 import jaxalign.data as jd
 from jaxalign.decoding import SamplingConfig, prompt_positions
 from jaxalign.losses.moe import routing_change_fraction
+from jaxalign.metrics import compilations
 from jaxalign.models.config import get_config
 from jaxalign.models.heads import init_scalar_model
 from jaxalign.models.moe import MoEConfig
@@ -315,7 +316,10 @@ def test_replay_first_update_ratio_and_default_off(params, grpo_data):
     kw = dict(beta=0.0, router_aux_loss_coef=0.0)
     step = make_grpo_step(CONFIG, tx, sched, routing_replay=True, **kw)
     copy = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731 - the step donates its state
-    state, metrics = step(create_train_state(copy(), tx, 0), matched)
+    with compilations(step) as compiled:
+        state, metrics = step(create_train_state(copy(), tx, 0), matched)
+        state, metrics2 = step(state, matched)  # params changed: the replayed routes stay the recorded ones
+    assert len(compiled) == 1  # replay on: one compilation for every call
     loss_fn = jax.jit(lambda p: grpo_batch_loss(p, CONFIG, matched, routing_replay=True, **kw)[1])
     m = loss_fn(params)
     # same routes, same params: the logps are those of `old` up to XLA fusion in the loss's jit;
@@ -325,8 +329,6 @@ def test_replay_first_update_ratio_and_default_off(params, grpo_data):
     assert abs(float(m["ratio"]) - 1.0) <= tol and abs(float(metrics["ratio"]) - 1.0) <= tol
     assert float(metrics["clip_fraction_low"]) == 0.0 and float(metrics["clip_fraction_high"]) == 0.0
     assert float(metrics["routing_change_fraction"]) == 0.0
-    state, metrics2 = step(state, matched)  # params changed: the replayed routes stay the recorded ones
-    assert step._cache_size() == 1  # replay on: one compilation for every call
     assert np.isfinite(float(metrics2["loss"]))
     # off by default: the same program as an explicit False, and recorded routes do not matter
     off = make_grpo_step(CONFIG, tx, sched, **kw)
@@ -349,8 +351,9 @@ def test_ppo_replay_minibatches_one_compilation(ppo_data):
     tx = optax.sgd(1e-2)
     step = make_ppo_step(CONFIG, tx, optax.constant_schedule(1e-2), routing_replay=True)
     state = create_train_state(jax.tree.map(jnp.copy, ac), tx, 0)
-    state, metrics = ppo_update(step, state, rollout, epochs=2, num_minibatches=2, seed=0)
-    assert step._cache_size() == 1  # 4 minibatch steps, routes sliced with the rollout, one program
+    with compilations(step) as compiled:
+        state, metrics = ppo_update(step, state, rollout, epochs=2, num_minibatches=2, seed=0)
+    assert len(compiled) == 1  # 4 minibatch steps, routes sliced with the rollout, one program
     for name in ("aux_loss", "z_loss", "routing_change_fraction"):
         assert np.isfinite(metrics[name]), name
     assert 0.0 <= metrics["routing_change_fraction"] <= 1.0

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from jaxalign.losses import dpo_loss
+from jaxalign.metrics import compilations
 from tests._tolerance import ulps
-from tests.conftest import compile_count
 
 
 def np_logsig(x):
@@ -107,9 +107,11 @@ def test_sigmoid_gradient_matches_closed_form(logps):
 def test_no_recompile(logps):
     x = list(map(jnp.asarray, logps))
     fn = jax.jit(lambda *a: dpo_loss(*a, beta=0.1)[0])
-    fn(*x)
-    fn(*[v + 1 for v in x])
-    assert compile_count(fn) == 1
+    x1 = [v + 1 for v in x]
+    with compilations(fn) as compiled:
+        fn(*x)
+        fn(*x1)
+    assert len(compiled) == 1
 
 
 def test_bad_arguments_raise(logps):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from jaxalign.losses.kto import kto_loss
+from jaxalign.metrics import compilations
 from tests._tolerance import ulps
-from tests.conftest import compile_count
 
 
 def np_trl_kto(chosen_logps, rejected_logps, KL_logps, ref_chosen_logps, ref_rejected_logps, ref_KL_logps,  # noqa: N803
@@ -69,14 +69,18 @@ def test_kto_masked_equals_sliced_and_no_recompile():
     fn = jax.jit(lambda *a, **w: kto_loss(*a, beta=0.1, **w))
     # one fixed-shape batch, the labels as masks (NaN wherever a mask is off), vs the sliced arrays
     lp_c, lp_r = np.where(label, pc, pr), np.where(label, rc, rr)
-    masked, mm = fn(nan(lp_c, keep), nan(lp_c, keep), nan(pk, keep), nan(lp_r, keep), nan(lp_r, keep), nan(rk, keep),
-                    chosen_where=jnp.asarray(label & keep), rejected_where=jnp.asarray(~label & keep),
-                    kl_where=jnp.asarray(keep))
     c, r = label & keep, ~label & keep
-    sliced, sm = fn(*(jnp.asarray(x) for x in (lp_c[c], lp_c[r], pk[keep], lp_r[c], lp_r[r], rk[keep])))
+    masked_args = (nan(lp_c, keep), nan(lp_c, keep), nan(pk, keep), nan(lp_r, keep), nan(lp_r, keep), nan(rk, keep))
+    wheres = dict(chosen_where=jnp.asarray(c), rejected_where=jnp.asarray(r), kl_where=jnp.asarray(keep))
+    sliced_args = [jnp.asarray(x) for x in (lp_c[c], lp_c[r], pk[keep], lp_r[c], lp_r[r], rk[keep])]
+    other_masks = dict(chosen_where=jnp.asarray(label), rejected_where=jnp.asarray(~label), kl_where=jnp.asarray(keep))
+    zeros = (jnp.zeros(6),) * 6
+    with compilations(fn) as compiled:
+        masked, mm = fn(*masked_args, **wheres)
+        sliced, sm = fn(*sliced_args)
+        fn(*zeros, **other_masks)  # the masked shape with other masks and values: no new program
+    assert len(compiled) == 2  # the masked shape once, the sliced once
     # the same terms summed in another grouping: 16 ulps of the largest (<= 1 per term); measured equal
     np.testing.assert_allclose(masked, sliced, rtol=0, atol=ulps(16, 1.0))
     np.testing.assert_allclose(mm["kl"], sm["kl"], rtol=0, atol=ulps(16, 40))  # a 5-term mean of values ~ 40
     assert np.isfinite(float(masked))
-    fn(*(jnp.zeros(6),) * 6, chosen_where=jnp.asarray(label), rejected_where=jnp.asarray(~label), kl_where=jnp.asarray(keep))
-    assert compile_count(fn) == 2  # the masked shape once, the sliced once

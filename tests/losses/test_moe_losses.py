@@ -19,9 +19,9 @@ from jaxalign.losses.moe import (
     router_z_loss,
     sequence_balance_loss,
 )
+from jaxalign.metrics import compilations
 from jaxalign.models.moe import MoEConfig, route
 from tests._tolerance import ulps
-from tests.conftest import compile_count
 
 L, B, T, E, K = 3, 2, 6, 8, 2
 MASK = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int64)  # left padding in row 0
@@ -48,7 +48,11 @@ def test_load_balancing_matches_transformers(masked):
     ).item()
     mask = jnp.asarray(MASK) if masked else None
     fn = jax.jit(lambda z, m: load_balancing_loss(z, top_k=K, mask=m))
-    loss, metrics = fn(jnp.asarray(z), mask)
+    z1 = jnp.asarray(z + 1.0)
+    with compilations(fn) as compiled:
+        loss, metrics = fn(jnp.asarray(z), mask)
+        fn(z1, mask)
+    assert len(compiled) == 1
     # f is exact (integer counts over the real rows); P sums L·B·T = 36 probabilities <= 1 in
     # another order: 2·36 ulps of P, times E·Σf = E·k relative: 2·36 ulps of the loss (~k);
     # measured <= 2 ulps (4.8e-7 with the mask, 0 without)
@@ -59,8 +63,6 @@ def test_load_balancing_matches_transformers(masked):
     flat = load_balancing_loss(tuple(jnp.asarray(z[l].reshape(B * T, E)) for l in range(L)), top_k=K,
                                mask=None if mask is None else mask.reshape(-1))[0]
     np.testing.assert_allclose(flat, loss, rtol=0, atol=ulps(8, loss))  # same sums, reshaped
-    fn(jnp.asarray(z + 1.0), mask)
-    assert compile_count(fn) == 1
 
 
 def test_load_balancing_masked_equals_sliced_even_with_nan():
@@ -104,7 +106,11 @@ def test_router_z_loss_matches_switch_transformers_and_masks():
     z = logits(3, (3, 5, E)) * 3
     hf = router_z_loss_func(torch.from_numpy(z)).item()
     fn = jax.jit(lambda z, m: router_z_loss(z, mask=m))
-    loss, m = fn(jnp.asarray(z), None)
+    z0, z1 = jnp.asarray(z), jnp.asarray(z + 1)
+    with compilations(fn) as compiled:
+        loss, m = fn(z0, None)
+        fn(z1, None)
+    assert len(compiled) == 1  # the unmasked call, twice
     # logsumexp of 8 terms (a few ulps of |lse| ~ 5), squared (×2 relative), a 15-term mean:
     # 32 ulps of the loss; measured 0
     np.testing.assert_allclose(loss, hf, rtol=0, atol=ulps(32, hf))
@@ -117,8 +123,6 @@ def test_router_z_loss_matches_switch_transformers_and_masks():
     want = router_z_loss(jnp.asarray(z[mask]))[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=ulps(16, want))  # same terms, other order
     assert np.isfinite(np.asarray(g)).all() and (np.asarray(g)[~mask] == 0).all()
-    fn(jnp.asarray(z) + 1, None)
-    assert compile_count(fn) == 1  # the unmasked call, twice
 
 
 def np_sequence_balance(z: np.ndarray, ids: np.ndarray, k: int) -> float:
@@ -185,9 +189,11 @@ def test_bias_updates_balance_an_imbalanced_router():
         counts = expert_load(ids, None, 8)
         return expert_bias_update(bias, counts, gamma=0.01), counts
 
-    bias, first = step(jnp.zeros(8))
-    for _ in range(100):
-        bias, counts = step(bias)
+    bias = jnp.zeros(8)
+    with compilations(step) as compiled:
+        bias, first = step(bias)
+        for _ in range(100):
+            bias, counts = step(bias)
     assert float(first.max() / first.mean()) > 2.5
     assert float(counts.max() / counts.mean()) < 1.25
-    assert compile_count(step) == 1
+    assert len(compiled) == 1

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from jaxalign.losses import ppo_policy_loss, ppo_value_loss
+from jaxalign.metrics import compilations
 from tests._tolerance import ulps
-from tests.conftest import compile_count
 
 
 def test_policy_loss_hand_computed():
@@ -61,9 +61,11 @@ def test_value_loss_gradient_and_no_recompile():
     g = jax.grad(lambda v: ppo_value_loss(v, v, jnp.zeros((1, 3)), jnp.ones((1, 3)))[0])(v)
     np.testing.assert_allclose(g, v / 3, rtol=1e-6)  # d/dv ½ v² / 3 (old = v: clip inactive)
     fn = jax.jit(lambda *a: ppo_value_loss(*a)[0])
-    fn(v, v, v, jnp.ones((1, 3)))
-    fn(v * 2, v, v, jnp.ones((1, 3)))
-    assert compile_count(fn) == 1
+    v2, ones = v * 2, jnp.ones((1, 3))
+    with compilations(fn) as compiled:
+        fn(v, v, v, ones)
+        fn(v2, v, v, ones)
+    assert len(compiled) == 1
     with pytest.raises(ValueError, match="clip_eps"):
         ppo_value_loss(v, v, v, v, clip_eps=0.0)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from jaxalign.losses import sft_loss
+from jaxalign.metrics import compilations
 from tests._tolerance import ulps
-from tests.conftest import compile_count
 
 
 @pytest.fixture
@@ -73,9 +73,11 @@ def test_empty_mask_gives_zero_not_nan(data):
 def test_no_recompile(data):
     logits, labels, mask = map(jnp.asarray, data)
     fn = jax.jit(lambda z, y, m: sft_loss(z, y, m)[0])
-    fn(logits, labels, mask)
-    fn(logits * 2, labels, mask)
-    assert compile_count(fn) == 1
+    doubled = logits * 2
+    with compilations(fn) as compiled:
+        fn(logits, labels, mask)
+        fn(doubled, labels, mask)
+    assert len(compiled) == 1
 
 
 def test_bad_smoothing_raises(data):

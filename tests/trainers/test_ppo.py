@@ -7,6 +7,7 @@ import jaxalign.data as jd
 from jaxalign.advantages import gae
 from jaxalign.decoding import SamplingConfig
 from jaxalign.logprobs import entropy
+from jaxalign.metrics import compilations
 from jaxalign.models import get_config, init_params, init_scalar_model, logits_from_hidden, sequence_scores
 from jaxalign.models.heads import apply_scalar_head
 from jaxalign.ops import masked_whiten
@@ -139,13 +140,14 @@ def test_ppo_update_moves_policy_towards_advantage(policy, critic):
     step = make_ppo_step(CONFIG, tx, schedule)
     assert critic_kind(params) == critic
     state = create_train_state(params, tx, 0)
-    state, first = step(state, ro)  # the first step sees the rollout policy itself
+    with compilations(step) as compiled:
+        state, first = step(state, ro)  # the first step sees the rollout policy itself
+        state, m = ppo_update(step, state, ro, epochs=2, num_minibatches=2, seed=0)
+    assert len(compiled) == 2  # whole batch and minibatch shapes, nothing more
     # ratio − 1 ≈ the mean logp difference of rollout and step, ~ulps of |logp| ~ 7 (1e-5 is 12 of
     # them; approx_kl < 1e-9 bounds its rms by 4.5e-5); measured equal
     np.testing.assert_allclose(first["ratio"], 1.0, atol=1e-5)
     assert float(first["clip_fraction"]) == 0.0 and float(first["approx_kl"]) < 1e-9
-    state, m = ppo_update(step, state, ro, epochs=2, num_minibatches=2, seed=0)
-    assert step._cache_size() == 2  # whole batch and minibatch shapes, nothing more
     new = completion_logps(state.params["policy"], CONFIG, ro.prompt_tokens, ro.prompt_mask, ro.completion_tokens)
     gain = float(jnp.sum(ro.advantages * (new - ro.old_logps) * ro.completion_mask))
     assert gain > 0, gain  # the surrogate objective improved: positive-advantage tokens became likelier

@@ -7,6 +7,7 @@ import pytest
 
 import jaxalign.data as jd
 from jaxalign.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
+from jaxalign.metrics import compilations
 from jaxalign.models import get_config, init_params
 from jaxalign.optim import OptimConfig, make_optimizer
 from jaxalign.trainers import (
@@ -16,7 +17,6 @@ from jaxalign.trainers import (
     pair_logps,
     reference_logps,
 )
-from tests.conftest import compile_count
 
 TOK = jd.byte_tokenizer()
 CONFIG = get_config("gpt2-tiny", vocab_size=TOK.vocab_size, max_seq_len=64)
@@ -55,12 +55,13 @@ def test_sft_steps_reduce_loss_and_compile_once(params, pairs):
     state = create_train_state(copy(params), tx, 0)
     stream = sft_stream(pairs)
     losses = []
-    for i in range(20):
-        state, m = step(state, stream.batch_at(i % 2))  # two batches, memorised
-        losses.append(float(m["loss"]))
+    with compilations(step) as compiled:
+        for i in range(20):
+            state, m = step(state, stream.batch_at(i % 2))  # two batches, memorised
+            losses.append(float(m["loss"]))
     assert losses[-1] < 0.5 * losses[0]
     assert int(state.step) == 20
-    assert compile_count(step) == 1  # every batch falls into the 32 bucket
+    assert len(compiled) == 1  # every batch falls into the 32 bucket
 
 
 def test_exact_resume_from_checkpoint(params, pairs, tmp_path):

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real data folder beside the repo.
+"""Shared test fixtures: the real data folder beside the repo; the test session's JAX settings.
 
 Also a JAX persistent compilation cache for the whole test session, set here before any test
 imports jax: the end-to-end tests run the same experiment several times (an uninterrupted run,
@@ -27,6 +27,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # cache every program: the tests' programs are small and compile in well under jax's 1 s default
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# XLA:CPU's LLVM backend at optimisation level 0 (read when the backend starts, after this
+# module; inherited by xdist workers and subprocesses): most tests compile far more than they
+# run. The HLO passes are the same; LLVM no longer vectorises or inlines the generated code, so
+# a result may differ from the default level's in the last bits, as it does between CPUs, which
+# every tolerance already allows. Measured on 2 cores (Sapphire Rapids): the compile-bound model
+# and memory tests 268 s -> 178 s, the PPO experiment 52 s -> 75 s. Set a level in XLA_FLAGS
+# yourself to test at another.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

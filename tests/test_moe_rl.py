@@ -175,9 +175,10 @@ def _cases(params, grpo_data, ppo_data):
 def test_every_step_adds_router_losses(params, grpo_data, ppo_data):
     a, z = 0.5, 0.25  # large coefficients, so that the terms are well above the loss's rounding
     for name, p0, loss, reference, trunk in _cases(params, grpo_data, ppo_data):
-        # one compilation per coefficient pair: value, metrics and gradient together
-        (total, metrics), grad = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(p, a, z), has_aux=True))(p0)
-        (base, metrics0), grad0 = jax.jit(jax.value_and_grad(lambda p, loss=loss: loss(p, 0.0, 0.0), has_aux=True))(p0)
+        # one compilation for both coefficient pairs: values, metrics and gradients together
+        both = jax.jit(lambda p, loss=loss: tuple(
+            jax.value_and_grad(lambda q, c=coefs: loss(q, *c), has_aux=True)(p) for coefs in ((a, z), (0.0, 0.0))))
+        ((total, metrics), grad), ((base, metrics0), grad0) = both(p0)
         aux_np, z_np = reference()
         assert 2.0 - 1e-5 <= aux_np <= 4.0, name  # between uniform (k) and collapsed (E) routing
         # L_aux: sums over at most L·N·E = 2·64·4 terms of size <= 1 (and one product): 512 ulps;

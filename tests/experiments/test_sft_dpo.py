@@ -21,8 +21,8 @@ def test_real_data_sft_then_dpo(shared_data, tmp_path, capsys):
         "--sft-data", str(shared_data / "sft/instruction-data.json"),
         "--pref-data", str(shared_data / "preference/instruction-data-with-preference.json"),
         "--tokenizer", str(shared_data / "tokenizers/gpt2/gpt2.tiktoken"),
-        "--model", "gpt2-tiny", "--max-length", "128", "--max-examples", "64", "--val-fraction", "0.25",
-        "--sft-steps", "50", "--dpo-steps", "50", "--sft-lr", "3e-3", "--dpo-lr", "2e-3",
+        "--model", "gpt2-tiny", "--max-length", "64", "--max-examples", "64", "--val-fraction", "0.25",
+        "--sft-steps", "40", "--dpo-steps", "30", "--sft-lr", "3e-3", "--dpo-lr", "2e-3",
         "--eval-every", "1000", "--log-every", "5", "--no-progress",
     ])
     assert summary["sft_train_loss_last"] <= 0.7 * summary["sft_train_loss_first"]

@@ -1,15 +1,16 @@
 """A tiny end-to-end GRPO run: cold-start SFT, then GRPO raises held-out sampled accuracy."""
 
-import json
 
 import pytest
 
-from experiments.grpo_arithmetic import main, make_problems
+from experiments.grpo_arithmetic import make_problems
+from tests.experiments._run import run_experiment
 
 
 @pytest.mark.slow
 def test_grpo_raises_heldout_sampled_accuracy(tmp_path):
-    summary = main(["--output-dir", str(tmp_path), "--no-progress", "--eval-every", "1000"])
+    summary, _ = run_experiment("experiments.grpo_arithmetic", ["--output-dir", str(tmp_path), "--no-progress",
+                                                                "--eval-every", "1000"], tmp_path)
     # The cold-start SFT is chaotic in float rounding: a change of XLA's reduction order (e.g. the
     # optimizer's apply_if_finite wrapper) moved its held-out accuracy from 0.18 to 0.39 sampled
     # (0.39 -> 0.63 greedy) with the same seed. Measured: sampled pass@1 0.183 -> 0.226 then,
@@ -17,9 +18,6 @@ def test_grpo_raises_heldout_sampled_accuracy(tmp_path):
     # 0.371 -> 0.410 now (60 iterations x 256 samples, s.e. ~0.01 each end).
     assert summary["heldout_accuracy_sampled_grpo"] > summary["heldout_accuracy_sampled_sft"]
     assert summary["train_reward_last"] > summary["train_reward_first"] + 0.02
-    assert json.loads((tmp_path / "summary.json").read_text())["heldout_accuracy_sampled_grpo"] == pytest.approx(
-        summary["heldout_accuracy_sampled_grpo"]
-    )
     # inference-time scaling of the GRPO model, 16 samples per held-out problem
     scaling = summary["scaling"]
     assert all(len(curve) == 16 for curve in scaling.values())

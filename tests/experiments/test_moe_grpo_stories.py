@@ -11,6 +11,7 @@ import json
 import pytest
 
 from experiments.moe_grpo_stories import main
+from tests.experiments._run import run_experiment
 
 ARMS = ("grpo", "gspo", "replay")
 # 8 iterations x 8 prompts x G 8, 16 new tokens, lr 6e-4 (2x the default: a short run), 8 held-out
@@ -28,10 +29,11 @@ MARGIN = 0.2
 
 @pytest.mark.slow
 def test_moe_grpo_arms_from_upcycled_stories260k(shared_data, tmp_path):
-    summary = main(["--output-dir", str(tmp_path), "--arms", *ARMS, *TINY])
+    summary, _ = run_experiment("experiments.moe_grpo_stories", ["--output-dir", str(tmp_path), "--arms", *ARMS, *TINY],
+                                tmp_path)
     # GRPO moves the held-out reward (64 draws: 8 openings x 8) well beyond its start
     assert summary["grpo_reward_after"] > summary["grpo_reward_before"] + MARGIN
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = summary
     assert saved["arms"] == list(ARMS)
     for arm in ARMS:
         for key in ("reward_before", "reward_after", "kl_before", "kl_after", "clip_fraction_low_mean",

@@ -16,16 +16,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.experiments._kill import ROOT
+
 _LEVEL0 = "--xla_backend_optimization_level=0"
 
 
-def run_experiment(module: str, args: list[str], output_dir: Path) -> tuple[dict, str]:
-    """(summary.json of `output_dir`, the run's stdout) after `python -m module *args`, which
-    must write there and exit 0 (the assertion shows its stderr's tail otherwise)."""
+def run_experiment(module: str, args: list[str]) -> tuple[dict, str]:
+    """(the summary.json in args' `--output-dir`, the run's stdout) after `python -m module
+    *args`, which must exit 0 (the assertion shows its stderr's tail otherwise)."""
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != _LEVEL0)
     env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, f"python -m {module} exited {proc.returncode}\n{proc.stderr[-5000:]}"
-    return json.loads((Path(output_dir) / "summary.json").read_text()), proc.stdout
+    output_dir = Path(args[args.index("--output-dir") + 1])
+    return json.loads((output_dir / "summary.json").read_text()), proc.stdout

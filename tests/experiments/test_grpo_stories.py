@@ -11,7 +11,7 @@ from tests.experiments._run import run_experiment
 
 @pytest.mark.slow
 def test_grpo_raises_keyword_reward_from_pretrained_stories260k(shared_data, tmp_path):
-    summary, _ = run_experiment("experiments.grpo_stories", ["--output-dir", str(tmp_path), "--no-progress"], tmp_path)
+    summary, _ = run_experiment("experiments.grpo_stories", ["--output-dir", str(tmp_path), "--no-progress"])
     # measured at these defaults: reward 0.031 -> 0.859 (64 held-out draws), KL 0.000 -> 7.8 nats
     assert summary["reward_before"] < 0.15
     assert summary["reward_after"] > summary["reward_before"] + 0.4

@@ -29,27 +29,25 @@ MARGIN = 0.2
 
 @pytest.mark.slow
 def test_moe_grpo_arms_from_upcycled_stories260k(shared_data, tmp_path):
-    summary, _ = run_experiment("experiments.moe_grpo_stories", ["--output-dir", str(tmp_path), "--arms", *ARMS, *TINY],
-                                tmp_path)
+    summary, _ = run_experiment("experiments.moe_grpo_stories", ["--output-dir", str(tmp_path), "--arms", *ARMS, *TINY])
     # GRPO moves the held-out reward (64 draws: 8 openings x 8) well beyond its start
     assert summary["grpo_reward_after"] > summary["grpo_reward_before"] + MARGIN
-    saved = summary
-    assert saved["arms"] == list(ARMS)
+    assert summary["arms"] == list(ARMS)
     for arm in ARMS:
         for key in ("reward_before", "reward_after", "kl_before", "kl_after", "clip_fraction_low_mean",
                     "clip_fraction_high_mean", "routing_change_fraction_mean", "train_kl_last"):
-            assert isinstance(saved[f"{arm}_{key}"], float), (arm, key)
+            assert isinstance(summary[f"{arm}_{key}"], float), (arm, key)
         # every arm starts from the same upcycled model and evaluates it with the same draws
-        assert saved[f"{arm}_reward_before"] == saved["grpo_reward_before"]
+        assert summary[f"{arm}_reward_before"] == summary["grpo_reward_before"]
         # the start model is the KL reference: 0 up to float rounding before training
-        assert abs(saved[f"{arm}_kl_before"]) < 1e-2 and saved[f"{arm}_kl_after"] > 0.01
-        assert 0.0 <= saved[f"{arm}_routing_change_fraction_mean"] <= 1.0
+        assert abs(summary[f"{arm}_kl_before"]) < 1e-2 and summary[f"{arm}_kl_after"] > 0.01
+        assert 0.0 <= summary[f"{arm}_routing_change_fraction_mean"] <= 1.0
     # same seeds and prompts: were --routing-replay ignored, the replay arm would repeat the grpo
     # arm bit for bit; scoring with the rollout's routes changes the updates
-    assert saved["replay_kl_after"] != saved["grpo_kl_after"]
+    assert summary["replay_kl_after"] != summary["grpo_kl_after"]
     # GSPO's sequence ratio is clipped at 1 ± 4e-4 (GSPO §5.1): nearly every off-policy sequence
     # leaves that range (measured at TINY: 0.93 of tokens vs GRPO's 0.19 at ε = 0.2)
-    assert saved["gspo_clip_fraction_mean"] > saved["grpo_clip_fraction_mean"]
+    assert summary["gspo_clip_fraction_mean"] > summary["grpo_clip_fraction_mean"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for arm in ARMS:
         assert sorted(r["step"] for r in records if r["stage"] == arm) == list(range(1, ITERATIONS + 1))

@@ -19,7 +19,7 @@ def test_ppo_raises_gold_score_with_bounded_kl(shared_data, tmp_path):
     summary, _ = run_experiment("experiments.rlhf_stories", [
         "--output-dir", str(tmp_path), "--no-progress", "--rm-rounds", "2", "--rm-steps", "100",
         "--ppo-iterations", "6", "--max-new-tokens", "32",
-    ], tmp_path)
+    ])
     # measured at these settings: 34 held-out pairs, RM accuracy 0.824, gold 0.30 -> 1.25, KL 4.4
     # (150 RM steps and 10 iterations: the same accuracy, gold 0.30 -> 2.31, KL 9.9, 1.5x the time)
     assert summary["rm_heldout_pairs"] > 25

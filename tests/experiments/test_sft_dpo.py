@@ -25,7 +25,7 @@ def test_real_data_sft_then_dpo(shared_data, tmp_path):
         "--model", "gpt2-tiny", "--max-length", "64", "--max-examples", "64", "--val-fraction", "0.25",
         "--sft-steps", "40", "--dpo-steps", "30", "--sft-lr", "3e-3", "--dpo-lr", "2e-3",
         "--eval-every", "1000", "--log-every", "5", "--no-progress",
-    ], tmp_path)
+    ])
     assert summary["sft_train_loss_last"] <= 0.7 * summary["sft_train_loss_first"]
     assert summary["sft_val_loss_after"] < summary["sft_val_loss_before"]
     assert summary["dpo_train_reward_accuracy_last"] >= 0.9
